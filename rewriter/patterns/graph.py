@@ -1,0 +1,127 @@
+"""Reading a captured graph: where a node came from, what its inputs are, what depends on what.
+
+Graphs come from Dynamo. Parameters and buffers arrive as placeholders whose ``grapharg`` source
+names their module path; ``nn_module_stack`` on each op gives the module it ran in. These helpers
+turn both into plain dotted paths (``transformer.h.3.attn``) and sort placeholders into user inputs,
+parameters and buffers.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Iterable
+
+import torch
+from torch.fx import Graph, Node
+
+__all__ = [
+    "module_path",
+    "source_location",
+    "placeholder_kind",
+    "placeholder_path",
+    "ancestors",
+    "descendants",
+    "dotted_path",
+    "clone_graph",
+]
+
+_INDEX = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
+
+
+def dotted_path(raw: str) -> str:
+    """``L['self'].transformer.h[0].attn`` or ``L['self']._modules['h']._modules['0']`` -> ``transformer.h.0.attn``."""
+    raw = re.sub(r"^[LG]\[['\"][^'\"]*['\"]\]", "", raw)
+    raw = _INDEX.sub(r".\1", raw)
+    parts = [p for p in raw.split(".") if p and p not in ("_modules", "_parameters", "_buffers")]
+    return ".".join(parts)
+
+
+def module_path(node: Node) -> str:
+    """Dotted path of the innermost module ``node`` ran in, or "" at the top level."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1][0]
+    return dotted_path(str(raw))
+
+
+def source_location(node: Node) -> str:
+    """``file.py:LINE`` of the user code that produced ``node``, when recorded."""
+    trace = node.meta.get("stack_trace") or ""
+    matches = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if not matches:
+        return node.name
+    path, line = matches[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line}"
+
+
+def _source_name(node: Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return ""
+    try:
+        return source.name()
+    except Exception:  # noqa: BLE001 - Source.name() signatures differ across torch versions
+        return str(source)
+
+
+def placeholder_kind(node: Node, value: object = None) -> str:
+    """"parameter", "buffer" or "input" for a placeholder."""
+    if isinstance(value, torch.nn.Parameter):
+        return "parameter"
+    name = _source_name(node)
+    if "_parameters" in name:
+        return "parameter"
+    if "_buffers" in name:
+        return "buffer"
+    example = node.meta.get("example_value")
+    if isinstance(example, torch.nn.Parameter):
+        return "parameter"
+    return "input"
+
+
+def placeholder_path(node: Node) -> str:
+    """Dotted state-dict name of a parameter or buffer placeholder (``h.0.attn.c_attn.weight``)."""
+    name = _source_name(node)
+    return dotted_path(name) if name else node.name
+
+
+def ancestors(nodes: Iterable[Node], stop: set[Node] | None = None) -> set[Node]:
+    """All nodes that ``nodes`` depend on (inclusive), not walking past ``stop``."""
+    stop = stop or set()
+    seen: set[Node] = set()
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in stop:
+            continue
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def descendants(nodes: Iterable[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.users)
+    return seen
+
+
+def clone_graph(graph: Graph) -> Graph:
+    """A copy of ``graph`` (node meta shallow-copied), used to restore a graph after a failed pass."""
+    new = Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
+    copied = new.graph_copy(graph, {}, return_output_node=True)
+    new._codegen = copy.deepcopy(graph._codegen)
+    if copied is not None:
+        value, old_output = copied
+        new.output(value, type_expr=getattr(old_output, "type", None))
+    return new

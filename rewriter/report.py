@@ -1,0 +1,189 @@
+"""The report: one entry per site every pass found, rewritten or not, and why.
+
+Example::
+
+    model = rewriter.optimize(model, (x,))
+    print(model.report)              # a table per pass
+    model.report.summary()           # {"passes": {...}, "est_saved_ms": ...}
+    text = model.report.to_json()
+    same = rewriter.Report.from_json(text)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["Site", "PassRun", "Report"]
+
+KINDS = ("attention", "ffn", "linear", "moe", "cudagraph")
+STATUSES = ("rewritten", "skipped")
+
+
+@dataclass
+class Site:
+    """One place in the model a pass looked at.
+
+    ``detail`` says what was found and what it became (``causal, GQA 4:1, scale 0.125 -> sdpa``);
+    ``reason`` says why a skipped site was left alone. ``est_speedup``/``est_saved_ms`` come from
+    the cost model (None where the device is unknown). ``checks`` holds the validation figures
+    (``max_rel_err``, ``ref_rel_err``, ``sqnr_db``) when the site was checked.
+    """
+
+    pass_name: str
+    kind: str
+    where: str
+    status: str
+    detail: str = ""
+    reason: str = ""
+    est_speedup: float | None = None
+    est_saved_ms: float | None = None
+    target: str = ""
+    checks: dict[str, Any] = field(default_factory=dict)
+    graph: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Site.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.status not in STATUSES:
+            raise ValueError(f"Site.status must be one of {STATUSES}, got {self.status!r}")
+
+    @property
+    def rewritten(self) -> bool:
+        return self.status == "rewritten"
+
+
+@dataclass
+class PassRun:
+    """One pass over one captured graph: how it went."""
+
+    name: str
+    graph: int
+    status: str  # "ok", "error" (graph restored), "not run"
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Report:
+    """Everything the passes found and did, for every graph captured from the model."""
+
+    sites: list[Site] = field(default_factory=list)
+    passes: list[PassRun] = field(default_factory=list)
+    device: str = ""
+    notes: list[str] = field(default_factory=list)
+    graphs: int = 0
+
+    def add(self, site: Site) -> Site:
+        self.sites.append(site)
+        return site
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def by_pass(self) -> dict[str, list[Site]]:
+        out: dict[str, list[Site]] = {}
+        for run in self.passes:
+            out.setdefault(run.name, [])
+        for s in self.sites:
+            out.setdefault(s.pass_name, []).append(s)
+        return out
+
+    def rewritten(self, pass_name: str | None = None) -> list[Site]:
+        return [s for s in self.sites if s.rewritten and (pass_name is None or s.pass_name == pass_name)]
+
+    def skipped(self, pass_name: str | None = None) -> list[Site]:
+        return [s for s in self.sites if not s.rewritten and (pass_name is None or s.pass_name == pass_name)]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per pass and the total estimated time saved per call (ms, None if unknown)."""
+        passes: dict[str, dict[str, Any]] = {}
+        for name, sites in self.by_pass().items():
+            errors = [r.message for r in self.passes if r.name == name and r.status == "error"]
+            passes[name] = {
+                "rewritten": sum(s.rewritten for s in sites),
+                "skipped": sum(not s.rewritten for s in sites),
+                "errors": len(errors),
+            }
+        saved = [s.est_saved_ms for s in self.sites if s.rewritten and s.est_saved_ms is not None]
+        unknown = any(s.rewritten and s.est_saved_ms is None for s in self.sites)
+        return {
+            "passes": passes,
+            "sites": len(self.sites),
+            "rewritten": sum(s.rewritten for s in self.sites),
+            "est_saved_ms": None if unknown or not saved else round(sum(saved), 4),
+            "device": self.device,
+            "graphs": self.graphs,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sites": [asdict(s) for s in self.sites],
+            "passes": [asdict(p) for p in self.passes],
+            "device": self.device,
+            "notes": list(self.notes),
+            "graphs": self.graphs,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        site_keys = {f.name for f in fields(Site)}
+        run_keys = {f.name for f in fields(PassRun)}
+        return cls(
+            sites=[Site(**{k: v for k, v in s.items() if k in site_keys}) for s in data.get("sites", [])],
+            passes=[PassRun(**{k: v for k, v in p.items() if k in run_keys}) for p in data.get("passes", [])],
+            device=data.get("device", ""),
+            notes=list(data.get("notes", [])),
+            graphs=int(data.get("graphs", 0)),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        return cls.from_dict(json.loads(text))
+
+    def render(self, width: int = 140) -> str:
+        """The report as text: one table per pass, then totals."""
+        from rich.console import Console
+        from rich.table import Table
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+        by_pass = self.by_pass()
+        header = f"rewriter report: {len(self.sites)} sites in {self.graphs} graph(s)"
+        console.print(header + (f", estimates for {self.device}" if self.device else ""))
+        for name, sites in by_pass.items():
+            runs = [r for r in self.passes if r.name == name]
+            table = Table(title=f"pass {name}: {sum(s.rewritten for s in sites)} rewritten, "
+                                f"{sum(not s.rewritten for s in sites)} skipped",
+                          title_justify="left", show_lines=False)
+            for col in ("where", "status", "detail / reason", "target", "est. speedup", "est. saved ms"):
+                table.add_column(col, overflow="fold")
+            for s in sites:
+                table.add_row(
+                    s.where,
+                    s.status,
+                    s.detail if s.rewritten else (f"{s.detail}: {s.reason}" if s.detail else s.reason),
+                    s.target,
+                    "-" if s.est_speedup is None else f"{s.est_speedup:.2f}x",
+                    "-" if s.est_saved_ms is None else f"{s.est_saved_ms:.3f}",
+                )
+            console.print(table)
+            for r in runs:
+                if r.status == "error":
+                    console.print(f"  pass {name} failed on graph {r.graph} and was undone: {r.message}")
+        summary = self.summary()
+        saved = summary["est_saved_ms"]
+        console.print(f"total: {summary['rewritten']} of {summary['sites']} sites rewritten; "
+                      f"estimated saving {'unknown' if saved is None else f'{saved:.3f} ms'} per call")
+        for n in self.notes:
+            console.print(f"note: {n}")
+        return buf.getvalue()
+
+    def __str__(self) -> str:
+        return self.render()
