@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
+import types
 from collections import OrderedDict
 from typing import Any
 
@@ -64,6 +66,25 @@ def clone_structure(model: nn.Module) -> nn.Module:
     return clone(model)
 
 
+_entries = itertools.count()
+
+
+def _entry_point(model: nn.Module):
+    """A function calling ``model``, with a code object of its own.
+
+    Dynamo keeps compiled graphs per code object and stops compiling a code object after a few
+    recompilations. Compiling ``model.forward`` directly would share that budget between every
+    optimized instance of a class; a fresh code object per :func:`optimize` call gives each
+    optimized model its own.
+    """
+
+    def call(*args, **kwargs):
+        return model(*args, **kwargs)
+
+    code = call.__code__.replace(co_name=f"rewriter_entry_{next(_entries)}")
+    return types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
+
+
 class OptimizedModel(nn.Module):
     """What :func:`optimize` returns: called like the model, with ``.report``.
 
@@ -75,7 +96,7 @@ class OptimizedModel(nn.Module):
     def __init__(self, model: nn.Module, backend: Backend):
         super().__init__()
         self.model = model
-        compiled = torch.compile(model, backend=backend, dynamic=False)
+        compiled = torch.compile(_entry_point(model), backend=backend, dynamic=False)
         object.__setattr__(self, "_compiled", compiled)
         object.__setattr__(self, "_backend", backend)
         object.__setattr__(self, "_fallback", None)

@@ -22,6 +22,10 @@ KINDS = ("attention", "ffn", "linear", "moe", "cudagraph")
 STATUSES = ("rewritten", "skipped")
 
 
+def _ms(x: float) -> str:
+    return f"{x:.3f}" if abs(x) >= 0.01 else f"{x:.2g}"
+
+
 @dataclass
 class Site:
     """One place in the model a pass looked at.
@@ -171,7 +175,7 @@ class Report:
                     s.detail if s.rewritten else (f"{s.detail}: {s.reason}" if s.detail else s.reason),
                     s.target,
                     "-" if s.est_speedup is None else f"{s.est_speedup:.2f}x",
-                    "-" if s.est_saved_ms is None else f"{s.est_saved_ms:.3f}",
+                    "-" if s.est_saved_ms is None else _ms(s.est_saved_ms),
                 )
             console.print(table)
             for r in runs:
@@ -180,7 +184,7 @@ class Report:
         summary = self.summary()
         saved = summary["est_saved_ms"]
         console.print(f"total: {summary['rewritten']} of {summary['sites']} sites rewritten; "
-                      f"estimated saving {'unknown' if saved is None else f'{saved:.3f} ms'} per call")
+                      f"estimated saving {'unknown' if saved is None else _ms(saved) + ' ms'} per call")
         for n in self.notes:
             console.print(f"note: {n}")
         return buf.getvalue()

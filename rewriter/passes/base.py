@@ -90,6 +90,6 @@ class GraphPass:
         with ctx.graph.inserting_before(rw.output):
             new = rw.emit(ctx.builder(like=rw.output), {n: n for n in rw.inputs})
         rw.output.replace_all_uses_with(new)
-        for n in reversed([rw.output] + rw.removable):
+        for n in [rw.output] + rw.removable[::-1]:
             if not n.users and n.graph is ctx.graph:
                 ctx.graph.erase_node(n)

@@ -208,6 +208,16 @@ def _tensor_args(o) -> list[Node]:
     return [o.args[k] for k in keys if isinstance(o.args.get(k), Node)]
 
 
+def _data_users(node: Node) -> list[Node]:
+    """Users that read ``node``'s values (not those that only take its dtype, like ``type_as``)."""
+    out = []
+    for u in node.users:
+        if u.op == "call_method" and u.target == "type_as" and u.args[0] is not node:
+            continue
+        out.append(u)
+    return out
+
+
 def _scalar_of(x: Any, scalar: ScalarFn) -> float | None:
     if isinstance(x, bool):
         return None
@@ -222,8 +232,8 @@ def _walk_scores(start: Node, scalar: ScalarFn):
     chain: list[Node] = []
     cur = start
     for _ in range(_MAX_CHAIN):
-        if len(cur.users) != 1:
-            return f"the scores ({cur.name}) are also used by {len(cur.users) - 1} other op(s)"
+        if len(_data_users(cur)) != 1:
+            return f"the scores ({cur.name}) are also used by {len(_data_users(cur)) - 1} other op(s)"
         p = describe_product(cur, scalar)
         if p is not None:
             chain.append(cur)
@@ -315,25 +325,32 @@ def _describe_node(node: Any) -> str:
 
 
 def _walk_probabilities(softmax: Node, scalar: ScalarFn):
-    """From the softmax forward to the product with V. Returns (product, end, dropout_p, chain) or a reason."""
+    """From the softmax forward to the product with V. Returns (product, end, dropout_p, chain) or a reason.
+
+    ``end`` is the product operand the probabilities arrive as, once the product has looked through
+    layout ops; it has the softmax's axis order.
+    """
     cur = softmax
     chain: list[Node] = []
     dropout_p = 0.0
-    end = softmax
+    same_layout = {softmax}  # nodes on the path with the softmax's axis order
+    transposed = False
     for _ in range(_MAX_CHAIN):
-        if len(cur.users) != 1:
-            return f"the attention probabilities ({cur.name}) are used by {len(cur.users)} ops"
-        user = next(iter(cur.users))
+        users = _data_users(cur)
+        if len(users) != 1:
+            return f"the attention probabilities ({cur.name}) are used by {len(users)} ops"
+        user = users[0]
         o = op(user)
         p = describe_product(user, scalar)
         if p is not None:
-            if end not in (p.lhs, p.rhs) or (p.lhs is end and p.rhs is end):
-                return "the probabilities reach a product through an unsupported op"
-            return p, end, dropout_p, chain
+            ends = [x for x in (p.lhs, p.rhs) if x in same_layout]
+            if len(ends) != 1:
+                return "the probabilities reach the product with V through an unsupported op"
+            return p, ends[0], dropout_p, chain
         if o is None:
             return f"the probabilities go to {_describe_node(user)}"
-        if o.name in ("cast", "identity"):
-            end = user
+        if o.name in ("cast", "identity", "contiguous"):
+            pass
         elif o.name == "dropout":
             p_val, training = o["p"], o.get("training", o.get("train"))
             if not isinstance(p_val, (int, float)) or not isinstance(training, bool):
@@ -344,11 +361,12 @@ def _walk_probabilities(softmax: Node, scalar: ScalarFn):
                 if dropout_p:
                     return "two dropouts on the probabilities"
                 dropout_p = float(p_val)
-            end = user
-        elif o.name in ("transpose", "permute", "contiguous"):
-            pass  # layout only: describe_product looks through it
+        elif o.name in ("transpose", "permute"):
+            transposed = True  # the product looks through it; nodes after it are in another order
         else:
             return f"the probabilities go to {_describe_node(user)}"
+        if not transposed:
+            same_layout.add(user)
         chain.append(user)
         cur = user
     return "no product with V within reach of the softmax"
