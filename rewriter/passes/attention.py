@@ -161,11 +161,16 @@ def _emit_sdpa(b: Builder, env: dict[Node, Node], m: AttentionSite, plan: ScoreP
     batch = m.batch
     sizes = m.batch_sizes
     nb = len(batch)
-    q = _arrange(b, env[m.q], m.q_dims, batch + m.q_axis + m.d_axis)
-    k = _arrange(b, env[k_src], m.k_dims, batch + m.k_axis + m.d_axis)
-    v = _arrange(b, env[v_src], m.v_dims, batch + m.k_axis + m.e_axis)
+    def viewed(node: Node, role: str) -> Node:
+        x = env[node]
+        return b.call(torch.reshape, x, m.views[role]) if role in m.views else x
+
+    q = _arrange(b, viewed(m.q, "q"), m.q_dims, batch + m.q_axis + m.d_axis)
+    k = _arrange(b, viewed(k_src, "k"), m.k_dims, batch + m.k_axis + m.d_axis)
+    v = _arrange(b, viewed(v_src, "v"), m.v_dims, batch + m.k_axis + m.e_axis)
     # K and V broadcast over batch axes the query has (MQA by broadcasting): expand as views.
-    k_shape, v_shape = _shape_after(m, k_src, m.k_dims, batch), _shape_after(m, v_src, m.v_dims, batch)
+    k_shape = _shape_after(m, "k", k_src, m.k_dims, batch)
+    v_shape = _shape_after(m, "v", v_src, m.v_dims, batch)
     head = nb - 1
     for name, shape in (("k", k_shape), ("v", v_shape)):
         want = [sizes[i] if (shape[i] == 1 and not (gqa and i == head)) else shape[i] for i in range(nb)]
@@ -198,6 +203,8 @@ def _emit_sdpa(b: Builder, env: dict[Node, Node], m: AttentionSite, plan: ScoreP
     order = [canon.index(c) for c in m.out_dims]
     if order != list(range(len(order))):
         out = b.call(torch.permute, out, order)
+    if "out" in m.views:
+        out = b.call(torch.reshape, out, tuple(meta(m.output).shape))
     if m.out_scale != 1.0:
         out = b.call(torch.mul, out, m.out_scale)
     out_dtype = meta(m.output).dtype
@@ -206,7 +213,7 @@ def _emit_sdpa(b: Builder, env: dict[Node, Node], m: AttentionSite, plan: ScoreP
     return out
 
 
-def _shape_after(m: AttentionSite, node: Node, dims: str, batch: str) -> list[int]:
+def _shape_after(m: AttentionSite, role: str, node: Node, dims: str, batch: str) -> list[int]:
     """Batch sizes of ``node`` (axes ``dims``) in canonical batch order; 1 for missing letters."""
-    shape = meta(node).shape
+    shape = m.views.get(role, tuple(meta(node).shape))
     return [int(shape[dims.index(c)]) if c in dims else 1 for c in batch]

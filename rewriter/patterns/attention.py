@@ -23,7 +23,7 @@ from torch.fx import Graph, Node
 
 from .graph import module_path, source_location
 from .ops import meta, op
-from .products import Product, ScalarFn, describe_product
+from .products import Product, ScalarFn, describe_product, split_batch
 
 __all__ = [
     "AttentionSite",
@@ -110,11 +110,21 @@ class AttentionSite:
     k_repeat: GQARepeat | None = None
     v_repeat: GQARepeat | None = None
     chain: list[Node] = field(default_factory=list)
+    # Shapes to view q / k / v / out as when merged batch axes were refined (bmm over B*H).
+    views: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def shape_of(self, role: str) -> tuple[int, ...]:
+        """Shape of q, k, v or out in the site's axis letters (after any view)."""
+        if role in self.views:
+            return self.views[role]
+        node = {"q": self.q, "k": self.k, "v": self.v, "out": self.output}[role]
+        return tuple(int(x) for x in meta(node).shape)
 
     def size(self, letter: str) -> int:
-        for node, dims in ((self.q, self.q_dims), (self.k, self.k_dims), (self.v, self.v_dims)):
-            if letter in dims and meta(node).shape[dims.index(letter)] != 1:
-                return int(meta(node).shape[dims.index(letter)])
+        for role, dims in (("q", self.q_dims), ("k", self.k_dims), ("v", self.v_dims)):
+            shape = self.shape_of(role)
+            if letter in dims and shape[dims.index(letter)] != 1:
+                return int(shape[dims.index(letter)])
         return 1
 
     @property
@@ -200,11 +210,20 @@ def _reaches_product(node: Any, scalar: ScalarFn, depth: int = _MAX_CHAIN) -> bo
 
 
 _SCORE_OPS = {"cast", "identity", "contiguous", "mul", "div", "add", "sub", "masked_fill", "where",
-              "tanh", "neg"}
+              "tanh", "neg", "reshape"}
+
+
+def _batch_reshape(node: Node, src: Any) -> bool:
+    """A reshape that only merges or splits leading (batch) axes: the last two axes are kept."""
+    a, b = meta(src), meta(node)
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() < 2 or b.dim() < 2:
+        return False
+    return tuple(a.shape[-2:]) == tuple(b.shape[-2:]) and a.numel() == b.numel()
 
 
 def _tensor_args(o) -> list[Node]:
-    keys = {"masked_fill": ("input",), "where": ("input", "other")}.get(o.name, ("input", "other"))
+    keys = {"masked_fill": ("input",), "where": ("input", "other"), "reshape": ("input",)}.get(
+        o.name, ("input", "other"))
     return [o.args[k] for k in keys if isinstance(o.args.get(k), Node)]
 
 
@@ -231,11 +250,15 @@ def _walk_scores(start: Node, scalar: ScalarFn):
     steps: list[Transform] = []
     chain: list[Node] = []
     cur = start
+    reshaped_at = None  # steps[reshaped_at:] lie between the product and a reshape of the scores
     for _ in range(_MAX_CHAIN):
         if len(_data_users(cur)) != 1:
             return f"the scores ({cur.name}) are also used by {len(_data_users(cur)) - 1} other op(s)"
         p = describe_product(cur, scalar)
         if p is not None:
+            if reshaped_at is not None and any(t.kind not in ("scale", "cast", "const")
+                                               for t in steps[reshaped_at:]):
+                return "a bias or mask applied before a reshape of the scores"
             chain.append(cur)
             steps.reverse()
             head: list[Transform] = []
@@ -248,6 +271,12 @@ def _walk_scores(start: Node, scalar: ScalarFn):
         if o is None or o.name not in _SCORE_OPS:
             return f"{_describe_node(cur)} between the scores and the softmax"
         chain.append(cur)
+        if o.name == "reshape":
+            if not _batch_reshape(cur, o["input"]):
+                return "a reshape of the scores that changes the query or key axis"
+            reshaped_at = len(steps)
+            cur = o["input"]
+            continue
         if o.name in ("cast", "identity", "contiguous"):
             if o.name == "cast":
                 steps.append(Transform("cast", dtype=o["dtype"], at=cur))
@@ -363,6 +392,9 @@ def _walk_probabilities(softmax: Node, scalar: ScalarFn):
                 dropout_p = float(p_val)
         elif o.name in ("transpose", "permute"):
             transposed = True  # the product looks through it; nodes after it are in another order
+        elif o.name == "reshape":
+            if not _batch_reshape(user, cur):
+                return "a reshape of the probabilities that changes the query or key axis"
         else:
             return f"the probabilities go to {_describe_node(user)}"
         if not transposed:
@@ -428,6 +460,11 @@ def _match(softmax: Node, o, scalar: ScalarFn) -> AttentionSite | NotAttention |
     sp, transforms, score_chain = walked
     if _is_weight(sp.lhs) or _is_weight(sp.rhs):
         return None
+    fine = tuple(int(n) for n in meta(x).shape)  # the scores as the softmax sees them
+    if meta(sp.node).dim() != len(fine):
+        sp = split_batch(sp, "out", fine)
+        if sp is None:
+            return no("the scores are reshaped in a way that does not split batch axes")
     dim = o["dim"]
     out_dims = sp.out_dims
     if not isinstance(dim, int):
@@ -436,6 +473,7 @@ def _match(softmax: Node, o, scalar: ScalarFn) -> AttentionSite | NotAttention |
     in_l, in_r = k_axis in sp.lhs_dims, k_axis in sp.rhs_dims
     if in_l and in_r:
         return no(f"softmax over a batch axis ({dim})")
+    q_side, k_side = ("lhs", "rhs") if in_r else ("rhs", "lhs")
     q_node, q_dims, k_node, k_dims = (sp.lhs, sp.lhs_dims, sp.rhs, sp.rhs_dims) if in_r else \
         (sp.rhs, sp.rhs_dims, sp.lhs, sp.lhs_dims)
     contracted = sp.contracted
@@ -457,6 +495,11 @@ def _match(softmax: Node, o, scalar: ScalarFn) -> AttentionSite | NotAttention |
     vp, p_end, dropout_p, prob_chain = walked
     if vp.bias is not None:
         return no("a bias is added to the attention output inside the product")
+    p_side = "lhs" if vp.lhs is p_end else "rhs"
+    if meta(p_end).dim() != len(fine):
+        vp = split_batch(vp, p_side, fine)
+        if vp is None:
+            return no("the probabilities are reshaped in a way that does not split batch axes")
     p_dims, v_node, v_dims_local = (vp.lhs_dims, vp.rhs, vp.rhs_dims) if vp.lhs is p_end else \
         (vp.rhs_dims, vp.lhs, vp.lhs_dims)
     if len(p_dims) != len(out_dims):
@@ -487,7 +530,13 @@ def _match(softmax: Node, o, scalar: ScalarFn) -> AttentionSite | NotAttention |
         out_scale=vp.scale,
         chain=score_chain[::-1] + [softmax] + prob_chain + [vp.node],
     )
+    views = {role: side_views[side] for role, side_views, side in (
+        ("q", sp.views, q_side), ("k", sp.views, k_side), ("v", vp.views, "rhs" if p_side == "lhs" else "lhs"),
+        ("out", vp.views, "out")) if side in side_views}
+    site.views = views
     for attr, node, dims in (("k_repeat", k_node, k_dims), ("v_repeat", v_node, v_dims)):
+        if ("k" if attr == "k_repeat" else "v") in views:
+            continue
         rep = _repeat(node)
         if rep is not None and dims[rep.axis] in batch:
             setattr(site, attr, rep)

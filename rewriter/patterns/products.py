@@ -22,7 +22,7 @@ from torch.fx import Node
 
 from .ops import meta, op
 
-__all__ = ["Product", "describe_product", "strip_layout", "ScalarFn"]
+__all__ = ["Product", "describe_product", "strip_layout", "split_batch", "ScalarFn"]
 
 # Looks a node up as a Python float when it is a compile-time scalar (a number, or a 0-d tensor
 # that does not depend on the user's inputs). Supplied by the caller, which owns the values.
@@ -47,6 +47,8 @@ class Product:
     bias: Node | None = None
     bias_coeff: float = 1.0
     stripped: list[Node] = field(default_factory=list)
+    # Shapes to view lhs / rhs / out as, after :func:`split_batch` refined merged batch axes.
+    views: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def contracted(self) -> set[str]:
@@ -186,3 +188,69 @@ def describe_product(node: Node, scalar: ScalarFn) -> Product | None:
     b, b_dims, sb, seen_b = strip_layout(b, b_dims, scalar)
     return Product(node, a, b, a_dims, b_dims, out_dims, scale * sa * sb, bias, bias_coeff,
                    seen_a + seen_b)
+
+
+def _groups(merged: list[int], fine: list[int]) -> list[list[int]] | None:
+    """Split ``fine`` into consecutive groups whose products are the ``merged`` sizes, or None."""
+    groups, i = [], 0
+    for size in merged:
+        group, prod = [], 1
+        while i < len(fine) and (prod < size or (not group and fine[i] == size)):
+            group.append(fine[i])
+            prod *= fine[i]
+            i += 1
+            if prod == size:
+                break
+        if prod != size or not group:
+            return None
+        groups.append(group)
+    while i < len(fine) and fine[i] == 1:  # trailing size-1 axes join the last group
+        groups[-1].append(1)
+        i += 1
+    return groups if i == len(fine) else None
+
+
+def split_batch(p: Product, side: str, fine_shape: tuple[int, ...]) -> Product | None:
+    """Refine merged batch axes: describe ``p`` as if ``side`` ("out", "lhs" or "rhs") had ``fine_shape``.
+
+    For ``torch.bmm`` over (B*H, S, D) operands whose scores are viewed as (B, H, S, S) before the
+    softmax, the batch letter of size B*H becomes two letters of sizes B and H in every tensor that
+    has it; ``views`` records the shape each tensor must be viewed as. Only the leading (batch) axes
+    may differ; the last two must be equal. Returns None when the shapes do not refine each other.
+    """
+    dims = {"out": p.out_dims, "lhs": p.lhs_dims, "rhs": p.rhs_dims}[side]
+    node = {"out": p.node, "lhs": p.lhs, "rhs": p.rhs}[side]
+    shape = tuple(int(x) for x in meta(node).shape)
+    if shape[-2:] != tuple(fine_shape[-2:]) or len(fine_shape) <= len(shape):
+        return None
+    groups = _groups(list(shape[:-2]), list(fine_shape[:-2]))
+    if groups is None:
+        return None
+    used = set(p.lhs_dims) | set(p.rhs_dims) | set(p.out_dims)
+    fresh = (c for c in string.ascii_uppercase + string.ascii_lowercase if c not in used)
+    expand: dict[str, tuple[str, list[int]]] = {}
+    for letter, group in zip(dims, groups):
+        if len(group) > 1:
+            expand[letter] = (letter + "".join(next(fresh) for _ in group[1:]), group)
+
+    def refine(d: str, t: Node) -> tuple[str, tuple[int, ...] | None]:
+        if not any(c in expand for c in d):
+            return d, None
+        sh = [int(x) for x in meta(t).shape]
+        new_d, new_sh = "", []
+        for c, size in zip(d, sh):
+            if c in expand:
+                letters, group = expand[c]
+                new_d += letters
+                new_sh += group if size != 1 else [1] * len(group)
+            else:
+                new_d += c
+                new_sh.append(size)
+        return new_d, tuple(new_sh)
+
+    out_d, out_v = refine(p.out_dims, p.node)
+    lhs_d, lhs_v = refine(p.lhs_dims, p.lhs)
+    rhs_d, rhs_v = refine(p.rhs_dims, p.rhs)
+    views = {k: v for k, v in (("out", out_v), ("lhs", lhs_v), ("rhs", rhs_v)) if v is not None}
+    return Product(p.node, p.lhs, p.rhs, lhs_d, rhs_d, out_d, p.scale, p.bias, p.bias_coeff, p.stripped,
+                   {**p.views, **views})
