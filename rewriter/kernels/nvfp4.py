@@ -1,0 +1,759 @@
+"""NVFP4 weight-only quantized linear layers for GPUs without FP4 tensor cores (Hopper, Ampere).
+
+NVFP4 stores a weight as 4-bit E2M1 values, one E4M3 scale per 16 consecutive elements along the
+reduction dimension K, and one fp32 scale per tensor: 4.5 bits per element against 16 for bf16.
+Hopper and Ampere have no FP4 matrix units, so the format only pays where the GEMM is limited by
+reading the weight (decode, small batches): the kernel here reads the packed weight, dequantizes it
+in registers and multiplies it with bf16/fp16 activations on the ordinary bf16/fp16 tensor cores.
+
+Layout of :class:`NVFP4Weight` for a weight of shape ``(N, K)``:
+
+* ``packed``: uint8 ``(N, K // 2)``. Byte ``j`` of row ``n`` holds elements ``2j`` (low nibble,
+  bits 0-3) and ``2j + 1`` (high nibble, bits 4-7). A nibble is an E2M1 code: bit 3 is the sign,
+  bits 0-2 index the magnitudes ``(0, 0.5, 1, 1.5, 2, 3, 4, 6)``.
+* ``scales``: float8_e4m3fn ``(N, K // 16)``, the scale of elements ``16b .. 16b + 15`` of a row.
+* ``global_scale``: fp32 scalar tensor.
+
+The weight element is ``e2m1 * float(scale) * global_scale``.
+
+Measured on one H200 (bf16 activations, GPU time per call, L2 emptied before each call; full table
+in ``benchmarks/results/nvfp4_nvidia-h200.md``): for M = 1..16 the kernel takes 27 us where bf16
+``F.linear`` takes 41-42 us on a 4096 x 14336 or 14336 x 4096 weight (1.5-1.6x), and 15 us against
+19.5 us on 4096 x 4096 (1.3x). That is ~1.2 TB/s of packed weight, a third of the memory's
+bandwidth: the kernel is limited by its in-register decode and MMA issue, not by bytes. From M = 64
+on it is slower than bf16 (0.47-0.94x), so the format pays in decode and small batches, and always
+in memory (0.28x the bytes of bf16).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+__all__ = [
+    "NVFP4Weight",
+    "NVFP4GemmConfig",
+    "NVFP4Linear",
+    "pack_nvfp4",
+    "unpack_nvfp4",
+    "nvfp4_linear_reference",
+    "nvfp4_gemm",
+    "nvfp4_linear",
+    "supports",
+    "sqnr_db",
+]
+
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+# Smallest positive E4M3 value (a subnormal): the floor for the scale of a block that is not all zero.
+E4M3_MIN = 2.0**-9
+# Smallest normal fp32 number: the floor for the global scale, so that an all-zero or subnormal
+# weight never divides by zero.
+GLOBAL_SCALE_MIN = 2.0**-126
+BLOCK_SIZE = 16
+
+# Magnitudes of the eight E2M1 codes, followed by their negatives (codes 8..15).
+_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Round-to-nearest-even onto the E2M1 grid, as thresholds on the magnitude. A magnitude at a
+# midpoint goes to the code whose mantissa bit (bit 0) is 0: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1,
+# 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4. ``code = sum(v > t or v >= t, per threshold)``.
+_RNE_THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+
+
+@dataclass(frozen=True)
+class NVFP4Weight:
+    """A weight of shape ``shape == (N, K)`` in NVFP4 (see the module docstring for the layout)."""
+
+    packed: Tensor
+    scales: Tensor
+    global_scale: Tensor
+    shape: tuple[int, int]
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def nbytes(self) -> int:
+        return (
+            self.packed.numel() * self.packed.element_size()
+            + self.scales.numel() * self.scales.element_size()
+            + self.global_scale.numel() * self.global_scale.element_size()
+        )
+
+
+def pack_nvfp4(weight: Tensor) -> NVFP4Weight:
+    """Quantize a 2-D floating-point weight ``(N, K)`` to NVFP4 (two-level scaling).
+
+    All arithmetic is in fp32 (the weight is converted first):
+
+    * ``amax = max |W|``; ``global_scale = max(amax / (448 * 6), 2**-126)``. With this choice the
+      block holding ``amax`` gets the largest E4M3 scale, 448, and its largest element maps to the
+      largest E2M1 value, 6. The floor keeps the scale a normal fp32 number for an all-zero weight
+      (whose global scale is then ``2**-126``) or one whose ``amax`` is below about ``3e-35``; such
+      a weight keeps less relative precision. ``amax`` of a finite fp32 weight is at most ``3.4e38``,
+      so the global scale cannot overflow: ``1e30`` and ``1e-30`` weights quantize as well as
+      ``1.0`` weights.
+    * For each block ``b`` of 16 elements along K, ``block_amax = max |W[n, 16b:16b+16]|`` and
+      ``scale = e4m3_rne(clamp(block_amax / 6 / global_scale, 2**-9, 448))`` if ``block_amax > 0``,
+      else ``0``. ``e4m3_rne`` rounds to the nearest E4M3 value, ties to even. The lower clamp keeps
+      a block much smaller than ``amax`` (under about ``amax * 4e-6``) at the smallest E4M3 scale
+      instead of zeroing its scale; its values then round to the E2M1 grid as usual, most to 0.
+    * ``v = W / (float(scale) * global_scale)`` (``0`` where the scale is 0), then each element is
+      rounded to the nearest of ``+-(0, 0.5, 1, 1.5, 2, 3, 4, 6)``, ties to even (the code whose
+      mantissa bit is 0: 2.5 -> 2, 5 -> 4, 0.25 -> 0, 0.75 -> 1), saturating at 6. A value that
+      rounds to 0 is stored as +0.
+
+    Raises ``ValueError`` for a tensor that is not 2-D, empty, has ``K % 16 != 0``, or holds NaN or
+    inf (or values outside the fp32 range), and ``TypeError`` for a non-floating-point dtype.
+    """
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"pack_nvfp4 expects a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"pack_nvfp4 expects a 2-D weight (N, K), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"pack_nvfp4 expects a floating-point weight, got dtype {weight.dtype}")
+    n, k = weight.shape
+    if k % BLOCK_SIZE != 0:
+        raise ValueError(f"NVFP4 needs K divisible by {BLOCK_SIZE}; got K={k} (weight shape {tuple(weight.shape)})")
+    if n == 0 or k == 0:
+        raise ValueError(f"pack_nvfp4 got an empty weight of shape {tuple(weight.shape)}")
+    w = weight.detach().to(torch.float32)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("pack_nvfp4: the weight contains NaN or inf (or values outside the float32 range)")
+
+    amax = w.abs().amax()
+    global_scale = torch.clamp(amax / (E4M3_MAX * E2M1_MAX), min=GLOBAL_SCALE_MIN)
+
+    blocks = w.reshape(n, k // BLOCK_SIZE, BLOCK_SIZE)
+    block_amax = blocks.abs().amax(dim=-1)
+    raw = (block_amax / E2M1_MAX / global_scale).clamp(min=E4M3_MIN, max=E4M3_MAX)
+    raw = torch.where(block_amax > 0, raw, torch.zeros_like(raw))
+    scales = raw.to(torch.float8_e4m3fn)
+
+    # float(scale) >= 2**-9 and global_scale >= 2**-126, so a nonzero effective scale stays nonzero.
+    eff = scales.to(torch.float32) * global_scale
+    safe = torch.where(eff > 0, eff, torch.ones_like(eff))
+    v = blocks / safe.unsqueeze(-1)
+    mag = v.abs()
+    code = torch.zeros_like(mag, dtype=torch.uint8)
+    for t, inclusive in _RNE_THRESHOLDS:
+        code += (mag >= t if inclusive else mag > t).to(torch.uint8)
+    code = torch.where((eff > 0).unsqueeze(-1), code, torch.zeros_like(code))
+    negative = (v < 0) & (code > 0)
+    nibbles = (code | (negative.to(torch.uint8) << 3)).reshape(n, k // 2, 2)
+    packed = nibbles[..., 0] | (nibbles[..., 1] << 4)
+    return NVFP4Weight(packed.contiguous(), scales.contiguous(), global_scale.reshape(()), (n, k))
+
+
+def _e2m1_table(device: torch.device) -> Tensor:
+    mags = torch.tensor(_E2M1_VALUES, dtype=torch.float32, device=device)
+    return torch.cat([mags, -mags])
+
+
+def unpack_nvfp4(w: NVFP4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Dequantize to ``(N, K)``: ``e2m1 * float(scale) * global_scale``, evaluated in fp32 and then
+    converted to ``dtype``. ``e2m1 * scale`` has at most 6 significant bits, so the only rounding in
+    fp32 is the product with ``global_scale``."""
+    n, k = w.shape
+    lo = w.packed & 0xF
+    hi = w.packed >> 4
+    codes = torch.stack((lo, hi), dim=-1).reshape(n, k).long()
+    values = _e2m1_table(w.packed.device)[codes]
+    values = values.reshape(n, k // BLOCK_SIZE, BLOCK_SIZE) * w.scales.to(torch.float32).unsqueeze(-1)
+    return (values * w.global_scale.to(torch.float32)).reshape(n, k).to(dtype)
+
+
+def nvfp4_linear_reference(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, unpack_nvfp4(w), bias)`` computed in fp32 and returned in ``x.dtype``."""
+    y = F.linear(x.to(torch.float32), unpack_nvfp4(w), None if bias is None else bias.to(torch.float32))
+    return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------
+#
+# Dequantization in registers, exact, on 32-bit words. The packed row is read as uint32 words; word
+# ``j`` holds elements ``8j .. 8j + 7``, element ``8j + i`` in bits ``4i .. 4i + 3``. For ``p`` in
+# 0..3 the nibbles ``p`` (bits 4p..) and ``p + 4`` (bits 4p + 16..) sit 16 bits apart, so shifts
+# and masks on the whole word build two 16-bit float bit patterns at once (low half: element p,
+# high half: element p + 4). An E2M1 nibble ``s e e m`` becomes
+#   * for bf16 activations, the bf16 pattern with sign ``s``, exponent field ``000000ee`` and top
+#     mantissa bit ``m``: ``value * 2**-126`` (code 1, 0.5, is the subnormal 2**-127);
+#   * for fp16 activations, the fp16 pattern with exponent field ``000ee``: ``value * 2**-14``
+#     (code 1 is the subnormal 2**-15).
+# Each pattern is multiplied (bf16/fp16 mul, 2 elements per instruction) by its block scale
+# prepared per block as ``scale * 2**118`` (bf16) or ``scale`` (fp16). The products,
+# ``e2m1 * scale * 2**-8`` or ``e2m1 * scale * 2**-14``, are multiples of 2**-18 / 2**-24 with at most
+# 6 significant bits (``e2m1`` has 2, an E4M3 scale 4), inside either format's range, so they are
+# exact; ``global_scale * 2**8`` or ``* 2**14`` is applied once to the fp32 accumulator.
+# Why words: a first version decoded byte by byte (uint8 ops, ``tl.interleave``, a reshape to apply
+# the scales); its sm_90 main loop (BLOCK 16x64x256) spends 10.7 SASS instructions per weight
+# element, mostly byte permutes and moves, against 5.8 for this one (counted from the compiled
+# cubin). At ~0.56 bytes per element and ~4 TB/s an H200 SM must retire ~20 elements per clock to
+# keep up with memory, so the instruction count matters. Measured on H200 at K=4096, N=14336, M=1,
+# the byte decode with byte-aligned scale loads (see the strides in the kernel) took 43.9 us at
+# best, this decode with aligned loads 26.4 us (bf16 F.linear: 41 us); both changes came together.
+# The scales are E4M3 bytes, read as uint8 and converted with integer ops plus one multiply per
+# block (``0 eeee mmm`` -> fp16 pattern ``0 0 eeee mmm 0000000`` = ``scale * 2**-8``), so no fp8
+# type is needed: this runs on Ampere and in the interpreter too.
+
+_MODES = {"dot": 0, "dot_swap": 1}
+
+
+@triton.jit
+def _e2m1_pair_bits(wd, SIGN_SHIFT: tl.constexpr, MAG_SHIFT: tl.constexpr, MAG_MASK: tl.constexpr):
+    """Float bit patterns of nibbles p and p + 4 of each uint32 word: the sign bits moved to bits 15
+    and 31 by a left shift of SIGN_SHIFT, the 3-bit codes moved to MAG_MASK by MAG_SHIFT (negative:
+    right shift)."""
+    sign = (wd << SIGN_SHIFT) & 0x80008000
+    if MAG_SHIFT >= 0:
+        mag = (wd << MAG_SHIFT) & MAG_MASK
+    else:
+        mag = (wd >> (-MAG_SHIFT)) & MAG_MASK
+    return sign | mag
+
+
+@triton.jit
+def _split_halves(b, DT: tl.constexpr, INTERPRET: tl.constexpr):
+    """The two 16-bit float patterns in each uint32 of ``b`` (low half first), as ``DT``; under the
+    interpreter a bf16 pattern is returned as the fp32 it extends to (exact, subnormals included)."""
+    if INTERPRET and DT == tl.bfloat16:
+        return (b << 16).to(tl.float32, bitcast=True), (b & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return b.to(tl.uint16).to(DT, bitcast=True), (b >> 16).to(tl.uint16).to(DT, bitcast=True)
+
+
+@triton.jit
+def _dequant_tile(wd, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """uint32 words ``wd`` [BLOCK_N, BLOCK_K // 8] and E4M3 scale bytes ``s`` (uint8
+    [BLOCK_N, BLOCK_K // 16]) -> [BLOCK_N, BLOCK_K] of ``e2m1 * scale * 2**-8`` (bf16) or
+    ``e2m1 * scale * 2**-14`` (fp16)."""
+    s16 = ((s.to(tl.uint16) & 0x7F) << 7).to(tl.float16, bitcast=True)  # scale * 2**-8
+    if BF16:
+        DT: tl.constexpr = tl.bfloat16
+        scale = (s16.to(tl.float32) * 8.507059173023462e37).to(DT)  # * 2**126 -> scale * 2**118
+        b0 = _e2m1_pair_bits(wd, 12, 6, 0x01C001C0)
+        b1 = _e2m1_pair_bits(wd, 8, 2, 0x01C001C0)
+        b2 = _e2m1_pair_bits(wd, 4, -2, 0x01C001C0)
+        b3 = _e2m1_pair_bits(wd, 0, -6, 0x01C001C0)
+    else:
+        DT: tl.constexpr = tl.float16
+        scale = s16 * 256.0
+        b0 = _e2m1_pair_bits(wd, 12, 9, 0x0E000E00)
+        b1 = _e2m1_pair_bits(wd, 8, 5, 0x0E000E00)
+        b2 = _e2m1_pair_bits(wd, 4, 1, 0x0E000E00)
+        b3 = _e2m1_pair_bits(wd, 0, -3, 0x0E000E00)
+    # One scale per two words.
+    sw = tl.reshape(tl.broadcast_to(tl.expand_dims(scale, 2), (BLOCK_N, BLOCK_K // 16, 2)), (BLOCK_N, BLOCK_K // 8))
+    if INTERPRET:
+        # The interpreter stores bf16 as raw uint16: its arithmetic would multiply the integers and
+        # its bf16 -> fp32 conversion flushes subnormals. Multiply in fp32 instead (the same exact
+        # products), reading each bf16 half as the fp32 it extends to.
+        sw = sw.to(tl.float32)
+    e0, e4 = _split_halves(b0, DT, INTERPRET)
+    e1, e5 = _split_halves(b1, DT, INTERPRET)
+    e2, e6 = _split_halves(b2, DT, INTERPRET)
+    e3, e7 = _split_halves(b3, DT, INTERPRET)
+    e0 = (e0 * sw).to(DT)
+    e1 = (e1 * sw).to(DT)
+    e2 = (e2 * sw).to(DT)
+    e3 = (e3 * sw).to(DT)
+    e4 = (e4 * sw).to(DT)
+    e5 = (e5 * sw).to(DT)
+    e6 = (e6 * sw).to(DT)
+    e7 = (e7 * sw).to(DT)
+    # Back into K order: element 8j + i at [:, 8j + i]. join stacks along a new last axis, so
+    # join(join(a, b), join(c, d)) is indexed [.., i, j] -> element 2j + i; the permutes make the
+    # row-major reshape read them in order.
+    lo = tl.permute(tl.join(tl.join(e0, e1), tl.join(e2, e3)), (0, 1, 3, 2))
+    hi = tl.permute(tl.join(tl.join(e4, e5), tl.join(e6, e7)), (0, 1, 3, 2))
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 4, 2, 3)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _nvfp4_k_step(acc, x_rows, w_rows, s_rows, m_mask, n_mask, k0, K, EVEN_K: tl.constexpr, MODE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """Accumulate one BLOCK_K slice starting at k0: load x, the packed words and their scales,
+    dequantize and multiply."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    offs_kg = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    if EVEN_K:
+        xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+        wd = tl.load(w_rows + offs_kw[None, :], mask=n_mask[:, None], other=0)
+        s = tl.load(s_rows + offs_kg[None, :], mask=n_mask[:, None], other=0)
+    else:
+        xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        wd = tl.load(w_rows + offs_kw[None, :], mask=n_mask[:, None] & (offs_kw < K // 8)[None, :], other=0)
+        s = tl.load(s_rows + offs_kg[None, :], mask=n_mask[:, None] & (offs_kg < K // 16)[None, :], other=0)
+    w = _dequant_tile(wd.to(tl.uint32, bitcast=True), s, BLOCK_N, BLOCK_K, xt.dtype == tl.bfloat16, INTERPRET)
+    if INTERPRET:
+        # The interpreter's dot multiplies bf16 storage integers too; fp32 operands give the same
+        # exact products and an fp32 accumulation, as on the GPU.
+        xt = xt.to(tl.float32)
+        w = w.to(tl.float32)
+    if MODE == 1:
+        res = tl.dot(w, tl.trans(xt), acc)
+    else:
+        res = tl.dot(xt, tl.trans(w), acc)
+    return res
+
+
+# M is not specialized: Triton would otherwise compile a separate variant for M == 1 (decode) and
+# double the compilations made while tuning, for a mask that costs nothing at run time.
+@triton.jit(do_not_specialize=["M"])
+def _nvfp4_gemm_kernel(
+    x_ptr,
+    words_ptr,
+    scales_ptr,
+    gscale_ptr,
+    bias_ptr,
+    out_ptr,
+    ws_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_om,
+    tiles_per_split,
+    HAS_BIAS: tl.constexpr,
+    USE_WS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """``out[m, n] = global_scale * sum_k x[m, k] * W[n, k] (+ bias[n])`` with W in NVFP4.
+
+    ``words_ptr`` is the packed weight viewed as int32 (N, K // 8), ``scales_ptr`` the scales viewed
+    as uint8 (N, K // 16). Grid ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), splits)``. M blocks vary
+    fastest, so the programs that read one weight tile run together and all but the first find it
+    in L2: the weight is read from memory about once whatever M is. Program ``(., ., s)`` covers
+    the K tiles ``s * tiles_per_split .. (s + 1) * tiles_per_split - 1``; with ``USE_WS`` it writes its unscaled fp32
+    partial sums to ``ws[s]`` (splits, M, N) and :func:`_nvfp4_splitk_reduce_kernel` finishes.
+    ``MODE`` 1 computes ``W_tile @ x_tile^T``, which puts N on the MMA's M side (on Hopper a
+    warpgroup MMA with the dequantized weight as its register operand).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    # Row strides come in as arguments (K // 8 words, K // 16 scales) so that Triton's
+    # specialization sees their divisibility by 16 and proves the rows 16-byte aligned, which
+    # allows wide loads that the software pipeline turns into cp.async. Computed here from K they
+    # only prove byte alignment: on H200 the scale loads then became single-byte loads outside the
+    # pipeline and every configuration took ~45 us at K=4096, N=14336, M=1 (bf16: 41 us).
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = words_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    s_rows = scales_ptr + offs_n[:, None].to(tl.int64) * stride_sn
+
+    if MODE == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    # Every split covers exactly tiles_per_split K tiles (the host makes the splits divide the
+    # tiles evenly); only the last tile of the last split can run past K, and only when
+    # K % BLOCK_K != 0 (EVEN_K is False). k0 is formed as tile * BLOCK_K so that the compiler
+    # knows its alignment (see the strides above).
+    first_tile = pid_k * tiles_per_split
+    if INTERPRET:
+        # The interpreter hands scalars over as one-element arrays, which numpy 2 refuses as a
+        # range() bound; a while loop reads them through bool() instead. Compiled code needs the
+        # for loop: only scf.for loops are software-pipelined (num_stages).
+        t = first_tile * 0
+        while t < tiles_per_split:
+            acc = _nvfp4_k_step(acc, x_rows, w_rows, s_rows, m_mask, n_mask, (first_tile + t) * BLOCK_K, K, EVEN_K,
+                                MODE, BLOCK_N, BLOCK_K, INTERPRET)
+            t += 1
+    else:
+        for t in range(0, tiles_per_split):
+            acc = _nvfp4_k_step(acc, x_rows, w_rows, s_rows, m_mask, n_mask, (first_tile + t) * BLOCK_K, K, EVEN_K,
+                                MODE, BLOCK_N, BLOCK_K, INTERPRET)
+
+    if MODE == 1:
+        res = tl.trans(acc)
+    else:
+        res = acc
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if USE_WS:
+        ws_ptrs = ws_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(ws_ptrs, res, mask=mn_mask)
+    else:
+        # Undo the 2**-8 (bf16) or 2**-14 (fp16) of the dequantized values after the global scale.
+        if x_ptr.dtype.element_ty == tl.bfloat16:
+            y = res * tl.load(gscale_ptr) * 256.0
+        else:
+            y = res * tl.load(gscale_ptr) * 16384.0
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mn_mask)
+
+
+@triton.jit
+def _nvfp4_splitk_reduce_kernel(
+    ws_ptr, gscale_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``out[m, n] = global_scale * 2**8 or 2**14 * sum_s ws[s, m, n] (+ bias[n])``, summed in a
+    fixed order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in tl.static_range(SPLITS):
+        acc += tl.load(ws_ptr + split * M * N + offs, mask=mask, other=0.0)
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        y = acc * tl.load(gscale_ptr) * 256.0
+    else:
+        y = acc * tl.load(gscale_ptr) * 16384.0
+    n = offs % N
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    m = offs // N
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + n, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class NVFP4GemmConfig:
+    """Launch parameters of :func:`_nvfp4_gemm_kernel`."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    mode: str = "dot"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# One small fixed configuration under the interpreter: it covers every code path except split-K
+# and MODE 1 (tests reach those by passing ``config=``) and keeps CPU runs fast.
+_INTERPRETER_CONFIG = NVFP4GemmConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
+
+
+def _m_bucket(m: int) -> int:
+    return 16 if m <= 16 else min(1 << (m - 1).bit_length(), 512)
+
+
+def _candidates(bucket: int, k: int) -> list[NVFP4GemmConfig]:
+    """Configurations timed on first use of a (M bucket, N, K) on a GPU; the first is the default
+    when timing is impossible (during CUDA graph capture) or not worth it (small weights).
+
+    Chosen from a sweep of 52 small-M and 10 large-M configurations on H200 (benchmarks/nvfp4.py
+    --sweep; numbers in benchmarks/NOTES_nvfp4.md), then confirmed by the tuning log of the final
+    benchmark run: no single one wins every shape. A 16-row tile (one MMA row block) covers
+    M <= 16 with the weight read once. Measured best (GPU time): K=4096, N=14336: 32-wide N tiles
+    with split-K 2 (27.5 us; split 8 with 128-wide tiles 28.0); K=14336, N=4096, only 32-128 N
+    tiles: split-K 8 with 128-wide tiles (26.5 us; split 1: 40.5); 4096 x 4096: split 2 with 32-wide
+    tiles (14.2 us; 64-wide, unsplit: 19.9). For M = 32..64 a 64x64x128 tile won on every shape;
+    at M = 256 the swapped tiles (N on the warpgroup MMA's M side) won: 128x64x128 on two shapes,
+    256x128x64 on K=4096, N=14336.
+    """
+    C = NVFP4GemmConfig
+    if bucket <= 16:
+        cands = [
+            C(16, 32, 256, 2, 4, 3),
+            C(16, 64, 256, 1, 4, 4),
+            C(16, 32, 256, 1, 4, 3),
+            C(16, 32, 256, 1, 4, 3, mode="dot_swap"),
+            C(16, 64, 128, 4, 4, 3),
+            C(16, 128, 256, 8, 4, 3),
+        ]
+        return [c for c in cands if c.split_k == 1 or k >= c.split_k * c.block_k]
+    if bucket <= 64:
+        return [C(64, 64, 128, 1, 4, 3), C(64, 128, 128, 1, 4, 3, mode="dot_swap")]
+    return [
+        C(128, 64, 128, 1, 4, 3, mode="dot_swap"),
+        C(64, 64, 128, 1, 4, 3),
+        C(128, 64, 128, 1, 4, 3),
+        C(256, 128, 64, 1, 8, 3, mode="dot_swap"),
+    ]
+
+
+_TUNED: dict[tuple, NVFP4GemmConfig] = {}
+
+
+def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg: NVFP4GemmConfig) -> None:
+    m, k = x.shape
+    n = w.shape[0]
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    # The largest split not above the requested one that divides the K tiles evenly.
+    split = max(d for d in range(1, min(cfg.split_k, k_tiles) + 1) if k_tiles % d == 0)
+    tiles_per_split = k_tiles // split
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    bias_arg = bias if bias is not None else out
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    _nvfp4_gemm_kernel[grid](
+        x,
+        w.packed.view(torch.int32),
+        w.scales.view(torch.uint8),
+        w.global_scale,
+        bias_arg,
+        out,
+        ws,
+        m,
+        n,
+        k,
+        x.stride(0),
+        k // 8,
+        k // 16,
+        out.stride(0),
+        tiles_per_split,
+        HAS_BIAS=bias is not None,
+        USE_WS=split > 1,
+        EVEN_K=k % cfg.block_k == 0,
+        MODE=_MODES[cfg.mode],
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        INTERPRET=_interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        block = 1024
+        _nvfp4_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            ws, w.global_scale, bias_arg, out, m, n, out.stride(0),
+            SPLITS=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        )
+
+
+def _time_config(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg: NVFP4GemmConfig) -> float:
+    """Median GPU time of one launch in ms, replayed from a CUDA graph (do_bench empties L2 before
+    each replay). In the H200 benchmark eager and graph timings of the tuned kernel agreed within
+    ~1 us, but one eager median came out at 151 us against 15 us replayed: the graph keeps such
+    host-side noise out of the choice."""
+    _launch(x, w, bias, out, cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _launch(x, w, bias, out, cfg)
+    return triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
+
+
+# (device, M bucket, N, K, dtype) -> [(config, ms)] of every tuning done, for reports.
+TUNING_LOG: dict[tuple, list[tuple[NVFP4GemmConfig, float]]] = {}
+
+
+def _select_config(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor) -> NVFP4GemmConfig:
+    if _interpreting() and not x.is_cuda:
+        return _INTERPRETER_CONFIG
+    m, k = x.shape
+    n = w.shape[0]
+    bucket = _m_bucket(m)
+    key = (x.device.index, bucket, n, k, x.dtype)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    cands = _candidates(bucket, k)
+    # Timing needs a synchronizing benchmark, impossible during graph capture; and a weight under
+    # 2**20 elements (under 0.6 MB packed) takes a few microseconds whatever the configuration.
+    if torch.cuda.is_current_stream_capturing() or n * k < 2**20:
+        return cands[0]
+    timings = [(cand, _time_config(x, w, bias, out, cand)) for cand in cands]
+    TUNING_LOG[key] = timings
+    cfg = min(timings, key=lambda t: t[1])[0]
+    _TUNED[key] = cfg
+    return cfg
+
+
+def nvfp4_gemm(
+    x: Tensor, w: NVFP4Weight, bias: Optional[Tensor] = None, config: Optional[NVFP4GemmConfig] = None
+) -> Tensor:
+    """``x (M, K) @ unpack_nvfp4(w).T (+ bias)`` with the Triton kernel; returns (M, N) in ``x.dtype``.
+
+    ``config`` forces the launch parameters; otherwise the first call for a (M bucket, N, K, dtype)
+    on a GPU times the candidates of :func:`_candidates` and keeps the fastest (make that first call
+    before capturing a CUDA graph: during capture the first candidate is used untimed).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"nvfp4_gemm expects x of shape (M, K), got {tuple(x.shape)}")
+    m, k = x.shape
+    n = w.shape[0]
+    if k != w.shape[1]:
+        raise ValueError(f"x has K={k} but the weight has K={w.shape[1]}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    cfg = config if config is not None else _select_config(x, w, bias, out)
+    _launch(x, w, bias, out, cfg)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom op and public entry points
+# --------------------------------------------------------------------------------------------------
+
+_INFERENCE_ONLY = (
+    "NVFP4 linears are inference-only; run them under torch.no_grad() or torch.inference_mode(), "
+    "or detach the input (the packed weight has no gradient)."
+)
+
+
+@torch.library.custom_op("rewriter::nvfp4_linear", mutates_args=())
+def _nvfp4_linear_op(
+    x: Tensor, packed: Tensor, scale_bits: Tensor, global_scale: Tensor, bias: Optional[Tensor]
+) -> Tensor:
+    """``scale_bits`` are the E4M3 block scales viewed as uint8 (generic tensor tooling, such as
+    ``torch.library.opcheck``, has no fp8 kernels on the CPU)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    w = NVFP4Weight(packed, scale_bits.view(torch.float8_e4m3fn), global_scale, (n, k))
+    y = nvfp4_gemm(x.reshape(-1, k), w, bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@_nvfp4_linear_op.register_fake
+def _nvfp4_linear_fake(x, packed, scale_bits, global_scale, bias):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _nvfp4_linear_backward(ctx, grad):
+    raise RuntimeError(_INFERENCE_ONLY)
+
+
+_nvfp4_linear_op.register_autograd(_nvfp4_linear_backward)
+
+
+def supports(x: Tensor, w: NVFP4Weight) -> tuple[bool, str]:
+    """Whether the Triton kernel can run ``nvfp4_linear(x, w)``; the string says why not."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return False, f"activations must be bfloat16 or float16, got {x.dtype}"
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        return False, f"x's last dimension must be K={w.shape[1]}, got shape {tuple(x.shape)}"
+    if x.device != w.packed.device:
+        return False, f"x is on {x.device} but the weight is on {w.packed.device}"
+    if x.is_cuda:
+        major, _ = torch.cuda.get_device_capability(x.device)
+        if major < 8:
+            return False, "the kernel needs bf16/fp16 tensor cores (compute capability 8.0 or newer)"
+        return True, ""
+    if _interpreting():
+        return True, ""
+    return False, f"the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1), x is on {x.device}"
+
+
+def nvfp4_linear(
+    x: Tensor, w: NVFP4Weight, bias: Optional[Tensor] = None, *, use_triton: Optional[bool] = None
+) -> Tensor:
+    """``F.linear(x, unpack_nvfp4(w), bias)`` for ``x`` of shape ``(..., K)``, inference only.
+
+    ``use_triton=None`` runs the Triton op ``rewriter::nvfp4_linear`` on CUDA tensors it supports
+    and the PyTorch reference otherwise; ``True`` demands the Triton op (also under
+    ``TRITON_INTERPRET=1`` on the CPU) and raises ``ValueError`` if it cannot run.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        raise RuntimeError(_INFERENCE_ONLY)
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x's last dimension is {x.shape[-1]} but the weight has K={w.shape[1]}")
+    if use_triton is None:
+        use_triton = x.is_cuda and supports(x, w)[0]
+    if use_triton:
+        ok, why = supports(x, w)
+        if not ok:
+            raise ValueError(f"nvfp4_linear cannot use the Triton kernel: {why}")
+        return torch.ops.rewriter.nvfp4_linear(x, w.packed, w.scales.view(torch.uint8), w.global_scale, bias)
+    return nvfp4_linear_reference(x, w, bias)
+
+
+class NVFP4Linear(nn.Module):
+    """A bias-optional linear layer whose weight is stored in NVFP4 (inference only).
+
+    The buffers ``packed``, ``scales`` and ``global_scale`` (and ``bias``, kept in its original
+    dtype) are all that is stored, so ``state_dict()`` holds the packed form. Build one with
+    :meth:`from_linear`, or construct an empty one of the same shape and ``load_state_dict``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        if in_features % BLOCK_SIZE != 0:
+            raise ValueError(f"NVFP4 needs in_features divisible by {BLOCK_SIZE}; got K={in_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "scales", torch.zeros(out_features, in_features // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=device)
+        )
+        self.register_buffer("global_scale", torch.ones((), dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_buffer("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "NVFP4Linear":
+        """Quantize ``linear.weight`` with :func:`pack_nvfp4`; the bias is kept as is (detached)."""
+        bias = linear.bias
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=bias is not None,
+            device="meta",
+            dtype=None if bias is None else bias.dtype,
+        )
+        w = pack_nvfp4(linear.weight)
+        module.packed = w.packed
+        module.scales = w.scales
+        module.global_scale = w.global_scale
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        return module
+
+    def nvfp4_weight(self) -> NVFP4Weight:
+        return NVFP4Weight(self.packed, self.scales, self.global_scale, (self.out_features, self.in_features))
+
+    def nbytes(self) -> int:
+        """Bytes of the stored weight: packed values, block scales and the global scale."""
+        return self.nvfp4_weight().nbytes()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nvfp4_linear(x, self.nvfp4_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            "weight=NVFP4 (E2M1 values, E4M3 scale per 16, fp32 global scale)"
+        )
+
+
+def sqnr_db(reference: Tensor, candidate: Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - cand)^2)`` in dB, computed
+    in float64; ``+inf`` when the two are equal."""
+    ref = reference.detach().to(torch.float64)
+    diff = ref - candidate.detach().to(torch.float64)
+    noise = float((diff * diff).sum())
+    signal = float((ref * ref).sum())
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)

@@ -1,0 +1,514 @@
+"""NVFP4 packing, the Triton kernel (through the interpreter on the CPU) and NVFP4Linear."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rewriter.kernels import nvfp4 as nv
+from rewriter.kernels.nvfp4 import (
+    NVFP4GemmConfig,
+    NVFP4Linear,
+    NVFP4Weight,
+    nvfp4_gemm,
+    nvfp4_linear,
+    nvfp4_linear_reference,
+    pack_nvfp4,
+    sqnr_db,
+    supports,
+    unpack_nvfp4,
+)
+
+GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+# The kernel tests run the real kernel on a GPU when there is one, else the Triton interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def representable_weight(n, k, global_scale, gen, scale_bits=(0x01, 0x7E)):
+    """A weight that NVFP4 stores exactly: E2M1 grid values times exact E4M3 block scales (bit
+    patterns drawn from ``scale_bits``) times a power-of-two global scale, each block holding a +-6
+    so that packing recomputes the same scales, and one block with scale 448 so that it recomputes
+    the same global scale."""
+    codes = torch.randint(0, 8, (n, k), generator=gen)
+    signs = torch.where(torch.rand(n, k, generator=gen) < 0.5, -1.0, 1.0)
+    values = GRID[codes] * signs
+    values.view(n, k // 16, 16)[:, :, 3] = 6.0 * torch.where(torch.rand(n, k // 16, generator=gen) < 0.5, -1.0, 1.0)
+    # Random E4M3 scales (positive, normal or subnormal, not NaN), one of them the maximum 448.
+    bits = torch.randint(scale_bits[0], scale_bits[1] + 1, (n, k // 16), generator=gen, dtype=torch.int32)
+    scales = bits.to(torch.uint8).view(torch.float8_e4m3fn).float()
+    scales[0, 0] = 448.0
+    w = values.view(n, k // 16, 16) * scales.unsqueeze(-1) * global_scale
+    return w.view(n, k), scales
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("global_scale", [1.0, 2.0**-20, 2.0**40])
+def test_pack_unpack_exact_on_representable_values(global_scale):
+    gen = torch.Generator().manual_seed(0)
+    w, scales = representable_weight(24, 64, global_scale, gen)
+    q = pack_nvfp4(w)
+    assert q.packed.dtype == torch.uint8 and q.packed.shape == (24, 32)
+    assert q.scales.dtype == torch.float8_e4m3fn and q.scales.shape == (24, 4)
+    assert q.global_scale.dtype == torch.float32 and q.global_scale.dim() == 0
+    assert q.shape == (24, 64)
+    assert float(q.global_scale) == global_scale
+    assert torch.equal(q.scales.float(), scales)
+    assert torch.equal(unpack_nvfp4(q), w)
+    assert torch.equal(unpack_nvfp4(q, torch.float64), w.double())
+
+
+def exact_row(values):
+    """Row 0 holds ``values`` (max |value| 6) and row 1 a lone 10.5, the tensor amax: the global
+    scale is then 10.5 / 2688 = 2**-8, row 0's block scale 6 / 6 / 2**-8 = 256 and its effective
+    scale exactly 1, so row 0 is quantized as the values themselves."""
+    w = torch.zeros(2, 16)
+    w[0, : len(values)] = torch.tensor(values)
+    w[1, 0] = 10.5
+    return w
+
+
+def test_nibble_order_even_element_in_low_nibble():
+    w = exact_row([6.0, -0.5, 1.0])  # codes 7, 8|1, 2
+    q = pack_nvfp4(w)
+    assert float(q.global_scale) == 2.0**-8 and float(q.scales[0, 0].float()) == 256.0
+    assert q.packed[0, 0].item() == 0x97  # element 0 in the low nibble, element 1 in the high one
+    assert q.packed[0, 1].item() == 0x02
+    assert torch.equal(unpack_nvfp4(q), w)
+
+
+def test_round_to_nearest_even_at_grid_midpoints():
+    mids = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+    expect = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0])  # ties to the even code (mantissa bit 0)
+    w = exact_row([6.0] + mids + [-m for m in mids])
+    out = unpack_nvfp4(pack_nvfp4(w))[0]
+    assert torch.equal(out[1:8], expect)
+    assert torch.equal(out[8:15], -expect)
+    # Just off the midpoints the nearest value wins.
+    out = unpack_nvfp4(pack_nvfp4(exact_row([6.0] + [m + 0.01 for m in mids])))[0]
+    assert torch.equal(out[1:8], torch.tensor([0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]))
+    out = unpack_nvfp4(pack_nvfp4(exact_row([6.0] + [m - 0.01 for m in mids])))[0]
+    assert torch.equal(out[1:8], torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]))
+
+
+def test_rounding_matches_nearest_grid_point_off_ties():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    q = pack_nvfp4(w)
+    eff = q.scales.float() * q.global_scale
+    v = (w.view(64, 16, 16) / eff.unsqueeze(-1)).view(64, 256)
+    grid = torch.cat([GRID, -GRID[1:]])
+    nearest = grid[(v.unsqueeze(-1) - grid).abs().argmin(-1)]
+    got = (unpack_nvfp4(q).view(64, 16, 16) / eff.unsqueeze(-1)).view(64, 256)
+    assert torch.allclose(got, nearest.clamp(-6, 6), atol=1e-6)
+
+
+def test_scale_formula():
+    torch.manual_seed(1)
+    w = torch.randn(8, 64) * 3
+    q = pack_nvfp4(w)
+    amax = w.abs().max()
+    assert torch.allclose(q.global_scale, amax / 2688)
+    raw = w.view(8, 4, 16).abs().amax(-1) / 6 / q.global_scale
+    assert torch.equal(q.scales.float(), raw.clamp(2.0**-9, 448).to(torch.float8_e4m3fn).float())
+    assert float(q.scales.float().max()) == 448.0
+
+
+def test_all_zero_weight_and_zero_blocks():
+    q = pack_nvfp4(torch.zeros(4, 32))
+    assert torch.equal(unpack_nvfp4(q), torch.zeros(4, 32))
+    assert float(q.global_scale) > 0 and math.isfinite(float(q.global_scale))
+    w = torch.randn(4, 32)
+    w[1] = 0
+    w[2, 16:] = 0
+    q = pack_nvfp4(w)
+    out = unpack_nvfp4(q)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros(32)) and torch.equal(out[2, 16:], torch.zeros(16))
+    assert q.scales[1].float().eq(0).all()
+    assert torch.equal(q.packed[1], torch.zeros(16, dtype=torch.uint8))
+
+
+def test_single_nonzero_per_block():
+    torch.manual_seed(2)
+    w = torch.zeros(6, 64)
+    idx = torch.randint(0, 16, (6, 4))
+    signs = torch.where(torch.rand(6, 4) < 0.5, -1.0, 1.0)
+    vals = signs * (0.5 + 1.5 * torch.rand(6, 4)) * 10.0 ** torch.randint(-1, 3, (6, 4)).float()
+    w.view(6, 4, 16).scatter_(2, idx.unsqueeze(-1), vals.unsqueeze(-1))
+    out = unpack_nvfp4(pack_nvfp4(w))
+    # Each lone value is its block's amax; its block scale is a normal E4M3 number here (within
+    # 1/16 relative of block_amax / 6 / global), the value maps to +-6 and comes back within 1/16.
+    assert torch.equal(out != 0, w != 0)
+    assert torch.equal(out.sign(), w.sign())
+    rel = ((out - w).abs() / w.abs())[w != 0]
+    assert rel.max() <= 1 / 16 + 1e-6
+
+
+@pytest.mark.parametrize("magnitude", [1e30, 1e-30, 1e-38])
+def test_huge_and_tiny_magnitudes(magnitude):
+    torch.manual_seed(3)
+    w = torch.randn(32, 128) * magnitude
+    q = pack_nvfp4(w)
+    out = unpack_nvfp4(q)
+    assert torch.isfinite(out).all() and torch.isfinite(q.scales.float()).all()
+    assert math.isfinite(float(q.global_scale)) and float(q.global_scale) > 0
+    # Weights down to about 3e-35 keep full precision; 1e-38 sits on the clamped global scale.
+    assert sqnr_db(w, out) > (15 if magnitude >= 1e-30 else 10)
+
+
+def test_huge_and_tiny_in_one_tensor():
+    w = torch.randn(8, 64)
+    w[0, 0] = 1e30
+    w[1] *= 1e-30
+    q = pack_nvfp4(w)
+    out = unpack_nvfp4(q)
+    assert torch.isfinite(out).all()
+    assert out[0, 0].item() == pytest.approx(1e30, rel=1 / 16)
+    assert torch.equal(out[1], torch.zeros(64))  # far below amax * 2**-9 / 448: flushed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_float_dtypes_accepted(dtype):
+    torch.manual_seed(4)
+    w = torch.randn(16, 32).to(dtype)
+    assert sqnr_db(w.float(), unpack_nvfp4(pack_nvfp4(w))) > 15
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_rejected(bad):
+    w = torch.randn(4, 32)
+    w[2, 5] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pack_nvfp4(w)
+
+
+def test_float64_beyond_float32_range_rejected():
+    w = torch.randn(4, 32, dtype=torch.float64)
+    w[0, 0] = 1e300
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pack_nvfp4(w)
+
+
+@pytest.mark.parametrize("k", [8, 24, 33, 100])
+def test_k_not_divisible_by_16_rejected(k):
+    with pytest.raises(ValueError, match=f"K={k}"):
+        pack_nvfp4(torch.randn(4, k))
+
+
+@pytest.mark.parametrize("shape", [(16,), (2, 4, 16), ()])
+def test_non_2d_rejected(shape):
+    with pytest.raises(ValueError, match="2-D"):
+        pack_nvfp4(torch.randn(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int64, torch.bool])
+def test_integer_dtype_rejected(dtype):
+    with pytest.raises(TypeError):
+        pack_nvfp4(torch.ones(4, 32, dtype=dtype))
+
+
+def test_empty_weight_rejected():
+    with pytest.raises(ValueError, match="empty"):
+        pack_nvfp4(torch.zeros(0, 32))
+
+
+def test_sqnr_on_gaussian_weight():
+    torch.manual_seed(5)
+    w = torch.randn(512, 1024)
+    s = sqnr_db(w, unpack_nvfp4(pack_nvfp4(w)))
+    assert 17 < s < 23  # about 20 dB for Gaussian data
+
+
+def test_sqnr_db():
+    a = torch.tensor([3.0, 4.0])
+    assert sqnr_db(a, a) == math.inf
+    assert sqnr_db(a, a + torch.tensor([0.3, 0.4])) == pytest.approx(20.0)
+    assert sqnr_db(torch.zeros(2), torch.ones(2)) == -math.inf
+
+
+def test_reference_matches_dequantized_linear():
+    torch.manual_seed(6)
+    w = pack_nvfp4(torch.randn(20, 48))
+    x = torch.randn(3, 5, 48)
+    b = torch.randn(20)
+    expect = F.linear(x.double(), unpack_nvfp4(w, torch.float64), b.double())
+    y = nvfp4_linear_reference(x, w, b)
+    assert y.shape == (3, 5, 20) and y.dtype == torch.float32
+    assert torch.allclose(y.double(), expect, rtol=1e-5, atol=1e-5)
+    assert nvfp4_linear_reference(x.bfloat16(), w).dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel (through the interpreter on the CPU, compiled on a GPU)
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_kernel(m, k, n, dtype, with_bias, config=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = pack_nvfp4(torch.randn(n, k, generator=gen).to(DEVICE))
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+    bias = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if with_bias else None
+    y = nvfp4_gemm(x, w, bias, config=config)
+    assert y.shape == (m, n) and y.dtype == dtype
+    ref = nvfp4_linear_reference(x.float(), w, None if bias is None else bias.float())
+    assert torch.isfinite(y).all()
+    # One rounding of the fp32 result to the output dtype (bf16: the interpreter truncates, so up to
+    # 2**-7 relative; fp16: 2**-11), plus fp32 summation-order differences.
+    tol = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    scale = (x.float().abs() @ unpack_nvfp4(w).abs().T) + (0 if bias is None else bias.float().abs())
+    assert ((y.float() - ref).abs() <= tol * ref.abs() + 1e-5 * scale).all()
+    return y, ref
+
+
+_KERNEL_CASES = list(itertools.product([1, 3, 17], [16, 48, 256], [1, 5, 64, 130]))
+
+
+@pytest.mark.parametrize("m,k,n", _KERNEL_CASES)
+def test_kernel_matches_reference(m, k, n):
+    i = _KERNEL_CASES.index((m, k, n))
+    dtype = (torch.bfloat16, torch.float16)[i % 2]
+    _check_kernel(m, k, n, dtype, with_bias=(i // 2) % 2 == 0, seed=i)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        NVFP4GemmConfig(16, 32, 64, split_k=2, num_warps=1, num_stages=1, mode="dot"),
+        NVFP4GemmConfig(16, 64, 32, split_k=3, num_warps=1, num_stages=1, mode="dot_swap"),
+        NVFP4GemmConfig(32, 16, 64, split_k=4, num_warps=1, num_stages=1, mode="dot_swap"),
+        NVFP4GemmConfig(32, 16, 128, split_k=1, num_warps=1, num_stages=1, mode="dot"),
+    ],
+    ids=lambda c: f"{c.mode}-m{c.block_m}-n{c.block_n}-k{c.block_k}-s{c.split_k}",
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_configs_and_split_k(config, dtype):
+    _check_kernel(5, 208, 40, dtype, with_bias=True, config=config, seed=7)
+    _check_kernel(2, 256, 33, dtype, with_bias=False, config=config, seed=8)
+
+
+def test_kernel_fp16_is_exact_on_exact_data():
+    # Representable weights with block scales in [1, 15] (and one 448) and small-integer
+    # activations: every product is a multiple of 1/16 and every partial sum stays below 2**19, so
+    # all sums are exact in fp32 in any order and the kernel must equal the reference bit for bit.
+    gen = torch.Generator().manual_seed(9)
+    wt, _ = representable_weight(40, 64, 2.0**-12, gen, scale_bits=(0x38, 0x57))
+    w = pack_nvfp4(wt.to(DEVICE))
+    x = torch.randint(-3, 4, (3, 64), generator=gen).to(torch.float16).to(DEVICE)
+    ref = nvfp4_linear_reference(x, w)
+    assert torch.equal(nvfp4_gemm(x, w), ref)
+    cfg = NVFP4GemmConfig(16, 16, 32, split_k=2, num_warps=1, num_stages=1)
+    assert torch.equal(nvfp4_gemm(x, w, config=cfg), ref)
+
+
+def test_kernel_empty_batch_and_strided_input():
+    w = pack_nvfp4(torch.randn(8, 32, device=DEVICE))
+    assert nvfp4_gemm(torch.empty(0, 32, dtype=torch.bfloat16, device=DEVICE), w).shape == (0, 8)
+    x = torch.randn(32, 6, device=DEVICE).to(torch.bfloat16).T  # stride (1, 6): copied to contiguous
+    assert torch.allclose(nvfp4_gemm(x, w).float(), nvfp4_linear_reference(x.float(), w), rtol=2**-7, atol=1e-4)
+
+
+def test_linear_op_dispatch_and_shapes():
+    torch.manual_seed(10)
+    w = pack_nvfp4(torch.randn(24, 64, device=DEVICE))
+    x = torch.randn(2, 3, 64, device=DEVICE).to(torch.bfloat16)
+    y = nvfp4_linear(x, w, use_triton=True)
+    assert y.shape == (2, 3, 24) and y.dtype == torch.bfloat16
+    ref = nvfp4_linear_reference(x.float(), w)
+    assert torch.allclose(y.float(), ref, rtol=2**-7, atol=1e-4)
+    # The default runs the kernel on CUDA tensors and the reference on CPU ones.
+    default = nvfp4_linear(x, w)
+    assert torch.equal(default, y if x.is_cuda else nvfp4_linear_reference(x, w))
+    # fp32 activations are not supported by the kernel: the default falls back, use_triton=True refuses.
+    assert torch.allclose(nvfp4_linear(x.float(), w), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        nvfp4_linear(x.float(), w, use_triton=True)
+    with pytest.raises(ValueError, match="K=64"):
+        nvfp4_linear(torch.randn(3, 32, device=DEVICE), w)
+
+
+def test_supports_reasons():
+    w = pack_nvfp4(torch.randn(8, 32))
+    ok, why = supports(torch.randn(2, 32).half(), w)
+    # CPU tensors run the kernel only through the interpreter (on by tests/conftest.py without CUDA).
+    assert ok == nv._interpreting() and (ok or "CUDA" in why)
+    ok, why = supports(torch.randn(2, 32), w)
+    assert not ok and "float32" in why
+    ok, why = supports(torch.randn(2, 16).half(), w)
+    assert not ok and "K=32" in why
+    if torch.cuda.is_available():
+        assert supports(torch.randn(2, 32, device="cuda").half(), pack_nvfp4(torch.randn(8, 32, device="cuda")))[0]
+        ok, why = supports(torch.randn(2, 32, device="cuda").half(), w)
+        assert not ok and "is on" in why
+
+
+def test_fake_impl_under_torch_compile_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = pack_nvfp4(torch.randn(24, 64))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(5, 7, 64, dtype=torch.bfloat16)
+        y = torch.ops.rewriter.nvfp4_linear(x, w.packed, w.scales.view(torch.uint8), w.global_scale, None)
+        assert y.shape == (5, 7, 24) and y.dtype == torch.bfloat16
+
+
+def test_opcheck():
+    torch.manual_seed(11)
+    w = pack_nvfp4(torch.randn(16, 32, device=DEVICE))
+    x = torch.randn(3, 32, device=DEVICE).to(torch.bfloat16)
+    torch.library.opcheck(
+        torch.ops.rewriter.nvfp4_linear.default,
+        (x, w.packed, w.scales.view(torch.uint8), w.global_scale, torch.randn(16, device=DEVICE).to(torch.bfloat16)),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_grad_raises():
+    w = pack_nvfp4(torch.randn(16, 32, device=DEVICE))
+    x = torch.randn(2, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="NVFP4 linears are inference-only"):
+        nvfp4_linear(x, w)
+    with pytest.raises(RuntimeError, match="NVFP4 linears are inference-only"):
+        NVFP4Linear.from_linear(torch.nn.Linear(32, 16, device=DEVICE))(x)
+    # The op itself: forward is allowed, backward raises the same message.
+    y = torch.ops.rewriter.nvfp4_linear(x, w.packed, w.scales.view(torch.uint8), w.global_scale, None)
+    with pytest.raises(RuntimeError, match="NVFP4 linears are inference-only"):
+        y.float().sum().backward()
+    # No error without grad mode or without requires_grad.
+    with torch.no_grad():
+        nvfp4_linear(x, w)
+    nvfp4_linear(x.detach(), w)
+
+
+# --------------------------------------------------------------------------------------------------
+# NVFP4Linear
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_module_from_linear(bias):
+    torch.manual_seed(12)
+    lin = torch.nn.Linear(64, 48, bias=bias).to(torch.bfloat16)
+    q = NVFP4Linear.from_linear(lin)
+    assert q.in_features == 64 and q.out_features == 48
+    assert {n for n, _ in q.named_parameters()} == set()
+    expected = {"packed", "scales", "global_scale"} | ({"bias"} if bias else set())
+    assert set(q.state_dict()) == expected
+    assert q.packed.dtype == torch.uint8 and q.scales.dtype == torch.float8_e4m3fn
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = lin(x).float()
+        y = q(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (4, 48)
+    assert sqnr_db(ref, y) > 15
+    assert "in_features=64" in repr(q) and "NVFP4" in repr(q)
+
+
+def test_module_memory_shrinks():
+    lin = torch.nn.Linear(1024, 512, bias=False).to(torch.bfloat16)
+    q = NVFP4Linear.from_linear(lin)
+    bf16_bytes = lin.weight.numel() * 2
+    assert q.nbytes() == 512 * 512 + 512 * 64 + 4
+    assert q.nbytes() / bf16_bytes == pytest.approx(0.28125, abs=1e-4)
+    stored = sum(t.numel() * t.element_size() for t in q.state_dict().values())
+    assert stored == q.nbytes()
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_state_dict_round_trip(use_triton):
+    torch.manual_seed(13)
+    lin = torch.nn.Linear(96, 40).to(torch.bfloat16).to(DEVICE)
+    q = NVFP4Linear.from_linear(lin)
+    fresh = NVFP4Linear(96, 40, bias=True, dtype=torch.bfloat16, device=DEVICE)
+    fresh.load_state_dict(q.state_dict())
+    x = torch.randn(3, 96).to(torch.bfloat16).to(DEVICE)
+    with torch.no_grad():
+        a = nvfp4_linear(x, q.nvfp4_weight(), q.bias, use_triton=use_triton)
+        b = nvfp4_linear(x, fresh.nvfp4_weight(), fresh.bias, use_triton=use_triton)
+    assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(q(x), fresh(x))
+    assert torch.equal(fresh.packed, q.packed) and torch.equal(fresh.scales.view(torch.uint8), q.scales.view(torch.uint8))
+
+
+def test_module_rejects_bad_in_features():
+    with pytest.raises(ValueError, match="K=40"):
+        NVFP4Linear(40, 8)
+
+
+def test_weight_container():
+    w = pack_nvfp4(torch.randn(8, 32))
+    assert isinstance(w, NVFP4Weight)
+    assert w.nbytes() == 8 * 16 + 8 * 2 + 4
+    with pytest.raises(AttributeError):
+        w.shape = (1, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU, real sizes
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+@pytest.mark.parametrize("k,n", [(4096, 14336), (14336, 4096), (2048, 512)])
+def test_gpu_kernel_real_sizes(m, k, n):
+    # The tuned path (first call per shape times the candidates), bf16 with bias and fp16 without.
+    torch.manual_seed(m + k + n)
+    w = pack_nvfp4((torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16))
+    for dtype, with_bias in ((torch.bfloat16, True), (torch.float16, False)):
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        bias = torch.randn(n, device="cuda").to(dtype) if with_bias else None
+        y = nvfp4_linear(x, w, bias)
+        ref = nvfp4_linear_reference(x.float(), w, None if bias is None else bias.float())
+        err = float((y.float() - ref).norm() / ref.norm())
+        assert err < (4e-3 if dtype == torch.bfloat16 else 1e-3), err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["dot", "dot_swap"])
+@pytest.mark.parametrize("split", [1, 4])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_gpu_configs(mode, split, block_m):
+    torch.manual_seed(14)
+    k, n = 4096 + 48, 1000  # K not a multiple of BLOCK_K, N not a multiple of BLOCK_N
+    w = pack_nvfp4(torch.randn(n, k, device="cuda"))
+    cfg = NVFP4GemmConfig(block_m, 64, 256, split, 4, 3, mode)
+    for m in (1, 7, 70):
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            y = nvfp4_gemm(x, w, config=cfg)
+            ref = nvfp4_linear_reference(x.float(), w)
+            assert float((y.float() - ref).norm() / ref.norm()) < 4e-3
+
+
+@pytest.mark.gpu
+def test_gpu_pack_matches_cpu_pack():
+    torch.manual_seed(15)
+    w = torch.randn(256, 512) * 0.05
+    a, b = pack_nvfp4(w), pack_nvfp4(w.cuda())
+    assert torch.equal(a.packed, b.packed.cpu())
+    assert torch.equal(a.scales.view(torch.uint8), b.scales.view(torch.uint8).cpu())
+    assert torch.equal(a.global_scale, b.global_scale.cpu())
+
+
+@pytest.mark.gpu
+def test_gpu_module_and_cuda_graph():
+    torch.manual_seed(16)
+    lin = torch.nn.Linear(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    q = NVFP4Linear.from_linear(lin)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = q(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = q(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+        assert sqnr_db(lin(x).float(), eager.float()) > 15
