@@ -26,6 +26,7 @@ import contextlib
 import copy
 import inspect
 import itertools
+import time
 import types
 from collections import OrderedDict
 from typing import Any
@@ -34,8 +35,13 @@ import torch
 from torch import nn
 
 from .config import Config
+from .context import GraphContext
+from .cost import device_spec
 from .dynamo import Backend
-from .report import Report
+from .passes import ModuleContext, get_pass
+from .patterns.graph import remember_sources
+from .pipeline import input_device
+from .report import PassRun, Report
 
 __all__ = ["optimize", "OptimizedModel"]
 
@@ -170,6 +176,54 @@ def _state_preserved(model: nn.Module, tensors: list[torch.Tensor]):
                         b.copy_(v)
 
 
+def capture(model: nn.Module, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> list[tuple[Any, list]]:
+    """The graphs Dynamo captures from one call of ``model`` (with their real example inputs)."""
+    graphs: list[tuple[Any, list]] = []
+
+    def collect(gm, example_inputs):
+        remember_sources(gm.graph, list(example_inputs))
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    fn = torch.compile(_entry_point(model), backend=collect, dynamic=False)
+    grad = torch.enable_grad() if model.training else torch.no_grad()
+    with _state_preserved(model, tensors), grad:
+        fn(*args, **kwargs)
+    return graphs
+
+
+def _run_module_passes(model: nn.Module, args: tuple, kwargs: dict, tensors: list[torch.Tensor], config: Config,
+                       report: Report, names: list[str]) -> None:
+    """Capture the model once, let each module pass change modules; undo a pass that raises."""
+    spec = device_spec(config.device) if config.device else device_spec(input_device(tensors))
+    ctx: ModuleContext | None = None
+    for name in names:
+        p = get_pass(name)
+        if ctx is None or ctx.stale:
+            try:
+                graphs = capture(model, args, kwargs, tensors)
+            except Exception as exc:  # noqa: BLE001 - the model must still be optimizable
+                report.passes.append(PassRun(name, -1, "error", f"capture failed: {type(exc).__name__}: {exc}"))
+                continue
+            contexts = [GraphContext(gm, ex, config, report, -1, spec) for gm, ex in graphs]
+            ctx = ModuleContext(model, contexts, config, report, spec)
+        mark, first_site = ctx.mark(), len(report.sites)
+        start = time.perf_counter()
+        try:
+            p.run(ctx)
+        except Exception as exc:  # noqa: BLE001 - a failing pass must never break the model
+            ctx.revert(mark)
+            message = f"{type(exc).__name__}: {exc}"
+            for site in report.sites[first_site:]:
+                if site.rewritten:
+                    site.status = "skipped"
+                    site.reason = f"pass {name} failed and its changes were undone ({message})"
+            report.passes.append(PassRun(name, -1, "error", message, time.perf_counter() - start))
+            continue
+        report.passes.append(PassRun(name, -1, "ok", seconds=time.perf_counter() - start))
+        ctx.stale = ctx.mark() != mark  # modules changed: the next pass needs a fresh capture
+
+
 def optimize(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict | None = None,
              config: Config | None = None) -> OptimizedModel:
     """Rewrite ``model`` for speed; returns a module called like it, with a ``.report``.
@@ -187,8 +241,12 @@ def optimize(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict
     args, kwargs, config = _check_args(model, example_inputs, example_kwargs, config)
     target = model if config.inplace else clone_structure(model)
     backend = Backend(config)
-    result = OptimizedModel(target, backend)
     tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+    module_passes = [name for name in config.active_passes() if get_pass(name).stage == "module"]
+    if module_passes:
+        _run_module_passes(target, args, kwargs, tensors, config, backend.report, module_passes)
+    backend.modules_done = True
+    result = OptimizedModel(target, backend)
     grad = torch.enable_grad() if target.training else torch.no_grad()
     with _state_preserved(target, tensors), grad:
         try:

@@ -39,9 +39,17 @@ class Backend:
             raise TypeError(f"config must be a rewriter.Config, got {type(config).__name__}")
         self.config = config or Config()
         self.report = Report()
+        self.modules_done = False  # set by rewriter.optimize(), which runs the module passes first
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
         _last[:] = [self]
+        if not self.modules_done:
+            from .passes import get_pass
+
+            skipped = [n for n in self.config.active_passes() if get_pass(n).stage == "module"]
+            if skipped:
+                self.report.note(f"module passes ({', '.join(skipped)}) change weights once, before "
+                                 "compilation, and run only through rewriter.optimize()")
         original = clone_graph(gm.graph)
         try:
             gm = run_passes(gm, example_inputs, self.config, self.report)

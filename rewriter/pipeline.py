@@ -51,7 +51,7 @@ def run_passes(gm: GraphModule, example_inputs: Sequence[Any], config: Config, r
     """Run ``config``'s passes over ``gm`` in place, recording into ``report``; returns ``gm``."""
     graph_index = report.graphs
     report.graphs += 1
-    names = config.active_passes()
+    names = [n for n in config.active_passes() if get_pass(n).stage == "graph"]
     if _symbolic(gm, example_inputs):
         report.note("a graph with dynamic (symbolic) shapes was left as it was; compile with "
                     "dynamic=False so each shape gets its own rewritten graph")

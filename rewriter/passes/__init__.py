@@ -8,18 +8,18 @@ with :func:`register_pass` (and take it out with :func:`unregister_pass`).
 from __future__ import annotations
 
 from .attention import AttentionPass
-from .base import GraphPass, Rewrite
+from .base import GraphPass, ModuleContext, ModulePass, Pass, Rewrite
 
-__all__ = ["GraphPass", "Rewrite", "all_passes", "get_pass", "pass_names", "register_pass", "unregister_pass"]
+__all__ = ["Pass", "GraphPass", "ModulePass", "ModuleContext", "Rewrite", "all_passes", "get_pass", "pass_names", "register_pass", "unregister_pass"]
 
-_BUILTIN: tuple[type[GraphPass], ...] = (AttentionPass,)
-_PASS_CLASSES: list[type[GraphPass]] = list(_BUILTIN)
+_BUILTIN: tuple[type[Pass], ...] = (AttentionPass,)
+_PASS_CLASSES: list[type[Pass]] = list(_BUILTIN)
 
 
-def register_pass(cls: type[GraphPass], *, before: str | None = None) -> type[GraphPass]:
+def register_pass(cls: type[Pass], *, before: str | None = None) -> type[Pass]:
     """Add a pass class to the pipeline (at the end, or before the pass named ``before``)."""
-    if not (isinstance(cls, type) and issubclass(cls, GraphPass)) or not cls.name:
-        raise TypeError("register_pass takes a GraphPass subclass with a name")
+    if not (isinstance(cls, type) and issubclass(cls, (GraphPass, ModulePass))) or not cls.name:
+        raise TypeError("register_pass takes a GraphPass or ModulePass subclass with a name")
     if cls.name in pass_names():
         raise ValueError(f"a pass named {cls.name!r} is already registered")
     index = len(_PASS_CLASSES)
@@ -42,7 +42,7 @@ def unregister_pass(name: str) -> None:
     raise ValueError(f"unknown pass {name!r}")
 
 
-def all_passes() -> list[GraphPass]:
+def all_passes() -> list[Pass]:
     """One instance of every registered pass, in pipeline order."""
     return [cls() for cls in _PASS_CLASSES]
 
@@ -51,7 +51,7 @@ def pass_names() -> list[str]:
     return [cls.name for cls in _PASS_CLASSES]
 
 
-def get_pass(name: str) -> GraphPass:
+def get_pass(name: str) -> Pass:
     for cls in _PASS_CLASSES:
         if cls.name == name:
             return cls()

@@ -1,5 +1,10 @@
 """What every pass is: a name, a matcher, a guard, a rewrite, and a report entry for each site.
 
+There are two stages. A :class:`ModulePass` changes modules before compilation (one-time weight
+work: quantizing, pruning, packing), guided by a first capture of the model's graphs; it runs only
+through :func:`rewriter.optimize`. A :class:`GraphPass` rewrites each captured graph inside the
+torch.compile backend.
+
 A graph pass works on one captured graph through a :class:`~rewriter.context.GraphContext`. It
 finds sites with a matcher from :mod:`rewriter.patterns`, decides per site (config, guard, cost
 model), and hands each accepted site to :meth:`GraphPass.commit` as a :class:`Rewrite`. ``commit``
@@ -12,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+import torch
 from torch.fx import Graph, Node
 
 from ..context import Builder, GraphContext
 from ..report import Site
 from ..validate import check_rewrite
 
-__all__ = ["GraphPass", "Rewrite"]
+__all__ = ["Pass", "GraphPass", "ModulePass", "ModuleContext", "Rewrite"]
 
 
 @dataclass
@@ -39,26 +45,85 @@ class Rewrite:
     removable: list[Node] = field(default_factory=list)  # nodes that die once output is replaced
 
 
-class GraphPass:
-    """Base class: subclasses set the class attributes and implement :meth:`run`."""
+class Pass:
+    """What both stages share: identity, the modes that run it, and report helpers.
+
+    ``modes`` lists the modes in which the pass runs by default; an empty tuple makes it opt-in by
+    name (``Config(enable=...)``). ``exact=False`` marks a lossy pass, never run in mode "exact".
+    """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     description: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     modes: ClassVar[tuple[str, ...]] = ("exact", "fast", "max")
+    stage: ClassVar[str] = "graph"
 
-    def run(self, ctx: GraphContext) -> None:
-        raise NotImplementedError
-
-    # -- helpers for subclasses ----------------------------------------------------------------
-    def skip(self, ctx: GraphContext, where: str, reason: str, detail: str = "", **extra: Any) -> Site:
+    def skip(self, ctx, where: str, reason: str, detail: str = "", **extra: Any) -> Site:
         return ctx.report.add(Site(self.name, self.kind, where, "skipped", detail=detail, reason=reason,
                                    graph=ctx.graph_index, **extra))
 
-    def site(self, ctx: GraphContext, where: str, detail: str, **extra: Any) -> Site:
-        """A site about to be rewritten (added to the report by :meth:`commit`)."""
+    def site(self, ctx, where: str, detail: str, **extra: Any) -> Site:
+        """A site about to be rewritten (added to the report once applied)."""
         return Site(self.name, self.kind, where, "rewritten", detail=detail, graph=ctx.graph_index, **extra)
+
+
+class ModuleContext:
+    """What a module pass sees: the model (to change), its captured graphs, config and report.
+
+    Module swaps go through :meth:`swap`, which logs them so that a pass that fails can be undone.
+    """
+
+    graph_index = -1  # module-level sites are not tied to one graph
+
+    def __init__(self, model: torch.nn.Module, graphs: list[GraphContext], config, report, device_spec=None):
+        self.model = model
+        self.graphs = graphs
+        self.config = config
+        self.report = report
+        self.device_spec = device_spec
+        self.stale = False  # set once modules changed after the graphs were captured
+        self._swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+
+    def module(self, path: str) -> torch.nn.Module | None:
+        try:
+            return self.model.get_submodule(path) if path else self.model
+        except AttributeError:
+            return None
+
+    def swap(self, path: str, new: torch.nn.Module) -> torch.nn.Module:
+        """Put ``new`` at ``path`` in the model; returns the module it replaced."""
+        parent_path, _, name = path.rpartition(".")
+        parent = self.module(parent_path)
+        old = parent._modules[name]
+        self._swaps.append((parent, name, old))
+        parent._modules[name] = new
+        return old
+
+    def mark(self) -> int:
+        return len(self._swaps)
+
+    def revert(self, to: int = 0) -> None:
+        """Undo the swaps made since ``mark()`` returned ``to``."""
+        while len(self._swaps) > to:
+            parent, name, old = self._swaps.pop()
+            parent._modules[name] = old
+
+
+class ModulePass(Pass):
+    """Changes modules before compilation; subclasses implement :meth:`run`."""
+
+    stage = "module"
+
+    def run(self, ctx: ModuleContext) -> None:
+        raise NotImplementedError
+
+
+class GraphPass(Pass):
+    """Rewrites one captured graph; subclasses implement :meth:`run`."""
+
+    def run(self, ctx: GraphContext) -> None:
+        raise NotImplementedError
 
     def commit(self, ctx: GraphContext, rewrites: list[Rewrite]) -> None:
         """Validate (per config), apply the rewrites that pass, and report every one."""

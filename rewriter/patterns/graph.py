@@ -24,6 +24,7 @@ __all__ = [
     "descendants",
     "dotted_path",
     "clone_graph",
+    "remember_sources",
 ]
 
 _INDEX = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
@@ -61,14 +62,26 @@ def _source_name(node: Node) -> str:
     source = getattr(grapharg, "source", None)
     if source is None:
         return ""
-    try:
-        return source.name()
-    except Exception:  # noqa: BLE001 - Source.name() signatures differ across torch versions
-        return str(source)
+    name = getattr(source, "name", "")
+    return str(name() if callable(name) else name)  # a method in older torch, a property in newer
+
+
+# Dynamo drops ``grapharg`` from node meta once compilation is over; :func:`remember_sources`
+# copies what we need under this key while it is still there.
+_SOURCE_KEY = "rewriter_source"
+
+
+def remember_sources(graph: Graph, values: list) -> None:
+    """Record each placeholder's kind and state-dict name in its meta, to outlive ``grapharg``."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for n, v in zip(placeholders, values):
+        n.meta[_SOURCE_KEY] = (placeholder_kind(n, v), placeholder_path(n))
 
 
 def placeholder_kind(node: Node, value: object = None) -> str:
     """"parameter", "buffer" or "input" for a placeholder."""
+    if _SOURCE_KEY in node.meta:
+        return node.meta[_SOURCE_KEY][0]
     if isinstance(value, torch.nn.Parameter):
         return "parameter"
     name = _source_name(node)
@@ -84,6 +97,8 @@ def placeholder_kind(node: Node, value: object = None) -> str:
 
 def placeholder_path(node: Node) -> str:
     """Dotted state-dict name of a parameter or buffer placeholder (``h.0.attn.c_attn.weight``)."""
+    if _SOURCE_KEY in node.meta:
+        return node.meta[_SOURCE_KEY][1]
     name = _source_name(node)
     return dotted_path(name) if name else node.name
 
