@@ -44,7 +44,11 @@ class Config:
         device: device name for cost estimates (``"H100"``, ``"H200"``, ``"A100"``); by default
             the device of the example inputs.
         min_sqnr_db: accuracy floor per lossy pass, in dB of signal-to-quantization-noise ratio
-            on the example activations; sites under it are rolled back.
+            on the example activations; sites under it are rolled back. A pass missing from the
+            dict (2:4 sparsity by default) only reports its SQNR.
+        sparse_method: how 2:4 sparsity picks the weights it keeps: ``"magnitude"`` (default) or
+            ``"wanda"`` (magnitude times the norm of the matching input activation, measured on the
+            example inputs).
     """
 
     mode: str = "exact"
@@ -57,6 +61,7 @@ class Config:
     attention_backend: str = "auto"
     device: str | None = None
     min_sqnr_db: dict[str, float] = field(default_factory=lambda: {"fp8": 20.0, "nvfp4": 15.0})
+    sparse_method: str = "magnitude"
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str):
@@ -96,6 +101,8 @@ class Config:
                              f"got {self.attention_backend!r}")
         if self.device is not None and not isinstance(self.device, str):
             raise TypeError("Config.device must be a device name string or None")
+        if self.sparse_method not in ("magnitude", "wanda"):
+            raise ValueError(f"Config.sparse_method must be 'magnitude' or 'wanda', got {self.sparse_method!r}")
         if not isinstance(self.min_sqnr_db, dict):
             raise TypeError("Config.min_sqnr_db must be a dict of pass name -> dB")
         for key, value in self.min_sqnr_db.items():

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["DeviceSpec", "DEVICES", "device_spec", "Estimate", "attention_estimate", "kernel_time",
-           "dtype_bytes"]
+           "dtype_bytes", "LinearTable", "linear_table", "device_slug"]
 
 
 @dataclass(frozen=True)
@@ -144,3 +144,76 @@ def attention_estimate(
                           + mid / (spec.bandwidth_tbps * 1e12))
     est.seconds_after = kernel_time(flops * frac, bytes_after, spec, dtype, spec.fused_attention_efficiency)
     return est
+
+
+# ---- linear layers: measured GEMM times per device ---------------------------------------------
+#
+# Whether a lossy linear rewrite pays depends on the shape far more than any roofline says
+# (torchao FP8 is 15x slower than bf16 at M=16 and 1.9x faster at M=8192 on an H200). So linear
+# passes decide from a table of times measured on the device by ``benchmarks/linear.py --table``
+# and committed under ``rewriter/data/linear_<device>.json``. Each row holds one (M, K, N) and a
+# time in ms per variant (``bf16``, ``fp8``, ``sparse24``, ``nvfp4``, ...). Between measured M the
+# time is interpolated linearly in log M; (K, N) must be in the table (nearest in log distance
+# otherwise, and the answer says how far it had to look).
+
+import json
+import math as _math
+from pathlib import Path
+
+_DATA = Path(__file__).parent / "data"
+
+
+@dataclass
+class LinearTable:
+    device: str
+    rows: list[dict]
+    source: str = ""
+
+    def shapes(self) -> set[tuple[int, int]]:
+        return {(int(r["K"]), int(r["N"])) for r in self.rows}
+
+    def time_ms(self, variant: str, m: int, k: int, n: int) -> tuple[float | None, str]:
+        """Interpolated time of ``variant`` at (m, k, n) and a note on how it was found."""
+        if not self.rows:
+            return None, "empty table"
+        kn = min(self.shapes(), key=lambda s: abs(_math.log(s[0] / k)) + abs(_math.log(s[1] / n)))
+        note = "" if kn == (k, n) else f"nearest measured shape K={kn[0]} N={kn[1]}"
+        pts = sorted((int(r["M"]), r.get(f"{variant}_ms")) for r in self.rows if (int(r["K"]), int(r["N"])) == kn)
+        pts = [(mm, t) for mm, t in pts if t is not None]
+        if not pts:
+            return None, f"no {variant} measurement"
+        scale = (k * n) / (kn[0] * kn[1])
+        if m <= pts[0][0]:
+            return pts[0][1] * scale, note
+        if m >= pts[-1][0]:
+            return pts[-1][1] * scale * (m / pts[-1][0]), note  # beyond the table: linear in M
+        for (m0, t0), (m1, t1) in zip(pts, pts[1:]):
+            if m0 <= m <= m1:
+                w = (_math.log(m) - _math.log(m0)) / (_math.log(m1) - _math.log(m0))
+                return (t0 + w * (t1 - t0)) * scale, note
+        return None, "no bracket"
+
+    def speedup(self, variant: str, m: int, k: int, n: int, baseline: str = "bf16") -> tuple[float | None, str]:
+        """Predicted time(baseline) / time(variant) at (m, k, n)."""
+        t_new, note = self.time_ms(variant, m, k, n)
+        t_old, _ = self.time_ms(baseline, m, k, n)
+        if t_new is None or t_old is None or t_new <= 0:
+            return None, note or f"no {variant} measurement"
+        return t_old / t_new, note
+
+
+def device_slug(name: str) -> str:
+    return name.lower().replace("nvidia ", "").replace(" ", "-")
+
+
+def linear_table(spec: DeviceSpec | None, path: str | Path | None = None) -> LinearTable | None:
+    """The measured linear table for ``spec``'s device (or the file at ``path``), or None."""
+    if path is None:
+        if spec is None:
+            return None
+        path = _DATA / f"linear_{device_slug(spec.name)}.json"
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return LinearTable(data.get("device", spec.name if spec else ""), data.get("rows", []), str(path))
