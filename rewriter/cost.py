@@ -36,6 +36,9 @@ class DeviceSpec:
     fp8_tflops: float
     bandwidth_tbps: float  # device memory, measured copy bandwidth
     fused_attention_efficiency: float = 0.65
+    # Our Triton FlashAttention kernel: 0.82-0.85x of SDPA's throughput on H200 (D=128, S=4096,
+    # causal and plain, forward; benchmarks/results/attention_*.md), so 0.65 * 0.83.
+    triton_attention_efficiency: float = 0.54
 
     def matrix_rate(self, dtype: torch.dtype) -> float:
         """FLOP/s for matrix work in ``dtype``."""
@@ -115,13 +118,16 @@ def attention_estimate(
     score_ops: int,
     mask_elems: int,
     mask_kept: bool,
-    causal: bool,
+    visible_fraction: float,
     inductor: bool,
+    efficiency: str | None = None,
 ) -> Estimate:
     """Eager (or Inductor-fused) matmul-softmax-matmul against one fused attention kernel.
 
     ``batch`` counts query (batch x head) slices, ``kv_batch`` the distinct K/V slices (fewer under
     GQA). ``score_ops`` is the number of elementwise ops between the products, the softmax included.
+    ``visible_fraction`` is the share of score entries the fused kernel computes (it skips blocks a
+    causal or window mask removes); ``efficiency="triton"`` rates our kernel instead of SDPA's.
     """
     e, es = dtype_bytes(dtype), dtype_bytes(score_dtype)
     scores = batch * q_len * kv_len
@@ -132,7 +138,7 @@ def attention_estimate(
     flops = gemm1 + gemm2 + 5.0 * scores
     passes = 2 if inductor else 2 * max(score_ops, 1)
     bytes_before = qkvo + scores * es * (2 + passes) + mask_bytes
-    frac = 0.5 if causal else 1.0
+    frac = visible_fraction
     bytes_after = qkvo + (mask_bytes if mask_kept else 0)
     est = Estimate(flops, bytes_before, flops * frac, bytes_after)
     if spec is None:
@@ -142,7 +148,8 @@ def attention_estimate(
     mid = scores * es * passes + mask_bytes
     est.seconds_before = (kernel_time(gemm1, g1_bytes, spec, dtype) + kernel_time(gemm2, g2_bytes, spec, dtype)
                           + mid / (spec.bandwidth_tbps * 1e12))
-    est.seconds_after = kernel_time(flops * frac, bytes_after, spec, dtype, spec.fused_attention_efficiency)
+    eff = spec.triton_attention_efficiency if efficiency == "triton" else spec.fused_attention_efficiency
+    est.seconds_after = kernel_time(flops * frac, bytes_after, spec, dtype, eff)
     return est
 
 
@@ -217,3 +224,58 @@ def linear_table(spec: DeviceSpec | None, path: str | Path | None = None) -> Lin
         return None
     data = json.loads(path.read_text())
     return LinearTable(data.get("device", spec.name if spec else ""), data.get("rows", []), str(path))
+
+
+# ---- sibling linears as one GEMM ---------------------------------------------------------------
+#
+# Linears that read the same input (Q/K/V, gate/up) can run as one GEMM over their concatenated
+# weights: the same FLOPs and weight bytes, the input read once instead of once per linear, one
+# launch instead of several. A roofline does not see launches, so each kernel is charged
+# LAUNCH_OVERHEAD_S on top of it. Under that model one GEMM never costs more than its parts (the
+# roofline max is subadditive and the fused kernel moves fewer bytes), so without a table the
+# answer is always "fuse" and the figures only size the gain. A measured table (bf16/fp16 weights;
+# fp16 is read from the bf16 column) can say otherwise, e.g. where the fused width falls badly on
+# tiles or waves, and then decides.
+
+LAUNCH_OVERHEAD_S = 4e-6  # assumed per-kernel cost (launch and tail); not measured in this project
+
+__all__ += ["LAUNCH_OVERHEAD_S", "sibling_linear_estimate"]
+
+
+def sibling_linear_estimate(spec: DeviceSpec | None, table: LinearTable | None, rows: int, in_features: int,
+                            out_features: list[int], dtype: torch.dtype, bias: bool) -> tuple[Estimate, str]:
+    """Separate GEMMs ``(rows, in_features) x (in_features, n)`` for each ``n`` in ``out_features``
+    against one GEMM of width ``sum(out_features)``; returns the estimate and where its times come
+    from (``"measured table ..."``, ``"roofline + ... per launch"``, or ``""`` when the device is
+    unknown and there are no times).
+
+    Example::
+
+        est, source = sibling_linear_estimate(device_spec("H100"), None, 16, 4096, [4096, 1024, 1024],
+                                              torch.bfloat16, bias=False)
+        est.speedup  # > 1: the input is read once and two launches are saved
+    """
+    e = dtype_bytes(dtype)
+    n_total = sum(out_features)
+
+    def flops(n: int) -> float:
+        return 2.0 * rows * in_features * n + (rows * n if bias else 0)
+
+    def nbytes(n: int) -> float:
+        return (rows * in_features + in_features * n + rows * n + (n if bias else 0)) * e
+
+    est = Estimate(sum(flops(n) for n in out_features), sum(nbytes(n) for n in out_features),
+                   flops(n_total), nbytes(n_total))
+    if table is not None and dtype in (torch.bfloat16, torch.float16):
+        fused, note = table.time_ms("bf16", rows, in_features, n_total)
+        parts = [table.time_ms("bf16", rows, in_features, n) for n in out_features]
+        if fused is not None and all(t is not None for t, _ in parts):
+            est.seconds_before = sum(t for t, _ in parts) * 1e-3
+            est.seconds_after = fused * 1e-3
+            notes = sorted({note, *(n for _, n in parts)} - {""})
+            return est, f"measured table {table.source}" + (f" ({'; '.join(notes)})" if notes else "")
+    if spec is None:
+        return est, ""
+    est.seconds_before = sum(kernel_time(flops(n), nbytes(n), spec, dtype) + LAUNCH_OVERHEAD_S for n in out_features)
+    est.seconds_after = kernel_time(flops(n_total), nbytes(n_total), spec, dtype) + LAUNCH_OVERHEAD_S
+    return est, f"roofline + {LAUNCH_OVERHEAD_S * 1e6:g} us per launch"

@@ -163,6 +163,12 @@ class Report:
         console.print(header + (f", estimates for {self.device}" if self.device else ""))
         for name, sites in by_pass.items():
             runs = [r for r in self.passes if r.name == name]
+            errors = [r for r in runs if r.status == "error"]
+            if not sites:
+                console.print(f"pass {name}: no sites found")
+                for r in errors:
+                    console.print(f"  pass {name} failed on graph {r.graph} and was undone: {r.message}")
+                continue
             table = Table(title=f"pass {name}: {sum(s.rewritten for s in sites)} rewritten, "
                                 f"{sum(not s.rewritten for s in sites)} skipped",
                           title_justify="left", show_lines=False)

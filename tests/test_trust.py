@@ -26,9 +26,9 @@ class PlantedWrongScale(AttentionPass):
 
     name = "planted_wrong_scale"
 
-    def _rewrite(self, ctx, m, plan, detail):
+    def _rewrite(self, ctx, m, plan, detail, *choice):
         plan.scale *= 1.002
-        return super()._rewrite(ctx, m, plan, detail)
+        return super()._rewrite(ctx, m, plan, detail, *choice)
 
 
 @pytest.fixture

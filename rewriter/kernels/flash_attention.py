@@ -37,9 +37,15 @@ mask for a seed (for tests and debugging).
 
 Precision: bf16 and fp16 inputs feed the tensor cores directly (fp32 accumulation, probabilities
 rounded to the input dtype for the ``p @ v`` product, as every FlashAttention does). fp32 inputs
-use Triton's default fp32 dot, which on the GPU is tf32 (10-bit mantissa operands, about 3e-4
-relative error); the softmax statistics are fp32 throughout. Under ``TRITON_INTERPRET=1`` the
-dots are exact fp32.
+use Triton's default fp32 dot, which on the GPU is tf32 (operands rounded to a 10-bit mantissa);
+the softmax statistics are fp32 throughout. Under ``TRITON_INTERPRET=1`` the dots are exact fp32.
+
+Speed, measured on one H200 (bf16, D=128, S=4096, 16k tokens; see
+benchmarks/results/attention_nvidia-h200_quick.md): causal forward 0.82-0.85x of SDPA's
+``is_causal`` kernel and forward+backward 0.82x; with ALiBi, a 512-key sliding window or
+soft-capping, 1.1-2.1x FlexAttention in GPU time and 2.5-6.7x SDPA given the materialized bias.
+Forward launches one Triton kernel and backward two; a call whose GPU time is well under a
+millisecond is bound by host launch overhead on a slow host (CUDA graphs remove it).
 
 Example::
 
@@ -74,7 +80,7 @@ __all__ = [
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Two work-arounds for Triton 3.6's CPU interpreter, compiled out on the GPU:
+# Three work-arounds for Triton 3.6's CPU interpreter, compiled out on the GPU:
 # - it holds scalars as 1-element arrays, which NumPy >= 2.4 refuses to turn into the ints that
 #   ``range()`` needs, so loops with run-time bounds become ``while`` loops (which only need a
 #   truth value); on the GPU they stay ``for`` loops, since Triton software-pipelines only those;
@@ -98,9 +104,10 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @triton.jit
 def _tanh(x, FAST_TANH: tl.constexpr):
     if FAST_TANH:
-        # One MUFU instruction (max relative error about 2^-11, below bf16/fp16 rounding). The
-        # exp2 form below costs two MUFU ops (ex2 and rcp) on top of the softmax's exp2, and
-        # MUFU throughput, not the tensor cores, bounds the soft-capped kernel.
+        # One special-function (MUFU) instruction, max relative error about 2^-11, below
+        # bf16/fp16 rounding. The exp2 form below needs two (ex2 and rcp) on top of the
+        # softmax's own exp2, on the unit whose throughput already paces the softmax. (Used for
+        # 16-bit inputs only; not timed against the exp2 form.)
         return tl.inline_asm_elementwise(
             "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
         )
@@ -221,8 +228,8 @@ def _kv_range(start_m, Sq, Skv, lo_off, hi_off, BLOCK_M: tl.constexpr, BLOCK_N: 
     """Key range of the query block at ``start_m``, as [lo, full_lo) masked, [full_lo, full_hi)
     needing no mask at all, [full_hi, hi) masked. Blocks outside [lo, hi) are skipped.
 
-    Every bound is clamped to >= 0 before a division: Triton's integer division truncates on the
-    GPU but floors in the interpreter, and the two differ on negative operands.
+    Every bound is clamped to >= 0 before a division: Triton's integer division truncates toward
+    zero, which would round a negative bound up to the next block instead of down.
     """
     last_row = tl.minimum(start_m + BLOCK_M, Sq) - 1
     lo = 0
@@ -346,9 +353,24 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
 
 
 # Block shapes, (BLOCK_M, BLOCK_N, num_warps, num_stages), per head-dim class (padded head dim
-# <= 128, or 256); the autotuner picks among them per (sequence-length bucket, head dim,
-# variant). BLOCK_M is the query block, BLOCK_N the key block, in every kernel. The candidates
-# and the measurements that chose them are in benchmarks/NOTES_attention.md.
+# <= 128, or 256); the autotuner picks among them per (sequence-length bucket, head dim, variant).
+# BLOCK_M is the query block and BLOCK_N the key block in every kernel. Measured on H200, bf16,
+# D=128, B=4, H=16, S=4096 (benchmarks/NOTES_attention.md has every candidate):
+# - forward: 128x64, 8 warps, 3 stages is fastest causal (0.612 ms; 128x128: 0.618; 64x64: 0.643);
+#   128x128, 8 warps, 3 stages fastest without a causal mask (plain 1.070 ms vs 1.122 for
+#   128x64) and with ALiBi (0.661 vs 0.682); 64x64, 4 warps, 3 stages uses 112 KB of shared
+#   memory, so two programs share an SM and hide each other's prologue and epilogue: fastest
+#   when programs are short, window 512 (0.220 ms vs 0.252 for 128x64) and S=1024. Dropped:
+#   64x64 with 4 stages (144 KB, one program per SM, 28% slower causal at S=1024), 128x64 with 4
+#   stages (never fastest), 128x64 with 2 stages capped at 128 registers for two programs per
+#   SM (spills; 3% slower causal).
+# - dK/dV: 64x128, 8 warps, fastest causal (backward 1.835 ms vs 1.91-2.17 for the others) even
+#   though it spills 48 registers; 32x64, 4 warps, fastest for the window (0.631 vs 0.653 ms) and
+#   at S=1024; 16x64 and 32x128 never won.
+# - dQ: 128x64, 8 warps, fastest causal; 128x32, 8 warps, for the window (0.661 vs 0.670 ms);
+#   64x32, 4 warps, 4 stages for short sequences.
+# The 256 column is sized to fit shared memory and registers and is correctness-tested on the
+# GPU, not timed.
 _FWD_CONFIGS = {
     128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     256: [(64, 64, 4, 2), (64, 32, 4, 3)],
@@ -364,6 +386,13 @@ _DQ_CONFIGS = {
 # Under the interpreter one small fixed shape per kernel keeps the CPU tests fast; BLOCK_M !=
 # BLOCK_N so the tests exercise the range arithmetic that the GPU shapes rely on.
 _INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+
+
+# Autotuning is keyed on the sequence lengths rounded up to a power of two (capped at 16k, so a
+# new length rarely triggers a new tuning run), the padded head dim and the variant flags; Triton
+# adds the dtypes of the tensor arguments itself.
+_TUNE_KEY = ["SQ_KEY", "SKV_KEY", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
+             "HAS_PAD", "HAS_DROPOUT"]
 
 
 def _configs(kernel, table):
@@ -384,8 +413,7 @@ def _pruner(table):
 
 @triton.autotune(
     configs=_configs("fwd", _FWD_CONFIGS),
-    key=["SQ_KEY", "SKV_KEY", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
-         "HAS_PAD", "HAS_DROPOUT", "IS_FP32"],
+    key=_TUNE_KEY,
     prune_configs_by={"early_config_prune": _pruner(_FWD_CONFIGS)},
 )
 @triton.heuristics({
@@ -405,7 +433,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    IS_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # Query blocks run last-to-first: under a causal mask the last block has the most keys, and
@@ -454,13 +482,13 @@ def _attn_fwd_kernel(
         if HAS_LEFT:
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-                lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
-                dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
+                lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
+                hi_off, dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-            full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
-            dropout_p, False, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
+            full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
+            hi_off, dropout_p, False, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
             HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         if HAS_RIGHT or not EVEN_N:
             acc, l_i, m_i = _attn_fwd_inner(
@@ -554,26 +582,25 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride
         start_m = start
         while start_m < stop:
             dk, dv = _attn_bwd_dkdv_step(
-                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols, offs_d,
-                    start_m, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, pad_log2,
-                    lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D, HAS_LEFT,
-                    HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
+                offs_d, start_m, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
+                pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             start_m += BLOCK_M
     else:
         for start_m in range(start, stop, BLOCK_M):
             dk, dv = _attn_bwd_dkdv_step(
-                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols, offs_d,
-                    tl.multiple_of(start_m, BLOCK_M), Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
-                    slope_log2, pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_M,
-                    EVEN_M, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD,
-                    HAS_DROPOUT, FAST_TANH)
+                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
+                offs_d, tl.multiple_of(start_m, BLOCK_M), Sq, Skv, qk_scale, cap_log2,
+                cap_inv_scale, slope_log2, pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM,
+                BLOCK_M, EVEN_M, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD,
+                HAS_DROPOUT, FAST_TANH)
     return dk, dv
 
 
 @triton.autotune(
     configs=_configs("dkdv", _DKDV_CONFIGS),
-    key=["SQ_KEY", "SKV_KEY", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
-         "HAS_PAD", "HAS_DROPOUT", "IS_FP32"],
+    key=_TUNE_KEY,
     prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS)},
 )
 @triton.heuristics({
@@ -595,7 +622,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    IS_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -719,25 +746,23 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, 
         while start_n < stop:
             dq = _attn_bwd_dq_step(
                 dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
-                    start_n, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
-                    dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                    HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+                start_n, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
+                dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             start_n += BLOCK_N
     else:
         for start_n in range(start, stop, BLOCK_N):
             dq = _attn_bwd_dq_step(
                 dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
-                    tl.multiple_of(start_n, BLOCK_N), Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
-                    slope_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N,
-                    EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT,
-                    FAST_TANH)
+                tl.multiple_of(start_n, BLOCK_N), Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
+                slope_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D,
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     return dq
 
 
 @triton.autotune(
     configs=_configs("dq", _DQ_CONFIGS),
-    key=["SQ_KEY", "SKV_KEY", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
-         "HAS_PAD", "HAS_DROPOUT", "IS_FP32"],
+    key=_TUNE_KEY,
     prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS)},
 )
 @triton.heuristics({
@@ -759,7 +784,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    IS_FP32: tl.constexpr, FAST_TANH: tl.constexpr, HAS_DLSE: tl.constexpr,
+    FAST_TANH: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -815,13 +840,13 @@ def _attn_bwd_dq_kernel(
         if HAS_LEFT:
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-                lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
-                dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
+                lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
+                hi_off, dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-            full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
-            dropout_p, False, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
+            full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
+            hi_off, dropout_p, False, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
             HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         if HAS_RIGHT or not EVEN_N:
             dq = _attn_bwd_dq_inner(
@@ -885,11 +910,12 @@ def _common_args(q, k, scale, causal, causal_align, window_left, window_right, a
     has_softcap = softcap is not None and softcap > 0.0
     cap = softcap if has_softcap else 1.0
     pad = None if key_padding_mask is None else _unit_last(key_padding_mask)
+    alibi = None if alibi_slopes is None else alibi_slopes.contiguous()
     meta = dict(
         HEAD_DIM=D, BLOCK_D=max(16, _next_pow2(D)),
         HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=has_softcap,
-        HAS_ALIBI=alibi_slopes is not None, HAS_PAD=pad is not None,
-        HAS_DROPOUT=dropout_p > 0.0, IS_FP32=q.dtype == torch.float32,
+        HAS_ALIBI=alibi is not None, HAS_PAD=pad is not None,
+        HAS_DROPOUT=dropout_p > 0.0,
         FAST_TANH=has_softcap and not _INTERPRET and q.dtype != torch.float32,
     )
     scalars = dict(
@@ -898,7 +924,7 @@ def _common_args(q, k, scale, causal, causal_align, window_left, window_right, a
         qk_scale=scale * _LOG2E, cap_log2=cap * _LOG2E, cap_inv_scale=scale / cap,
         lo_off=lo_off, hi_off=hi_off, dropout_p=float(dropout_p),
     )
-    return pad, meta, scalars
+    return pad, alibi, meta, scalars
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -914,9 +940,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, Hq, Sq, D = q.shape
-    pad, meta, scalars = _common_args(q, k, scale, causal, causal_align, window_left,
-                                      window_right, alibi_slopes, softcap, key_padding_mask,
-                                      dropout_p)
+    pad, alibi, meta, scalars = _common_args(q, k, scale, causal, causal_align, window_left,
+                                             window_right, alibi_slopes, softcap,
+                                             key_padding_mask, dropout_p)
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
 
@@ -924,7 +950,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         return (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)
 
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, alibi_slopes, pad, seed,
+        q, k, v, out, lse, alibi, pad, seed,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -950,8 +976,9 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
     do = _unit_last(grad_out)
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
-    pad, meta, s = _common_args(q, k, scale, causal, causal_align, window_left, window_right,
-                                alibi_slopes, softcap, key_padding_mask, dropout_p)
+    pad, alibi, meta, s = _common_args(q, k, scale, causal, causal_align, window_left,
+                                       window_right, alibi_slopes, softcap, key_padding_mask,
+                                       dropout_p)
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(delta)
     dlse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
@@ -963,7 +990,7 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
             s["cap_log2"], s["cap_inv_scale"], s["lo_off"], s["hi_off"], s["dropout_p"])
     # dQ first: it writes delta and lse2, which the dK/dV kernel reads.
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)](
-        q, k, v, out, do, dq, lse.contiguous(), dlse, lse2, delta, alibi_slopes, pad, seed,
+        q, k, v, out, do, dq, lse.contiguous(), dlse, lse2, delta, alibi, pad, seed,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -973,7 +1000,7 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
         pad_stride, *tail, HAS_DLSE=dlse is not None, **meta,
     )
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B)](
-        q, k, v, do, dk, dv, lse2, delta, alibi_slopes, pad, seed,
+        q, k, v, do, dk, dv, lse2, delta, alibi, pad, seed,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

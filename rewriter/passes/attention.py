@@ -14,6 +14,7 @@ softmax, scores used elsewhere, ...) are left as they are and the report says wh
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -50,29 +51,102 @@ class AttentionPass(GraphPass):
                 continue
             _read_mask(ctx, m, plan)
             detail = _describe(m, plan)
-            if plan.softcap is not None:
-                self.skip(ctx, m.where, "tanh soft-capping: scaled_dot_product_attention cannot express it",
-                          detail=detail)
+            choice = _choose(ctx, m, plan)
+            if isinstance(choice, str):
+                self.skip(ctx, m.where, choice, detail=detail)
                 continue
-            rewrites.append(self._rewrite(ctx, m, plan, detail))
+            rewrites.append(self._rewrite(ctx, m, plan, detail, *choice))
         self.commit(ctx, rewrites)
 
-    def _rewrite(self, ctx: GraphContext, m: AttentionSite, plan: ScorePlan, detail: str) -> Rewrite:
+    def _rewrite(self, ctx: GraphContext, m: AttentionSite, plan: ScorePlan, detail: str, target: str,
+                 why: str, est) -> Rewrite:
         gqa = m.gqa_ratio > 1
         k_src = m.k_repeat.source if gqa else m.k
         v_src = m.v_repeat.source if gqa else m.v
-        keep_mask = plan.mask.kind not in ("none", "causal")
-        est = _estimate(ctx, m, plan, keep_mask)
-        site = self.site(ctx, m.where, detail + " -> sdpa", target="sdpa",
+        keep_mask = _keeps_mask(plan, target)
+        site = self.site(ctx, m.where, f"{detail} -> {target}" + (f" ({why})" if why else ""), target=target,
                          est_speedup=None if est.speedup is None else round(est.speedup, 2),
                          est_saved_ms=None if est.saved_ms is None else round(est.saved_ms, 4))
         inputs = [m.q, k_src, v_src] + (list(plan.tensors) if keep_mask else [])
+        call = _sdpa_call(m, plan, gqa, keep_mask) if target == "sdpa" else _triton_call(m, plan, keep_mask)
 
         def emit(b: Builder, env: dict[Node, Node]) -> Node:
-            return _emit_sdpa(b, env, m, plan, k_src, v_src, gqa, keep_mask)
+            return _emit(b, env, m, plan, k_src, v_src, gqa, keep_mask, call)
 
         return Rewrite(site, m.output, list(dict.fromkeys(inputs)), emit,
                        random_inputs={m.q, k_src, v_src}, removable=m.chain[:-1])
+
+
+# ---- choosing a target per site -------------------------------------------------------------------
+
+_KERNEL_KINDS = ("none", "causal", "causal_bottom_right", "sliding_window")
+
+
+def _keeps_mask(plan: ScorePlan, target: str) -> bool:
+    """Whether the emitted call needs the mask tensor (else the mask lives in the call's arguments)."""
+    mask = plan.mask
+    if target == "sdpa":
+        return not (mask.kind in ("none", "causal") and mask.alibi_slopes is None)
+    return mask.kind == "key_padding"
+
+
+def _kernel_expresses(plan: ScorePlan) -> str | None:
+    """None when the Triton kernel computes this site exactly from indices, else why not."""
+    kind = plan.mask.kind
+    if kind in _KERNEL_KINDS or kind == "key_padding":
+        return None
+    return f"the {plan.mask.describe()} mask is not one of the kernel's built-in variants"
+
+
+def _kernel_supports(ctx: GraphContext, m: AttentionSite, plan: ScorePlan) -> str | None:
+    """None when the kernel can run this site's tensors, else why not."""
+    from ..kernels.flash_attention import supports
+
+    if m.value_dim != m.head_dim:
+        return "value head dim differs from the query/key head dim"
+    if m.dropout_p and m.dtype == torch.float32:
+        return "dropout with fp32 inputs"
+    fake = ctx.fake_mode
+    dev = meta(m.q).device
+    n = math.prod(m.batch_sizes[:-1]) if len(m.batch) > 1 else 1
+    heads = m.heads if m.batch else 1
+    kv_heads = heads // m.gqa_ratio
+    with fake if fake is not None else contextlib.nullcontext():
+        q = torch.empty(n, heads, m.q_len, m.head_dim, device=dev, dtype=m.dtype)
+        k = torch.empty(n, kv_heads, m.kv_len, m.head_dim, device=dev, dtype=m.dtype)
+        ok, why = supports(q, k, k, scale=plan.scale, softcap=plan.softcap)
+    return None if ok else why
+
+
+def _choose(ctx: GraphContext, m: AttentionSite, plan: ScorePlan):
+    """(target, why, estimate) for a site, or the reason it is left alone."""
+    forced = ctx.config.attention_backend
+    sdpa_ok = plan.softcap is None
+    kernel_why = _kernel_expresses(plan) or _kernel_supports(ctx, m, plan)
+    est_sdpa = _estimate(ctx, m, plan, "sdpa")
+    if forced == "sdpa" or forced == "flex":
+        if forced == "flex":
+            return "FlexAttention is not available as a target for this site yet"
+        if not sdpa_ok:
+            return "tanh soft-capping: scaled_dot_product_attention cannot express it"
+        return "sdpa", "forced by config", est_sdpa
+    if forced == "triton":
+        if kernel_why:
+            return f"attention_backend='triton' but the kernel cannot take this site: {kernel_why}"
+        return "triton", "forced by config", _estimate(ctx, m, plan, "triton")
+    on_gpu = meta(m.q).device.type == "cuda"
+    if not on_gpu or kernel_why:
+        if not sdpa_ok:
+            return ("tanh soft-capping needs the Triton kernel: " + (kernel_why or "it runs on CUDA only")
+                    if on_gpu or kernel_why else "tanh soft-capping needs the Triton kernel, which runs on CUDA")
+        return "sdpa", "", est_sdpa
+    if not sdpa_ok:
+        return "triton", "soft-capping", _estimate(ctx, m, plan, "triton")
+    est_triton = _estimate(ctx, m, plan, "triton")
+    if est_triton.seconds_after is not None and est_sdpa.seconds_after is not None \
+            and est_triton.seconds_after < est_sdpa.seconds_after:
+        return "triton", "mask computed in the kernel", est_triton
+    return "sdpa", "", est_sdpa
 
 
 def _read_mask(ctx: GraphContext, m: AttentionSite, plan: ScorePlan) -> None:
@@ -84,7 +158,8 @@ def _read_mask(ctx: GraphContext, m: AttentionSite, plan: ScorePlan) -> None:
     if all(ctx.is_static(n) for n in plan.tensors):
         values = ctx.evaluate(plan.tensors)
         mask = mask_from_steps(plan.spec, plan.shape, plan.dtype, *[values[n] for n in plan.tensors])
-        plan.mask = classify_static(mask, q_dim, k_dim, m.q_len, m.kv_len)
+        head = m.scores_dims.index(m.batch[-1]) if m.batch else None
+        plan.mask = classify_static(mask, q_dim, k_dim, m.q_len, m.kv_len, head)
         return
     batch_dims = [i for i, c in enumerate(m.scores_dims) if c in m.batch]
     padding = plan.shape[q_dim] == 1 and all(plan.shape[i] == 1 for i in batch_dims[1:])
@@ -113,17 +188,34 @@ def _describe(m: AttentionSite, plan: ScorePlan) -> str:
     return ", ".join(parts)
 
 
-def _estimate(ctx: GraphContext, m: AttentionSite, plan: ScorePlan, keep_mask: bool):
+def _visible_fraction(m: AttentionSite, plan: ScorePlan) -> float:
+    """Fraction of the score entries a fused kernel must compute (it skips masked blocks)."""
+    kind, sq, skv = plan.mask.kind, m.q_len, m.kv_len
+    if kind in ("causal", "causal_bottom_right"):
+        return min(1.0, (sq * skv - sq * (sq - 1) / 2) / (sq * skv)) if kind == "causal" else 0.5
+    if kind == "sliding_window":
+        left, right = plan.mask.window
+        width = (left if left is not None else skv) + (right if right is not None else skv) + 1
+        return min(1.0, width / skv)
+    return 1.0
+
+
+def _estimate(ctx: GraphContext, m: AttentionSite, plan: ScorePlan, target: str):
     slices = math.prod(m.batch_sizes) if m.batch else 1
     kv_slices = slices // m.gqa_ratio
-    score_ops = sum(1 for n in m.chain[1:-1])
+    keep = _keeps_mask(plan, target)
+    if target == "sdpa":
+        # SDPA skips masked blocks only for is_causal; with a mask tensor it computes every block.
+        frac = _visible_fraction(m, plan) if plan.mask.kind == "causal" and not keep else 1.0
+    else:
+        frac = _visible_fraction(m, plan)
     return attention_estimate(
         ctx.device_spec, batch=slices, q_len=m.q_len, kv_len=m.kv_len, head_dim=m.head_dim,
         value_dim=m.value_dim, kv_batch=kv_slices, dtype=m.dtype,
-        score_dtype=meta(m.softmax).dtype, score_ops=score_ops,
-        mask_elems=math.prod(plan.shape) if keep_mask else 0, mask_kept=keep_mask,
-        causal=plan.mask.kind in ("causal", "causal_bottom_right", "sliding_window"),
-        inductor=ctx.config.inductor,
+        score_dtype=meta(m.softmax).dtype, score_ops=len(m.chain) - 2,
+        mask_elems=math.prod(plan.shape) if keep else 0, mask_kept=keep,
+        visible_fraction=frac, inductor=ctx.config.inductor,
+        efficiency=None if target == "sdpa" else "triton",
     )
 
 
@@ -156,11 +248,57 @@ def _to4d(b: Builder, x: Node, nb: int, lead: list[int] | None = None) -> Node:
     return b.call(torch.flatten, x, 0, nb - 2)
 
 
-def _emit_sdpa(b: Builder, env: dict[Node, Node], m: AttentionSite, plan: ScorePlan, k_src: Node, v_src: Node,
-               gqa: bool, keep_mask: bool) -> Node:
+def _sdpa_call(m: AttentionSite, plan: ScorePlan, gqa: bool, keep_mask: bool):
+    def call(b: Builder, q: Node, k: Node, v: Node, mask: Node | None) -> Node:
+        kwargs: dict = {"scale": plan.scale}
+        if mask is not None:
+            kwargs["attn_mask"] = mask
+        if plan.mask.kind == "causal" and not keep_mask:
+            kwargs["is_causal"] = True
+        if m.dropout_p and not b.validating:
+            kwargs["dropout_p"] = m.dropout_p
+        if gqa:
+            kwargs["enable_gqa"] = True
+        return b.call(F.scaled_dot_product_attention, q, k, v, **kwargs)
+
+    return call
+
+
+def _triton_call(m: AttentionSite, plan: ScorePlan, keep_mask: bool):
+    from ..kernels.flash_attention import flash_attention
+
+    mask = plan.mask
+    kwargs: dict = {"scale": plan.scale}
+    if mask.kind == "causal":
+        kwargs["causal"] = True
+    elif mask.kind == "causal_bottom_right":
+        kwargs.update(causal=True, causal_align="bottom_right")
+    elif mask.kind == "sliding_window":
+        kwargs["window"] = tuple(mask.window)
+    if plan.softcap is not None:
+        kwargs["softcap"] = plan.softcap
+    slopes = None if mask.alibi_slopes is None else [float(x) for x in mask.alibi_slopes]
+
+    def call(b: Builder, q: Node, k: Node, v: Node, pad: Node | None) -> Node:
+        extra = dict(kwargs)
+        if slopes is not None:
+            extra["alibi_slopes"] = b.call(torch.tensor, slopes, dtype=torch.float32, device=meta(m.q).device)
+        if pad is not None:
+            extra["key_padding_mask"] = pad
+        if m.dropout_p and not b.validating:
+            extra["dropout_p"] = m.dropout_p
+        return b.call(flash_attention, q, k, v, **extra)
+
+    return call
+
+
+def _emit(b: Builder, env: dict[Node, Node], m: AttentionSite, plan: ScorePlan, k_src: Node, v_src: Node,
+          gqa: bool, keep_mask: bool, call) -> Node:
+    """Arrange q, k, v (and the mask) into (N, H, L, E), make the call, and restore the output layout."""
     batch = m.batch
     sizes = m.batch_sizes
     nb = len(batch)
+
     def viewed(node: Node, role: str) -> Node:
         x = env[node]
         return b.call(torch.reshape, x, m.views[role]) if role in m.views else x
@@ -180,20 +318,13 @@ def _emit_sdpa(b: Builder, env: dict[Node, Node], m: AttentionSite, plan: ScoreP
             else:
                 v = b.call(torch.Tensor.expand, v, *want, -1, -1)
     q, k, v = _to4d(b, q, nb), _to4d(b, k, nb), _to4d(b, v, nb)
-    kwargs: dict = {"scale": plan.scale}
+    mask = None
     if keep_mask:
         mask = b.call(mask_from_steps, plan.spec, tuple(plan.shape), plan.dtype, *[env[n] for n in plan.tensors])
         mask = _arrange(b, mask, m.scores_dims, batch + m.q_axis + m.k_axis)
         mask = _to4d(b, mask, nb, sizes[:-1])
-        mask = b.call(torch.Tensor.to, mask, m.dtype)
-        kwargs["attn_mask"] = mask
-    if plan.mask.kind == "causal":
-        kwargs["is_causal"] = True
-    if m.dropout_p and not b.validating:
-        kwargs["dropout_p"] = m.dropout_p
-    if gqa:
-        kwargs["enable_gqa"] = True
-    out = b.call(F.scaled_dot_product_attention, q, k, v, **kwargs)
+        mask = b.call(torch.Tensor.to, mask, m.dtype if plan.mask.kind != "key_padding" else torch.float32)
+    out = call(b, q, k, v, mask)
     if nb > 2:
         out = b.call(torch.reshape, out, tuple(sizes) + (m.q_len, m.value_dim))
     else:

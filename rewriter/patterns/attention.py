@@ -23,7 +23,7 @@ from torch.fx import Graph, Node
 
 from .graph import module_path, source_location
 from .ops import meta, op
-from .products import Product, ScalarFn, describe_product, split_batch
+from .products import Product, ScalarFn, describe_product, refine_shape, split_batch
 
 __all__ = [
     "AttentionSite",
@@ -51,6 +51,8 @@ class Transform:
     when: bool = True
     dtype: torch.dtype | None = None
     at: Node | None = None  # the graph node that applies it
+    merged: bool = False  # applied before a reshape that splits batch axes (set ``view`` for it)
+    view: tuple[int, ...] | None = None  # shape to view ``node`` as, in the softmax's layout
 
     def describe(self) -> str:
         if self.kind == "scale":
@@ -256,16 +258,16 @@ def _walk_scores(start: Node, scalar: ScalarFn):
             return f"the scores ({cur.name}) are also used by {len(_data_users(cur)) - 1} other op(s)"
         p = describe_product(cur, scalar)
         if p is not None:
-            if reshaped_at is not None and any(t.kind not in ("scale", "cast", "const")
-                                               for t in steps[reshaped_at:]):
-                return "a bias or mask applied before a reshape of the scores"
+            if reshaped_at is not None:
+                for t in steps[reshaped_at:]:
+                    t.merged = True
             chain.append(cur)
             steps.reverse()
             head: list[Transform] = []
             if p.scale != 1.0:
                 head.append(Transform("scale", p.scale, at=cur))
             if p.bias is not None:
-                head.append(Transform("add", p.bias_coeff, node=p.bias, at=cur))
+                head.append(Transform("add", p.bias_coeff, node=p.bias, at=cur, merged=reshaped_at is not None))
             return p, head + steps, chain
         o = op(cur)
         if o is None or o.name not in _SCORE_OPS:
@@ -462,9 +464,15 @@ def _match(softmax: Node, o, scalar: ScalarFn) -> AttentionSite | NotAttention |
         return None
     fine = tuple(int(n) for n in meta(x).shape)  # the scores as the softmax sees them
     if meta(sp.node).dim() != len(fine):
+        merged_shape = tuple(int(n) for n in meta(sp.node).shape)
         sp = split_batch(sp, "out", fine)
         if sp is None:
             return no("the scores are reshaped in a way that does not split batch axes")
+        for t in transforms:
+            if t.merged and t.node is not None:
+                t.view = refine_shape(tuple(meta(t.node).shape), merged_shape, fine)
+                if t.view is None:
+                    return no("a mask or bias applied before a reshape of the scores does not follow it")
     dim = o["dim"]
     out_dims = sp.out_dims
     if not isinstance(dim, int):

@@ -34,20 +34,26 @@ MASKED_BELOW = -1.0e4
 @dataclass
 class MaskInfo:
     """A mask read as a function of positions. ``kind`` is one of "none", "causal",
-    "causal_bottom_right", "sliding_window", "key_padding", "bias", "mask"."""
+    "causal_bottom_right", "sliding_window", "key_padding", "bias", "mask"; an ALiBi bias on top of
+    a band kind sets ``alibi_slopes``."""
 
     kind: str
     static: bool
     window: tuple[int | None, int | None] | None = None  # (left, right) kept around the diagonal
     offset: int = 0  # diagonal offset: kv_idx <= q_idx + offset for causal kinds
+    alibi_slopes: torch.Tensor | None = None  # per head: bias slope * (kv_idx - q_idx) on kept positions
 
     def describe(self) -> str:
         if self.kind == "sliding_window":
             left, right = self.window
-            return f"sliding window (left {left}, right {right})"
-        if self.kind == "causal_bottom_right":
-            return "causal (bottom-right)"
-        return self.kind.replace("_", " ")
+            text = f"sliding window (left {left}, right {right})"
+        elif self.kind == "causal_bottom_right":
+            text = "causal (bottom-right)"
+        else:
+            text = self.kind.replace("_", " ")
+        if self.alibi_slopes is not None:
+            text = "ALiBi" if self.kind == "none" else f"ALiBi + {text}"
+        return text
 
 
 @dataclass
@@ -104,8 +110,7 @@ def plan_scores(site: AttentionSite) -> ScorePlan | str:
             tanh = True
     if tanh and post <= 0:
         return "tanh soft-capping with a non-positive cap"
-    spec, tensors = _spec(steps)
-    shapes = [tuple(meta(n).shape) for n in tensors]
+    spec, tensors, shapes = _spec(steps)
     try:
         shape = tuple(torch.broadcast_shapes(*shapes)) if shapes else ()
     except RuntimeError:
@@ -135,9 +140,9 @@ def _has_tanh_after(transforms: Sequence[Transform], t: Transform) -> bool:
     return any(s.kind == "tanh" for s in _after(transforms, t))
 
 
-def _spec(steps: list[Transform]) -> tuple[tuple, list]:
-    """Encode mask steps as hashable constants plus the tensor nodes they read."""
-    spec, tensors, index = [], [], {}
+def _spec(steps: list[Transform]) -> tuple[tuple, list, list]:
+    """Encode mask steps as hashable constants plus the tensor nodes they read (and their shapes)."""
+    spec, tensors, shapes, index = [], [], [], {}
     for t in steps:
         if t.kind == "scale":
             spec.append(("scale", float(t.value)))
@@ -145,11 +150,14 @@ def _spec(steps: list[Transform]) -> tuple[tuple, list]:
         if t.node not in index:
             index[t.node] = len(tensors)
             tensors.append(t.node)
+        shape = t.view or tuple(int(n) for n in meta(t.node).shape)
+        shapes.append(shape)
+        view = tuple(t.view) if t.view is not None else None
         if t.kind == "add":
-            spec.append(("add", index[t.node], float(t.value)))
+            spec.append(("add", index[t.node], float(t.value), view))
         else:
-            spec.append(("fill", index[t.node], float(t.value), bool(t.when)))
-    return tuple(spec), tensors
+            spec.append(("fill", index[t.node], float(t.value), bool(t.when), view))
+    return tuple(spec), tensors, shapes
 
 
 def mask_from_steps(spec: tuple, shape: Sequence[int], dtype: torch.dtype, *tensors: torch.Tensor) -> torch.Tensor:
@@ -160,9 +168,10 @@ def mask_from_steps(spec: tuple, shape: Sequence[int], dtype: torch.dtype, *tens
         if step[0] == "scale":
             m = m * step[1]
         elif step[0] == "add":
-            m = m + tensors[step[1]] * step[2] if step[2] != 1.0 else m + tensors[step[1]]
+            t = tensors[step[1]] if step[3] is None else tensors[step[1]].reshape(step[3])
+            m = m + t * step[2] if step[2] != 1.0 else m + t
         else:
-            cond = tensors[step[1]]
+            cond = tensors[step[1]] if step[4] is None else tensors[step[1]].reshape(step[4])
             if cond.dtype != torch.bool:
                 cond = cond.bool()
             if not step[3]:
@@ -171,35 +180,89 @@ def mask_from_steps(spec: tuple, shape: Sequence[int], dtype: torch.dtype, *tens
     return m
 
 
-def classify_static(m: torch.Tensor, q_dim: int, k_dim: int, q_len: int, kv_len: int) -> MaskInfo:
-    """Read a compile-time mask (in scores layout) as a function of (q_idx, kv_idx)."""
-    m = m.movedim((q_dim, k_dim), (-2, -1))
-    m = m.expand(*m.shape[:-2], q_len, kv_len) if m.shape[-2:] != (q_len, kv_len) else m
-    flat = m.reshape(-1, q_len, kv_len)
-    first = flat[0]
-    if not bool((flat == first).all()):
-        return MaskInfo("mask", True)
+def classify_static(m: torch.Tensor, q_dim: int, k_dim: int, q_len: int, kv_len: int,
+                    head_dim: int | None = None) -> MaskInfo:
+    """Read a compile-time mask (in scores layout) as a function of (q_idx, kv_idx).
+
+    The mask must be the same for every batch index; along ``head_dim`` (the heads axis) it may
+    also differ by an ALiBi bias ``slope[h] * (kv_idx - q_idx)`` (a per-row constant on top is
+    allowed: softmax ignores it).
+    """
+    if head_dim is not None:
+        m = m.movedim(head_dim, 0)
+        q_dim, k_dim = [d + (d < head_dim) if d >= 0 else d for d in (q_dim, k_dim)]
+        m = m.movedim((q_dim, k_dim), (-2, -1))
+        m = m.expand(*m.shape[:-2], q_len, kv_len)
+        heads = m.shape[0]
+        per_head = m.reshape(heads, -1, q_len, kv_len)
+        if not bool((per_head == per_head[:, :1]).all()):
+            return MaskInfo("mask", True)
+        slices = per_head[:, 0]
+    else:
+        m = m.movedim((q_dim, k_dim), (-2, -1))
+        m = m.expand(*m.shape[:-2], q_len, kv_len)
+        flat = m.reshape(-1, q_len, kv_len)
+        if not bool((flat == flat[0]).all()):
+            return MaskInfo("mask", True)
+        slices = flat[:1]
+    first = slices[0]
     keep = first > MASKED_BELOW
-    if bool((first[keep] != 0).any()):
+    if not bool(((slices > MASKED_BELOW) == keep).all()):
+        return MaskInfo("mask", True)
+    band = _band(keep, q_len, kv_len)
+    if band is None:
+        return MaskInfo("mask", True)
+    values = torch.where(keep, slices.double(), torch.zeros((), dtype=torch.float64, device=slices.device))
+    if not bool((values != 0).any()):
+        return band
+    slopes = _alibi_slopes(values, keep)
+    if slopes is None:
         return MaskInfo("bias", True)
+    band.alibi_slopes = slopes
+    return band
+
+
+def _alibi_slopes(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+    """Per-head slopes if ``values[h, i, j] == slope[h] * (j - i) + c[h, i]`` on kept positions."""
+    q_len, kv_len = keep.shape
+    i = torch.arange(q_len, device=values.device, dtype=torch.float64).view(-1, 1)
+    j = torch.arange(kv_len, device=values.device, dtype=torch.float64).view(1, -1)
+    rel = (j - i).expand(q_len, kv_len)
+    n = keep.sum(dim=-1, keepdim=True).clamp_min(1)
+    # remove the per-row constant, then least squares for the slope
+    rel_c = torch.where(keep, rel - (rel * keep).sum(-1, keepdim=True) / n, torch.zeros_like(rel))
+    val_c = torch.where(keep, values - (values * keep).sum(-1, keepdim=True) / n, torch.zeros_like(values))
+    denom = (rel_c ** 2).sum()
+    if denom == 0:
+        return None
+    slopes = (val_c * rel_c).sum(dim=(-2, -1)) / denom
+    resid = (val_c - slopes.view(-1, 1, 1) * rel_c).abs().amax()
+    scale = values.abs().amax().clamp_min(1e-30)
+    if resid > 1e-4 * scale:
+        return None
+    return slopes.float()
+
+
+def _band(keep: torch.Tensor, q_len: int, kv_len: int) -> MaskInfo | None:
+    """The keep-pattern as none / causal / bottom-right causal / sliding window, or None."""
     if bool(keep.all()):
         return MaskInfo("none", True)
-    i = torch.arange(q_len, device=m.device).view(-1, 1)
-    j = torch.arange(kv_len, device=m.device).view(1, -1)
+    i = torch.arange(q_len, device=keep.device).view(-1, 1)
+    j = torch.arange(kv_len, device=keep.device).view(1, -1)
     rel = j - i  # kv_idx - q_idx
     if not bool(keep.any(dim=-1).all()):
-        return MaskInfo("mask", True)  # rows with every key masked
+        return None  # rows with every key masked
     # Band structure: the kept positions of each row are one contiguous run at a fixed offset.
     lo = torch.where(keep, rel, torch.full_like(rel, kv_len + q_len)).amin(dim=-1)
     hi = torch.where(keep, rel, torch.full_like(rel, -(kv_len + q_len))).amax(dim=-1)
     band = (rel >= lo.view(-1, 1)) & (rel <= hi.view(-1, 1))
     if not bool((band == keep).all()):
-        return MaskInfo("mask", True)
+        return None
     # Each edge is a fixed distance from the diagonal except where the sequence bounds clip it.
     right = _edge(hi, lambda r: kv_len - 1 - r, upper=True)
     left = _edge(-lo, lambda r: r, upper=True)
     if right is None or left is None:
-        return MaskInfo("mask", True)
+        return None
     left = None if left >= _UNBOUNDED else left
     right = None if right >= _UNBOUNDED else right
     if left is None and right is None:

@@ -22,7 +22,7 @@ from torch.fx import Node
 
 from .ops import meta, op
 
-__all__ = ["Product", "describe_product", "strip_layout", "split_batch", "ScalarFn"]
+__all__ = ["Product", "describe_product", "strip_layout", "split_batch", "refine_shape", "ScalarFn"]
 
 # Looks a node up as a Python float when it is a compile-time scalar (a number, or a 0-d tensor
 # that does not depend on the user's inputs). Supplied by the caller, which owns the values.
@@ -254,3 +254,26 @@ def split_batch(p: Product, side: str, fine_shape: tuple[int, ...]) -> Product |
     views = {k: v for k, v in (("out", out_v), ("lhs", lhs_v), ("rhs", rhs_v)) if v is not None}
     return Product(p.node, p.lhs, p.rhs, lhs_d, rhs_d, out_d, p.scale, p.bias, p.bias_coeff, p.stripped,
                    {**p.views, **views})
+
+
+def refine_shape(shape: tuple[int, ...], merged: tuple[int, ...], fine: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape a tensor broadcast against ``merged`` takes when ``merged`` is viewed as ``fine``.
+
+    E.g. an ALiBi bias of shape (B*H, 1, S) added to (B*H, S, S) scores that are then viewed as
+    (B, H, S, S) becomes (B, H, 1, S). Size-1 (broadcast) axes stay size 1.
+    """
+    if len(shape) > len(merged):
+        return None
+    shape = (1,) * (len(merged) - len(shape)) + tuple(shape)
+    groups = _groups(list(merged[:-2]), list(fine[:-2]))
+    if groups is None:
+        return None
+    out: list[int] = []
+    for size, whole, group in zip(shape[:-2], merged[:-2], groups):
+        if size == whole:
+            out += group
+        elif size == 1:
+            out += [1] * len(group)
+        else:
+            return None
+    return tuple(out) + tuple(shape[-2:])

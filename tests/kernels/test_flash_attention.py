@@ -1,0 +1,479 @@
+"""Tests of the fused attention kernel against a float64 reference.
+
+Without CUDA they run the Triton kernels through the interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), where the kernels use small fixed blocks (32 query rows x 16 keys forward),
+so shapes of a few dozen rows already cross several blocks and exercise the masked/unmasked
+block split. Error metric everywhere: ||x - ref|| / ||ref|| (Frobenius).
+
+Tolerances:
+- fp32 inputs: the interpreter's dot is exact fp32, so errors are rounding of the fp32 softmax,
+  about 1e-7..1e-6; 1e-5 gives headroom. On CUDA the dots run in tf32 (10-bit mantissa, unit
+  roundoff 4.9e-4), so 3e-3 there.
+- bf16/fp16 inputs: within 2x the error of an eager implementation in the same dtype (matmuls in
+  the input dtype, softmax in fp32, as Hugging Face's eager attention does), both against the
+  float64 reference on the same rounded inputs.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rewriter.kernels.flash_attention import (
+    attention_reference,
+    dropout_keep_mask,
+    flash_attention,
+    supports,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_TOL = 3e-3 if DEVICE == "cuda" else 1e-5
+
+
+def _rel(x, ref):
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Sq, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, Skv, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, Skv, D, generator=g).to(DEVICE, dtype)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def _op(q, k, v, scale=None, causal=False, causal_align="top_left", window=None,
+        alibi_slopes=None, softcap=None, key_padding_mask=None, dropout_p=0.0, seed=None):
+    """The op itself (which also returns the log-sum-exp), with the public keyword arguments."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    left, right = window if window is not None else (None, None)
+    pad = key_padding_mask
+    if pad is not None and pad.dtype == torch.bool:
+        pad = torch.zeros(pad.shape, device=pad.device).masked_fill(~pad, float("-inf"))
+    return torch.ops.rewriter.flash_attention(q, k, v, scale, causal, causal_align, left, right,
+                                              alibi_slopes, softcap, pad, dropout_p, seed)
+
+
+def _grads(out, lse, tensors, seed=1, lse_grad=True):
+    """Backward of sum(out * g) (+ sum(lse * gl) where lse is finite); returns (grads, g, gl)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    loss = (out * g).double().sum()
+    gl = None
+    if lse_grad:
+        gl = torch.randn(lse.shape, generator=gen).to(lse.device, lse.dtype)
+        loss = loss + (lse * gl).double().sum()
+    grads = torch.autograd.grad(loss, tensors)
+    return grads, g, gl
+
+
+def _reference_with_grads(q, k, v, g, gl, **kw):
+    qd, kd, vd = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out, lse = attention_reference(qd, kd, vd, **kw)
+    loss = (out * g.double()).sum()
+    if gl is not None:
+        loss = loss + (lse * gl.double()).sum()
+    grads = torch.autograd.grad(loss, (qd, kd, vd))
+    return out, lse, grads
+
+
+def _slopes(h):
+    # The ALiBi slopes of a model with h heads (geometric, 2^(-8/h) ratio).
+    return torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device=DEVICE)
+
+
+def _padding(B, Skv, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, Skv, generator=g) > 0.3
+    keep[:, 0] = True  # no row of keys entirely padded here (tested separately)
+    bias = torch.randn(B, Skv, generator=g) * 0.5
+    return torch.where(keep, bias, torch.full_like(bias, float("-inf"))).to(DEVICE)
+
+
+# (B, Hq, Hkv, Sq, Skv, D, variant). Sizes mix block multiples and odd lengths; the large
+# sequence lengths keep D small so the interpreter stays fast.
+CASES = [
+    (1, 2, 2, 1, 1, 32, {}),
+    (1, 2, 2, 1, 17, 32, dict(causal=True, causal_align="bottom_right")),
+    (1, 2, 2, 17, 17, 32, dict(causal=True)),
+    (2, 2, 2, 17, 113, 64, {}),
+    (1, 2, 2, 113, 17, 32, dict(causal=True, causal_align="bottom_right")),
+    (1, 1, 1, 1000, 17, 16, {}),
+    (1, 1, 1, 17, 1000, 16, dict(causal=True, causal_align="bottom_right")),
+    (1, 1, 1, 1000, 1000, 16, dict(causal=True, window=(40, 0))),
+    (1, 2, 2, 64, 64, 80, {}),
+    (1, 2, 2, 45, 45, 112, dict(causal=True)),
+    (1, 1, 1, 20, 24, 256, dict(causal=True)),
+    (1, 2, 2, 33, 40, 48, dict(causal=True, causal_align="bottom_right")),
+    (1, 4, 1, 50, 50, 32, dict(causal=True)),
+    (2, 8, 2, 33, 40, 32, {}),
+    (1, 2, 2, 100, 100, 32, dict(causal=True, window=(20, 0))),
+    (1, 2, 2, 100, 80, 32, dict(causal=True, alibi_slopes="alibi")),
+    (1, 2, 2, 60, 60, 32, dict(causal=True, softcap=5.0)),
+    (2, 2, 2, 70, 90, 32, dict(causal=True, key_padding_mask="pad")),
+    (1, 2, 2, 96, 96, 32, dict(window=(30, None))),
+    (1, 2, 2, 96, 96, 32, dict(window=(None, 10))),
+    (1, 2, 2, 70, 50, 32, dict(window=(12, 7), causal_align="bottom_right")),
+    (1, 2, 2, 50, 50, 32, dict(causal=True, scale=0.3)),
+    (1, 4, 1, 64, 64, 32, dict(causal=True, window=(16, 0))),
+    (1, 4, 2, 50, 60, 32, dict(alibi_slopes="alibi")),
+    (1, 4, 2, 40, 40, 32, dict(softcap=3.0)),
+    (2, 4, 1, 40, 60, 32, dict(key_padding_mask="pad")),
+    (2, 4, 2, 30, 47, 32, dict(causal=True, causal_align="bottom_right", window=(9, 0),
+                               alibi_slopes="alibi", softcap=4.0, key_padding_mask="pad")),
+]
+
+
+def _materialize(kw, B, Hq, Skv):
+    kw = dict(kw)
+    if kw.get("alibi_slopes") == "alibi":
+        kw["alibi_slopes"] = _slopes(Hq)
+    if kw.get("key_padding_mask") == "pad":
+        kw["key_padding_mask"] = _padding(B, Skv)
+    return kw
+
+
+def _case_id(case):
+    B, Hq, Hkv, Sq, Skv, D, kw = case
+    return f"{B}x{Hq}/{Hkv}x{Sq}x{Skv}x{D}-" + ("+".join(sorted(kw)) or "plain")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_matches_reference_fp32(case):
+    B, Hq, Hkv, Sq, Skv, D, kw = case
+    kw = _materialize(kw, B, Hq, Skv)
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D)
+    out, lse = _op(q, k, v, **kw)
+    ref_out, ref_lse, _ = _reference_with_grads(q, k, v, torch.zeros_like(out), None, **kw)
+    assert _rel(out, ref_out) < FP32_TOL
+    # Rows with no visible key: lse -inf in both, output exactly zero.
+    dead = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), dead)
+    assert torch.all(out[dead] == 0)
+    assert _rel(lse[~dead], ref_lse[~dead]) < FP32_TOL
+    lse_grad = not bool(dead.any())
+    (dq, dk, dv), g, gl = _grads(out, lse, (q, k, v), lse_grad=lse_grad)
+    _, _, (rdq, rdk, rdv) = _reference_with_grads(q, k, v, g, gl, **kw)
+    for name, x, ref in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        assert torch.isfinite(x).all(), name
+        assert _rel(x, ref) < FP32_TOL, name
+
+
+def _eager_lowp(q, k, v, scale=None, causal=False, causal_align="top_left", window=None,
+                alibi_slopes=None, softcap=None, key_padding_mask=None):
+    """Attention as eager model code computes it in q's dtype (the error yardstick)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(Hq // Hkv, dim=1)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    # Everything additive (ALiBi, padding, the band mask) comes from the float64 reference's
+    # own construction: run it on zero inputs, where the scores are exactly the additive terms.
+    zq = torch.zeros(B, Hq, Sq, 1, dtype=torch.float64, device=q.device)
+    zk = torch.zeros(B, Hq, Skv, 1, dtype=torch.float64, device=q.device)
+    bias = _additive_terms(zq, zk, causal, causal_align, window, alibi_slopes, key_padding_mask)
+    p = torch.softmax(s.float() + bias.float(), dim=-1).to(q.dtype)
+    return p @ v
+
+
+def _additive_terms(zq, zk, causal, causal_align, window, alibi_slopes, key_padding_mask):
+    Sq, Skv = zq.shape[2], zk.shape[2]
+    i = torch.arange(Sq, device=zq.device)[:, None]
+    j = torch.arange(Skv, device=zq.device)[None, :]
+    bias = torch.zeros(zq.shape[0], zq.shape[1], Sq, Skv, dtype=torch.float64, device=zq.device)
+    if alibi_slopes is not None:
+        bias = bias + alibi_slopes.double()[None, :, None, None] * (j - i)
+    if key_padding_mask is not None:
+        bias = bias + key_padding_mask.double()[:, None, None, :]
+    off = 0 if causal_align == "top_left" else Skv - Sq
+    left, right = window if window is not None else (None, None)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    if right is not None:
+        bias = bias.masked_fill(j > i + off + right, float("-inf"))
+    if left is not None:
+        bias = bias.masked_fill(j < i + off - left, float("-inf"))
+    return bias
+
+
+LOWP_CASES = [
+    (1, 2, 2, 100, 100, 64, dict(causal=True)),
+    (1, 4, 1, 70, 90, 32, dict(causal=True, causal_align="bottom_right", alibi_slopes="alibi")),
+    (1, 2, 2, 64, 64, 80, dict(causal=True, softcap=10.0)),
+    (2, 4, 2, 60, 60, 32, dict(causal=True, window=(24, 0), key_padding_mask="pad")),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", LOWP_CASES, ids=[_case_id(c) for c in LOWP_CASES])
+def test_low_precision_within_2x_of_eager(case, dtype):
+    B, Hq, Hkv, Sq, Skv, D, kw = case
+    kw = _materialize(kw, B, Hq, Skv)
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D, dtype=dtype)
+    out, lse = _op(q, k, v, **kw)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    (dq, dk, dv), g, _ = _grads(out, lse, (q, k, v), lse_grad=False)
+    ref_out, _, (rdq, rdk, rdv) = _reference_with_grads(q, k, v, g, None, **kw)
+
+    qe, ke, ve = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    eager = _eager_lowp(qe, ke, ve, **kw)
+    edq, edk, edv = torch.autograd.grad((eager * g).sum(), (qe, ke, ve))
+    for name, x, e, ref in (("out", out, eager, ref_out), ("dq", dq, edq, rdq),
+                            ("dk", dk, edk, rdk), ("dv", dv, edv, rdv)):
+        err, eager_err = _rel(x, ref), _rel(e, ref)
+        assert err <= 2 * eager_err, f"{name}: {err:.2e} vs eager {eager_err:.2e}"
+
+
+# ------------------------------------------------------------------------------------------
+# Dropout.
+# ------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _umulhi(a, b):
+    # High 32 bits of a 32x32-bit product, without overflowing int64.
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    return ((a_hi * b) + ((a_lo * b) >> 16)) >> 16
+
+
+def _philox_keep(seed, offsets, p):
+    """Philox 4x32-10 as tl.rand computes it (counter = 64-bit offset, key = 64-bit seed),
+    written independently of Triton, then the kernel's threshold: keep iff u >= p."""
+    c0, c1 = offsets & _M32, (offsets >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0 = torch.full_like(c0, seed & _M32)
+    k1 = torch.full_like(c0, (seed >> 32) & _M32)
+    for _ in range(10):
+        n0 = _umulhi(torch.full_like(c2, 0xCD9E8D57), c2) ^ c1 ^ k0
+        n2 = _umulhi(torch.full_like(c0, 0xD2511F53), c0) ^ c3 ^ k1
+        c1 = (0xCD9E8D57 * c2) & _M32
+        c3 = (0xD2511F53 * c0) & _M32
+        c0, c2 = n0, n2
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    x = torch.where(x < 0, -x - 1, x)
+    u = x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+    return u >= torch.tensor(p, dtype=torch.float32)
+
+
+def test_dropout_mask_is_philox_of_the_element_index():
+    B, H, Sq, Skv, p = 2, 3, 19, 37, 0.25
+    seed = 0x1234_5678_9ABC
+    mask = dropout_keep_mask(torch.tensor([seed], device=DEVICE), B, H, Sq, Skv, p).cpu()
+    b, h, i, j = torch.meshgrid(torch.arange(B), torch.arange(H), torch.arange(Sq),
+                                torch.arange(Skv), indexing="ij")
+    offsets = ((b * H + h) * Sq + i) * Skv + j
+    assert torch.equal(mask, _philox_keep(seed, offsets, p))
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.03
+
+
+def test_dropout_reproducible_and_seed_dependent():
+    q, k, v = _inputs(1, 2, 2, 40, 40, 32)
+    torch.manual_seed(7)
+    a = flash_attention(q, k, v, causal=True, dropout_p=0.2)
+    torch.manual_seed(7)
+    b = flash_attention(q, k, v, causal=True, dropout_p=0.2)
+    torch.manual_seed(8)
+    c = flash_attention(q, k, v, causal=True, dropout_p=0.2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    plain = flash_attention(q, k, v, causal=True)
+    assert not torch.equal(a, plain)
+
+
+@pytest.mark.parametrize("case", [
+    (1, 2, 2, 40, 50, 32, dict(causal=True)),
+    (2, 4, 1, 33, 33, 32, dict(causal=True, window=(10, 0), alibi_slopes="alibi", softcap=5.0,
+                               key_padding_mask="pad")),
+], ids=["causal", "gqa-all-variants"])
+def test_dropout_matches_reference_with_same_mask(case):
+    B, Hq, Hkv, Sq, Skv, D, kw = case
+    kw = _materialize(kw, B, Hq, Skv)
+    p = 0.3
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D)
+    seed = torch.tensor([987654321], device=DEVICE)
+    out, lse = _op(q, k, v, dropout_p=p, seed=seed, **kw)
+    mask = dropout_keep_mask(seed, B, Hq, Sq, Skv, p)
+    (dq, dk, dv), g, gl = _grads(out, lse, (q, k, v))
+    ref_out, ref_lse, (rdq, rdk, rdv) = _reference_with_grads(
+        q, k, v, g, gl, dropout_p=p, dropout_mask=mask, **kw)
+    for name, x, ref in (("out", out, ref_out), ("lse", lse, ref_lse), ("dq", dq, rdq),
+                         ("dk", dk, rdk), ("dv", dv, rdv)):
+        assert _rel(x, ref) < FP32_TOL, name
+
+
+# ------------------------------------------------------------------------------------------
+# Fully masked rows, wrapper arguments, support checks.
+# ------------------------------------------------------------------------------------------
+
+
+def test_fully_masked_rows_give_zeros_and_zero_grads():
+    B, H, Sq, Skv, D = 2, 2, 24, 40, 32
+    q, k, v = _inputs(B, H, H, Sq, Skv, D)
+    keep = torch.ones(B, Skv, dtype=torch.bool, device=DEVICE)
+    keep[1] = False  # batch 1: every key padded
+    # window (-30, None) keeps only keys j >= i + 30: rows i >= 10 of batch 0 see nothing.
+    out = flash_attention(q, k, v, key_padding_mask=keep, window=(-30, None))
+    assert torch.isfinite(out).all()
+    assert torch.all(out[1] == 0) and torch.all(out[0, :, 10:] == 0)
+    assert out[0, :, :10].abs().sum() > 0
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    for x in (dq, dk, dv):
+        assert torch.isfinite(x).all()
+    assert torch.all(dq[1] == 0) and torch.all(dq[0, :, 10:] == 0)
+    assert torch.all(dk[1] == 0) and torch.all(dv[1] == 0)
+
+
+def test_public_wrapper_bool_mask_and_4d_mask():
+    B, H, S, D = 2, 2, 30, 32
+    q, k, v = _inputs(B, H, H, S, S, D)
+    keep = torch.rand(B, S, generator=torch.Generator().manual_seed(3)).to(DEVICE) > 0.4
+    keep[:, 0] = True
+    out2d = flash_attention(q, k, v, causal=True, key_padding_mask=keep)
+    out4d = flash_attention(q, k, v, causal=True, key_padding_mask=keep[:, None, None, :])
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), causal=True,
+                                 key_padding_mask=keep)
+    assert torch.equal(out2d, out4d)
+    assert _rel(out2d, ref) < FP32_TOL
+
+
+def test_non_contiguous_inputs():
+    # (B, S, H, D) storage viewed as (B, H, S, D), as models produce it.
+    B, H, S, D = 2, 4, 37, 32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = [torch.randn(B, S, H, D, generator=g).to(DEVICE).transpose(1, 2)
+               for _ in range(3)]
+    out = flash_attention(q, k, v, causal=True)
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert _rel(out, ref) < FP32_TOL
+
+
+def test_supports_reasons():
+    q, k, v = [t.detach() for t in _inputs(1, 4, 2, 8, 8, 32)]
+    assert supports(q, k, v) == (True, "supported")
+    assert supports(q, k, v, causal=True, window=(4, 0), softcap=2.0, dropout_p=0.1)[0]
+    big = torch.zeros(1, 4, 8, 288, device=DEVICE)
+    assert "head dim" in supports(big, big, big)[1]
+    assert "multiple" in supports(q, k[:, :1].expand(1, 3, 8, 32), v[:, :1].expand(1, 3, 8, 32))[1]
+    assert "dtype" in supports(q.long(), k.long(), v.long())[1]
+    assert "share one dtype" in supports(q, k.double(), v)[1]
+    assert "causal_align" in supports(q, k, v, causal_align="center")[1]
+    assert "alibi" in supports(q, k, v, alibi_slopes=torch.ones(3, device=DEVICE))[1]
+    assert "key_padding_mask" in supports(q, k, v,
+                                          key_padding_mask=torch.ones(1, 9, device=DEVICE))[1]
+    assert "dropout" in supports(q, k, v, dropout_p=1.0)[1]
+    assert "softcap" in supports(q, k, v, softcap=0.0)[1]
+    assert "window" in supports(q, k, v, window=(1.5, 0))[1]
+    assert "scale" in supports(q, k, v, scale=-1.0)[1]
+    with pytest.raises(ValueError, match="head dim"):
+        flash_attention(big, big, big)
+
+
+# ------------------------------------------------------------------------------------------
+# Graph capture: torch.compile, torch.export, opcheck.
+# ------------------------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_no_graph_break():
+    torch._dynamo.reset()
+    q, k, v = _inputs(1, 4, 2, 24, 24, 32)
+    slopes = _slopes(4)
+
+    def f(q, k, v):
+        out = flash_attention(q, k, v, causal=True, alibi_slopes=slopes, softcap=8.0,
+                              dropout_p=0.1)
+        return (out * out).sum()
+
+    # aot_eager traces forward and backward through the op's fake and autograd registrations
+    # without generating code, so no C++ compiler is needed on CPU.
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(11)
+    loss_c = compiled(q, k, v)
+    grads_c = torch.autograd.grad(loss_c, (q, k, v))
+    torch.manual_seed(11)
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    assert torch.allclose(loss_c, loss_e, rtol=1e-6)
+    for a, b in zip(grads_c, grads_e):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_export_keeps_the_op():
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("slopes", _slopes(4))
+
+        def forward(self, q, k, v):
+            return flash_attention(q, k, v, causal=True, alibi_slopes=self.slopes)
+
+    q, k, v = [t.detach() for t in _inputs(1, 4, 1, 20, 20, 32)]
+    model = Attn().to(DEVICE)
+    ep = torch.export.export(model, (q, k, v))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert torch.ops.rewriter.flash_attention.default in targets
+    assert torch.equal(ep.module()(q, k, v), model(q, k, v))
+
+
+def test_opcheck():
+    q, k, v = _inputs(1, 4, 2, 20, 20, 16)
+    slopes = _slopes(4)
+    pad = _padding(1, 20)
+    args = (q, k, v, 0.25, True, "bottom_right", 6, 0, slopes, 5.0, pad, 0.0, None)
+    torch.library.opcheck(torch.ops.rewriter.flash_attention.default, args)
+    out, lse = torch.ops.rewriter.flash_attention(*args)
+    g = torch.randn_like(out)
+    bwd_args = (g, None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach()) + args[3:]
+    torch.library.opcheck(torch.ops.rewriter.flash_attention_backward.default, bwd_args)
+
+
+# ------------------------------------------------------------------------------------------
+# Real sizes on the GPU.
+# ------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    (2, 16, 16, 2048, 2048, 64, dict(causal=True)),
+    (1, 16, 16, 4096, 4096, 128, dict(causal=True)),
+    (1, 16, 16, 4096, 4096, 128, {}),
+    (1, 16, 4, 2048, 2048, 128, dict(causal=True, alibi_slopes="alibi")),
+    (1, 16, 16, 4096, 4096, 128, dict(causal=True, window=(511, 0))),
+    (1, 16, 8, 2048, 2048, 128, dict(causal=True, softcap=50.0)),
+    (2, 8, 8, 2000, 2100, 96, dict(causal=True, causal_align="bottom_right",
+                                   key_padding_mask="pad")),
+    (1, 8, 2, 1024, 1024, 256, dict(causal=True)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(c) for c in GPU_CASES])
+def test_gpu_real_sizes_bf16(case):
+    B, Hq, Hkv, Sq, Skv, D, kw = case
+    kw = _materialize(kw, B, Hq, Skv)
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D, dtype=torch.bfloat16)
+    out = flash_attention(q, k, v, **kw)
+    g = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    ref_out, _, (rdq, rdk, rdv) = _reference_with_grads(q, k, v, g, None, **kw)
+    qe, ke, ve = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    eager = _eager_lowp(qe, ke, ve, **kw)
+    edq, edk, edv = torch.autograd.grad(eager, (qe, ke, ve), g)
+    for name, x, e, ref in (("out", out, eager, ref_out), ("dq", dq, edq, rdq),
+                            ("dk", dk, edk, rdk), ("dv", dv, edv, rdv)):
+        err, eager_err = _rel(x, ref), _rel(e, ref)
+        assert err <= 2 * eager_err, f"{name}: {err:.2e} vs eager {eager_err:.2e}"
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_is_tf32_accurate():
+    q, k, v = _inputs(1, 8, 8, 1024, 1024, 128)
+    out, lse = _op(q, k, v, causal=True)
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert _rel(out, ref) < 3e-3
+    assert _rel(lse, ref_lse) < 3e-3
