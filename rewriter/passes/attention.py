@@ -118,6 +118,10 @@ def _kernel_supports(ctx: GraphContext, m: AttentionSite, plan: ScorePlan) -> st
     return None if ok else why
 
 
+def _on_cuda(m: AttentionSite) -> bool:
+    return meta(m.q).device.type == "cuda"
+
+
 def _choose(ctx: GraphContext, m: AttentionSite, plan: ScorePlan):
     """(target, why, estimate) for a site, or the reason it is left alone."""
     forced = ctx.config.attention_backend
@@ -134,7 +138,7 @@ def _choose(ctx: GraphContext, m: AttentionSite, plan: ScorePlan):
         if kernel_why:
             return f"attention_backend='triton' but the kernel cannot take this site: {kernel_why}"
         return "triton", "forced by config", _estimate(ctx, m, plan, "triton")
-    on_gpu = meta(m.q).device.type == "cuda"
+    on_gpu = _on_cuda(m)
     if not on_gpu or kernel_why:
         if not sdpa_ok:
             return ("tanh soft-capping needs the Triton kernel: " + (kernel_why or "it runs on CUDA only")
