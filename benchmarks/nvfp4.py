@@ -16,7 +16,9 @@ with lm_head converted too; plus the SQNR of every converted linear on the activ
 ``--sweep`` times a list of kernel configurations per shape instead (used to choose the candidates
 the library tunes over). Results go to ``--out`` as ``nvfp4_<device>.md`` / ``.json``.
 
-    python benchmarks/nvfp4.py [--quick] [--sweep] [--out benchmarks/results]
+``--decode-only`` runs only the decode part and writes ``nvfp4_decode_<device>.md`` / ``.json``.
+
+    python benchmarks/nvfp4.py [--quick] [--sweep | --decode-only] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from rewriter.kernels import nvfp4 as nv  # noqa: E402
+from rewriter.passes.nvfp4 import convert_linears  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
 M_VALUES = [1, 4, 16, 64, 256]
@@ -360,29 +363,23 @@ def decode_benchmark(quick, notes) -> dict:
                      "random bf16 weights, sdpa; batch 1, decode at position 128 (static cache of 129)"}
     bf16 = decode_step_ms(model, cfg, prompt, token, replays, notes, "bf16")
 
+    # The conversion the library's forced path does (rewriter.passes.nvfp4.convert_linears).
+    originals = {name: model.get_submodule(name) for name in captured}
+    done = convert_linears(model, lambda module, path: path in captured)
     sqnrs = {}
-    bytes_bf16 = bytes_nvfp4 = 0
     with torch.no_grad():
-        for name, mod in list(model.named_modules()):
-            for child_name, child in list(mod.named_children()):
-                full = f"{name}.{child_name}" if name else child_name
-                if full in captured:
-                    q = nv.NVFP4Linear.from_linear(child)
-                    x = captured[full]
-                    ref = F.linear(x.float(), child.weight.float())
-                    sqnrs[full] = nv.sqnr_db(ref, q(x))
-                    bytes_bf16 += child.weight.numel() * child.weight.element_size()
-                    bytes_nvfp4 += q.nbytes()
-                    setattr(mod, child_name, q)
+        for c in done:
+            lin, x = originals[c.path], captured[c.path]
+            ref = F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+            sqnrs[c.path] = nv.sqnr_db(ref, c.module(x))
+    bytes_bf16 = sum(c.dense_bytes for c in done)
+    bytes_nvfp4 = sum(c.packed_bytes for c in done)
+    del originals
     torch.cuda.empty_cache()
     nvfp4 = decode_step_ms(model, cfg, prompt, token, replays, notes, "nvfp4")
 
-    lm_head = model.lm_head
-    lm_bytes_bf16 = lm_head.weight.numel() * lm_head.weight.element_size()
-    with torch.no_grad():
-        model.lm_head = nv.NVFP4Linear.from_linear(lm_head)
-    lm_bytes_nvfp4 = model.lm_head.nbytes()
-    del lm_head
+    (lm_head,) = convert_linears(model, lambda module, path: path == "lm_head")
+    lm_bytes_bf16, lm_bytes_nvfp4 = lm_head.dense_bytes, lm_head.packed_bytes
     torch.cuda.empty_cache()
     nvfp4_lm = decode_step_ms(model, cfg, prompt, token, replays, notes, "nvfp4+lm_head")
 
@@ -422,6 +419,35 @@ def fmt(v, spec, suffix=""):
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec) + suffix
 
 
+def decode_lines(decode) -> list[str]:
+    """The decode section of the results file."""
+    b, q, ql = decode["bf16"], decode["nvfp4_decoder_linears"], decode["nvfp4_decoder_linears_and_lm_head"]
+    lines = [
+        "## Decode, batch 1",
+        "",
+        decode["model"] + ".",
+        "",
+        "| weights | timing | ms/token | tokens/s | eager ms/token | step vs full forward, logits SQNR dB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for label, r in (("bf16", b), ("NVFP4 decoder linears, bf16 lm_head", q), ("NVFP4 decoder linears + lm_head", ql)):
+        lines.append(f"| {label} | {r['timing']} | {1000 / r['tokens_per_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['eager_ms']:.3f} | {r['step_vs_full_forward_sqnr_db']:.1f} |")
+    lines += [
+        "",
+        f"Per-site SQNR of the {decode['converted_sites']} converted linears on their prefill activations: "
+        f"min {decode['sqnr_db_min']:.2f} dB ({decode['sqnr_db_min_site']}), median {decode['sqnr_db_median']:.2f} dB. "
+        f"Next-token logits SQNR vs bf16: {decode['next_token_logits_sqnr_db_nvfp4']:.1f} dB "
+        f"(top-1 {'agrees' if decode['next_token_top1_agrees_nvfp4'] else 'differs'}).",
+        "",
+        f"Decoder linear weights: {decode['decoder_weight_bytes_bf16'] / 1e6:.1f} MB bf16 -> "
+        f"{decode['decoder_weight_bytes_nvfp4'] / 1e6:.1f} MB NVFP4 "
+        f"(saves {(decode['decoder_weight_bytes_bf16'] - decode['decoder_weight_bytes_nvfp4']) / 1e6:.1f} MB); "
+        f"lm_head {decode['lm_head_bytes_bf16'] / 1e6:.1f} MB -> {decode['lm_head_bytes_nvfp4'] / 1e6:.1f} MB.",
+    ]
+    return lines
+
+
 def markdown(info, bw, rows, decode, notes) -> str:
     lines = [
         f"# NVFP4 weight-only linear on {info['device']}",
@@ -448,31 +474,7 @@ def markdown(info, bw, rows, decode, notes) -> str:
             f"{r['nvfp4_rel_err_vs_reference']:.1e} |"
         )
     if decode:
-        b, q, ql = decode["bf16"], decode["nvfp4_decoder_linears"], decode["nvfp4_decoder_linears_and_lm_head"]
-        lines += [
-            "",
-            "## Decode, batch 1",
-            "",
-            decode["model"] + ".",
-            "",
-            "| weights | timing | ms/token | tokens/s | eager ms/token | step vs full forward, logits SQNR dB |",
-            "|---|---|---:|---:|---:|---:|",
-        ]
-        for label, r in (("bf16", b), ("NVFP4 decoder linears, bf16 lm_head", q), ("NVFP4 decoder linears + lm_head", ql)):
-            lines.append(f"| {label} | {r['timing']} | {1000 / r['tokens_per_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                         f"{r['eager_ms']:.3f} | {r['step_vs_full_forward_sqnr_db']:.1f} |")
-        lines += [
-            "",
-            f"Per-site SQNR of the {decode['converted_sites']} converted linears on their prefill activations: "
-            f"min {decode['sqnr_db_min']:.2f} dB ({decode['sqnr_db_min_site']}), median {decode['sqnr_db_median']:.2f} dB. "
-            f"Next-token logits SQNR vs bf16: {decode['next_token_logits_sqnr_db_nvfp4']:.1f} dB "
-            f"(top-1 {'agrees' if decode['next_token_top1_agrees_nvfp4'] else 'differs'}).",
-            "",
-            f"Decoder linear weights: {decode['decoder_weight_bytes_bf16'] / 1e6:.1f} MB bf16 -> "
-            f"{decode['decoder_weight_bytes_nvfp4'] / 1e6:.1f} MB NVFP4 "
-            f"(saves {(decode['decoder_weight_bytes_bf16'] - decode['decoder_weight_bytes_nvfp4']) / 1e6:.1f} MB); "
-            f"lm_head {decode['lm_head_bytes_bf16'] / 1e6:.1f} MB -> {decode['lm_head_bytes_nvfp4'] / 1e6:.1f} MB.",
-        ]
+        lines += [""] + decode_lines(decode)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -483,6 +485,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer M values and decode replays")
     parser.add_argument("--sweep", action="store_true", help="time a list of kernel configurations per shape")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode measurement")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only the decode measurement, written to nvfp4_decode_<device>.md/.json")
     parser.add_argument("--budget-s", type=float, default=240.0, help="time limit for the sweep")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
@@ -503,6 +507,18 @@ def main() -> None:
         return
 
     notes: list[str] = []
+    if args.decode_only:
+        decode = decode_benchmark(args.quick, notes)
+        md = "\n".join([f"# NVFP4 decode on {info['device']}", "",
+                        f"torch {info['torch']}, triton {info['triton']}, {info['sm_count']} SMs, {info['date']}.", ""]
+                       + decode_lines(decode) + (["", "## Notes", ""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+        with open(os.path.join(args.out, f"nvfp4_decode_{name}.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(args.out, f"nvfp4_decode_{name}.json"), "w") as f:
+            json.dump({"info": info, "decode": decode, "notes": notes}, f, indent=1, default=str)
+        print(md)
+        return
+
     bw = copy_bandwidth_gbs()
     rows = kernel_table(m_values, notes)
     decode = None

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from .attention import AttentionPass
 from .base import GraphPass, ModuleContext, ModulePass, Pass, Rewrite
+from .fp8 import FP8Pass
+from .fuse_linear import FuseLinear
+from .fuse_linear_graph import FuseLinearGraph
+from .nvfp4 import NVFP4Pass
+from .sparse24 import Sparse24Pass
 
 __all__ = ["Pass", "GraphPass", "ModulePass", "ModuleContext", "Rewrite", "all_passes", "get_pass", "pass_names", "register_pass", "unregister_pass"]
 
-_BUILTIN: tuple[type[Pass], ...] = (AttentionPass,)
+_BUILTIN: tuple[type[Pass], ...] = (FuseLinearGraph, AttentionPass, FP8Pass, Sparse24Pass, NVFP4Pass, FuseLinear)
 _PASS_CLASSES: list[type[Pass]] = list(_BUILTIN)
 
 

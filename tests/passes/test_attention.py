@@ -63,7 +63,7 @@ def test_dropout_in_training_becomes_sdpa_dropout():
     m = M.Dropout(p=0.25).train()
     x = X()
     opt = optimize(m, (x,))
-    (site,) = opt.report.rewritten()
+    (site,) = opt.report.rewritten("attention")
     assert "dropout 0.25" in site.detail
     # The rewritten graph calls SDPA with dropout_p=0.25: same RNG stream, same result as calling it.
     torch.manual_seed(1)
@@ -84,7 +84,7 @@ def test_dropout_in_eval_is_off():
 
 def test_softcap_found_and_reported():
     opt = optimize(M.SoftCap(cap=5.0).eval(), (X(),))
-    (site,) = opt.report.sites
+    (site,) = [s for s in opt.report.sites if s.pass_name == "attention"]
     assert site.kind == "attention"
     assert "softcap 5" in site.detail
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_lookalike_not_rewritten(make, reason):
     x = X()
     opt = optimize(m, (x,))
     rep = opt.report
-    assert not rep.rewritten(), str(rep)
+    assert not rep.rewritten("attention"), str(rep)
     (site,) = rep.skipped("attention")
     assert reason in site.reason, site.reason
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_lookalike_not_rewritten(make, reason):
 
 def test_plain_softmax_is_not_a_site():
     opt = optimize(M.Classifier().eval(), (X(),))
-    assert opt.report.sites == []
+    assert [s for s in opt.report.sites if s.pass_name == "attention"] == []
 
 
 def test_modules_filter_skips_sites_outside():
@@ -135,4 +135,4 @@ def test_modules_filter_skips_sites_outside():
 
 def test_disable_attention_pass():
     opt = optimize(M.Timm().eval(), (X(),), disable=("attention",))
-    assert opt.report.sites == []
+    assert [s for s in opt.report.sites if s.pass_name == "attention"] == []
