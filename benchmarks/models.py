@@ -149,7 +149,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['shape'][0]}x{r['shape'][1]} | {r['eager_ms']:.2f} | {r['compile_ms']:.2f} | "
                      f"{r['optimize_ms']:.2f} | {r['speedup_vs_eager']:.2f}x | {r['speedup_vs_compile']:.2f}x | "
                      f"{r['sites_rewritten']}/{r['sites']} ({', '.join(r['targets'])}) | {r['compile_rel_err']:.2e} / {r['optimize_rel_err']:.2e} |")
-    lines += ["", f"Compile time: " + ", ".join(f"{r['model']}: torch.compile {r['compile_s']:.0f} s, optimize "
+    lines += ["", "Compile time: " + ", ".join(f"{r['model']}: torch.compile {r['compile_s']:.0f} s, optimize "
                                                 f"{r['optimize_s']:.0f} s" for r in rows),
               "", "SDPA at the Llama attention shape (B 4, H 16, KV heads 4, S 2048, D 128, causal), ms: "
               + ", ".join(f"{k} {v:.3f}" for k, v in micro.items())]

@@ -200,6 +200,21 @@ class LinearTable:
                 return (t0 + w * (t1 - t0)) * scale, note
         return None, "no bracket"
 
+    def predict(self, variant: str, shapes: list[tuple[int, int, int]],
+                baseline: str = "bf16") -> tuple[float | None, float | None, str]:
+        """(speedup, saved ms, note) of ``variant`` over ``baseline`` for a layer called at each of
+        ``shapes`` (M, K, N): times summed over the calls, each at its own M, so a layer called once
+        large and once small is judged on the total. The note says where the table used another shape."""
+        before = after = 0.0
+        note = ""
+        for shape in shapes:
+            t_old, _ = self.time_ms(baseline, *shape)
+            t_new, note = self.time_ms(variant, *shape)
+            if t_old is None or t_new is None or t_new <= 0:
+                return None, None, note
+            before, after = before + t_old, after + t_new
+        return before / after, before - after, note
+
     def speedup(self, variant: str, m: int, k: int, n: int, baseline: str = "bf16") -> tuple[float | None, str]:
         """Predicted time(baseline) / time(variant) at (m, k, n)."""
         t_new, note = self.time_ms(variant, m, k, n)

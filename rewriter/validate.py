@@ -27,7 +27,7 @@ from torch.fx import Graph, GraphModule, Interpreter, Node
 from .patterns.graph import ancestors
 from .patterns.ops import op
 
-__all__ = ["Check", "check_rewrite", "extract", "run_graph", "rel_err", "sqnr_db", "tolerance_ok"]
+__all__ = ["Check", "check_rewrite", "extract", "run_graph", "rel_err", "sqnr_db", "sample_rows", "tolerance_ok"]
 
 _LOW = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -129,6 +129,14 @@ def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def sample_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """At most ``n`` evenly spaced rows of ``x`` flattened to 2-D (bounds the cost of a check)."""
+    x = x.reshape(-1, x.shape[-1])
+    if x.shape[0] <= n:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, n, device=x.device).long()]
 
 
 def tolerance_ok(dtype: torch.dtype, err_vs_orig: float, orig_vs_64: float, new_vs_64: float) -> bool:

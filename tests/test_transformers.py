@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 import rewriter
 from rewriter.targets import hf_model
-from utils import check_fp32, check_grads, check_low_precision, first, optimize, rel
+from utils import check_fp32, check_grads, check_low_precision, first, rel
 
 LAYERS = 2
 SMALL = dict(layers=LAYERS, hidden=64, heads=4, vocab=128)

@@ -4,7 +4,6 @@ they were."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import models as M
 import rewriter
 from rewriter.passes import register_pass, unregister_pass
 from rewriter.passes.attention import AttentionPass
-from utils import first, optimize, rel
+from utils import optimize, rel
 
 X = lambda b=2, s=16, c=32: torch.randn(b, s, c)
 

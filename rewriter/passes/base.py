@@ -91,6 +91,12 @@ class ModuleContext:
         except AttributeError:
             return None
 
+    def device_name(self, tensor: torch.Tensor) -> str:
+        """The cost model's name for the device (or the GPU's own name when the model has no spec)."""
+        if self.device_spec is not None:
+            return self.device_spec.name
+        return torch.cuda.get_device_name(tensor.device) if tensor.is_cuda else tensor.device.type
+
     def swap(self, path: str, new: torch.nn.Module) -> torch.nn.Module:
         """Put ``new`` at ``path`` in the model; returns the module it replaced."""
         parent_path, _, name = path.rpartition(".")

@@ -64,7 +64,6 @@ Forcing the conversion, with no cost model and no accuracy floor (accuracy studi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -73,9 +72,9 @@ from torch import nn
 from ..context import GraphContext
 from ..cost import LinearTable, linear_table
 from ..patterns.graph import module_path
-from ..patterns.linear import LinearSite, find_linears
+from ..patterns.linear import LinearModule, linear_modules
 from ..patterns.ops import meta, op
-from ..validate import sqnr_db
+from ..validate import sample_rows, sqnr_db
 from .base import ModuleContext, ModulePass
 
 __all__ = ["FP8Pass", "to_fp8", "convert_linears", "fp8_device_support", "MIN_SPEEDUP", "SQNR_ROWS"]
@@ -144,51 +143,11 @@ def convert_linears(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool
     return [path for path, _ in targets]
 
 
-@dataclass
-class _Linear:
-    """One linear module and every call of it the captured graphs make."""
-
-    path: str
-    module: nn.Module
-    calls: list[tuple[GraphContext, LinearSite]] = field(default_factory=list)
-
-    @property
-    def main(self) -> tuple[GraphContext, LinearSite]:
-        return max(self.calls, key=lambda c: c[1].rows)
-
-    def describe(self) -> str:
-        _, s = self.main
-        calls = f", {len(self.calls)} calls" if len(self.calls) > 1 else ""
-        return f"M {s.rows}, K {s.in_features}, N {s.out_features}{calls}"
-
-    def predict(self, table: LinearTable, variant: str) -> tuple[float | None, float | None, str]:
-        """(speedup, saved ms, note) of ``variant`` over bf16, from the table's times summed over the
-        calls, each at its own M; the note says where the table had to use another shape."""
-        before = after = 0.0
-        note = ""
-        for _, s in self.calls:
-            t_old, _ = table.time_ms("bf16", *s.shape)
-            t_new, note = table.time_ms(variant, *s.shape)
-            if t_old is None or t_new is None or t_new <= 0:
-                return None, None, note
-            before, after = before + t_old, after + t_new
-        return before / after, before - after, note
-
-
-def _linears(ctx: ModuleContext) -> list[_Linear]:
-    found: dict[str, _Linear] = {}
-    for g in ctx.graphs:
-        for s in find_linears(g.graph, g.kinds):
-            lin = found.setdefault(s.where, _Linear(s.where, ctx.module(s.where)))
-            lin.calls.append((g, s))
-    return list(found.values())
-
-
 def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter)
 
 
-def _guard(lin: _Linear) -> str | None:
+def _guard(lin: LinearModule) -> str | None:
     """Why this module cannot become an FP8 linear, or None."""
     m = lin.module
     if type(m) is not nn.Linear:
@@ -214,18 +173,10 @@ def _guard(lin: _Linear) -> str | None:
     return fp8_device_support(m.weight.device)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """At most SQNR_ROWS rows of ``x`` as a 2-D tensor, evenly spaced."""
-    x = x.reshape(-1, x.shape[-1])
-    if x.shape[0] <= SQNR_ROWS:
-        return x
-    return x[torch.linspace(0, x.shape[0] - 1, SQNR_ROWS, device=x.device).long()]
-
-
-def _activations(chosen: list[tuple[_Linear, str]]) -> Iterator[tuple[_Linear, str, torch.Tensor]]:
+def _activations(chosen: list[tuple[LinearModule, str]]) -> Iterator[tuple[LinearModule, str, torch.Tensor]]:
     """Each chosen linear with the example activation of its largest call, evaluated graph by graph
     in batches of at most ``_ACTIVATION_BUDGET`` bytes (each batch replays the graph up to it)."""
-    by_graph: dict[int, list[tuple[_Linear, str]]] = {}
+    by_graph: dict[int, list[tuple[LinearModule, str]]] = {}
     graphs: dict[int, GraphContext] = {}
     for lin, variant in chosen:
         g = lin.main[0]
@@ -233,7 +184,7 @@ def _activations(chosen: list[tuple[_Linear, str]]) -> Iterator[tuple[_Linear, s
         by_graph.setdefault(id(g), []).append((lin, variant))
     for key, items in by_graph.items():
         g = graphs[key]
-        batch: list[tuple[_Linear, str]] = []
+        batch: list[tuple[LinearModule, str]] = []
         size = 0
         for i, (lin, variant) in enumerate(items):
             x = meta(lin.main[1].x)
@@ -259,15 +210,15 @@ class FP8Pass(ModulePass):
     def run(self, ctx: ModuleContext) -> None:
         table = linear_table(ctx.device_spec)
         rival = "sparse24" in ctx.config.active_passes()
-        chosen: list[tuple[_Linear, str]] = []
-        for lin in _linears(ctx):
+        chosen: list[tuple[LinearModule, str]] = []
+        for lin in linear_modules(ctx.graphs, ctx.module):
             detail = lin.describe()
             if not ctx.config.selects(lin.path):
                 self.skip(ctx, lin.path, "outside Config.modules", detail=detail)
                 continue
             reason = _guard(lin)
             if reason is None and table is None:
-                reason = f"no measured throughput table for {_device_name(ctx, lin)}: run benchmarks/linear.py --table"
+                reason = f"no measured throughput table for {ctx.device_name(lin.module.weight)}: run benchmarks/linear.py --table"
             if reason is not None:
                 self.skip(ctx, lin.path, reason, detail=detail)
                 continue
@@ -283,14 +234,14 @@ class FP8Pass(ModulePass):
                             "Config(inductor=False) the activation quantization runs unfused and the "
                             "estimated gains are optimistic")
 
-    def _decide(self, table: LinearTable, lin: _Linear, rival: bool) -> tuple[str | None, str, float | None]:
+    def _decide(self, table: LinearTable, lin: LinearModule, rival: bool) -> tuple[str | None, str, float | None]:
         """(variant, "", speedup) for the variant that pays most, else (None, why not, best speedup).
         ``rival``: pass sparse24 runs too, and takes the sites where 2:4 is predicted faster."""
         bf16 = lin.module.weight.dtype == torch.bfloat16
         predicted: dict[str, float] = {}
         notes = set()
         for v in [_DYNAMIC, _WEIGHT_ONLY] if bf16 else [_WEIGHT_ONLY]:
-            speedup, _, note = lin.predict(table, v)
+            speedup, _, note = table.predict(v, lin.shapes)
             if speedup is not None:
                 predicted[v] = speedup
                 notes.add(note)
@@ -304,26 +255,26 @@ class FP8Pass(ModulePass):
             if not bf16:
                 shown += " (fp16 weights: torchao's row-wise dynamic FP8 takes bf16 only)"
             return None, f"predicted {shown} {where}; converts above {MIN_SPEEDUP}x", round(predicted[best], 2)
-        _, saved, _ = lin.predict(table, best)
+        _, saved, _ = table.predict(best, lin.shapes)
         if saved is not None and saved < MIN_SAVING_MS:
             return (None, f"predicted {_CHOICE[best]} {predicted[best]:.2f}x {where}, but it saves only "
                           f"{saved * 1e3:.1f} us per call, under the {MIN_SAVING_MS * 1e3:.0f} us an FP8 linear "
                           "costs in a whole model beyond its GEMM", round(predicted[best], 2))
         if rival:
-            sparse, _, _ = lin.predict(table, "sparse24")
+            sparse, _, _ = table.predict("sparse24", lin.shapes)
             if sparse is not None and sparse > predicted[best]:
                 return (None, f"2:4 sparsity is predicted faster {where} ({sparse:.2f}x against "
                               f"{predicted[best]:.2f}x for FP8); left to pass sparse24", round(predicted[best], 2))
         return best, "", predicted[best]
 
-    def _convert(self, ctx: ModuleContext, table: LinearTable, lin: _Linear, variant: str, x: torch.Tensor) -> None:
-        speedup, saved, note = lin.predict(table, variant)
+    def _convert(self, ctx: ModuleContext, table: LinearTable, lin: LinearModule, variant: str, x: torch.Tensor) -> None:
+        speedup, saved, note = table.predict(variant, lin.shapes)
         detail = f"{lin.describe()}: {_CHOICE[variant]}"
         if note:
             detail += f" ({note})"
         try:
             new = to_fp8(lin.module, weight_only=variant == _WEIGHT_ONLY)
-            x = _rows(x)
+            x = sample_rows(x, SQNR_ROWS)
             with torch.no_grad():
                 sqnr = sqnr_db(lin.module(x), new(x))
         except Exception as exc:  # noqa: BLE001 - torchao refusing one site must not stop the pass
@@ -339,9 +290,3 @@ class FP8Pass(ModulePass):
         ctx.swap(lin.path, new)
         ctx.report.add(self.site(ctx, lin.path, detail, target=variant, est_speedup=round(speedup, 2),
                                  est_saved_ms=round(saved, 4), checks=checks))
-
-
-def _device_name(ctx: ModuleContext, lin: _Linear) -> str:
-    if ctx.device_spec is not None:
-        return ctx.device_spec.name
-    return torch.cuda.get_device_name(lin.module.weight.device)

@@ -50,7 +50,6 @@ Forcing it, with no cost model and no accuracy floor: :func:`convert_linears` (m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -60,9 +59,9 @@ from torch import Tensor, nn
 from ..context import GraphContext
 from ..cost import LinearTable, linear_table
 from ..patterns.graph import module_path
-from ..patterns.linear import LinearSite, find_linears
+from ..patterns.linear import LinearModule, linear_modules
 from ..patterns.ops import meta, op
-from ..validate import sqnr_db
+from ..validate import sample_rows, sqnr_db
 from .base import ModuleContext, ModulePass
 
 __all__ = ["Sparse24Pass", "Sparse24Linear", "prune_2_4", "is_2_4", "to_sparse24", "convert_linears",
@@ -213,46 +212,7 @@ def sparse24_device_support(device: torch.device) -> str | None:
     return None
 
 
-@dataclass
-class _Linear:
-    """One linear module and every call of it the captured graphs make."""
-
-    path: str
-    module: nn.Module
-    calls: list[tuple[GraphContext, LinearSite]] = field(default_factory=list)
-
-    @property
-    def main(self) -> tuple[GraphContext, LinearSite]:
-        return max(self.calls, key=lambda c: c[1].rows)
-
-    def describe(self) -> str:
-        _, s = self.main
-        calls = f", {len(self.calls)} calls" if len(self.calls) > 1 else ""
-        return f"M {s.rows}, K {s.in_features}, N {s.out_features}{calls}"
-
-    def predict(self, table: LinearTable, variant: str) -> tuple[float | None, float | None, str]:
-        """(speedup, saved ms, note) of ``variant`` over bf16, from the table's times summed over the
-        calls, each at its own M; the note says where the table had to use another shape."""
-        before = after = 0.0
-        note = ""
-        for _, s in self.calls:
-            t_old, _ = table.time_ms("bf16", *s.shape)
-            t_new, note = table.time_ms(variant, *s.shape)
-            if t_old is None or t_new is None or t_new <= 0:
-                return None, None, note
-            before, after = before + t_old, after + t_new
-        return before / after, before - after, note
-
-
-def _linears(ctx: ModuleContext) -> list[_Linear]:
-    found: dict[str, _Linear] = {}
-    for g in ctx.graphs:
-        for s in find_linears(g.graph, g.kinds):
-            found.setdefault(s.where, _Linear(s.where, ctx.module(s.where))).calls.append((g, s))
-    return list(found.values())
-
-
-def _guard(lin: _Linear) -> str | None:
+def _guard(lin: LinearModule) -> str | None:
     """Why this module cannot become a 2:4 sparse linear, or None."""
     m = lin.module
     weight = getattr(m, "weight", None)
@@ -281,20 +241,12 @@ def _guard(lin: _Linear) -> str | None:
     return None
 
 
-def _rows(x: Tensor) -> Tensor:
-    """At most SQNR_ROWS rows of ``x`` as a 2-D tensor, evenly spaced."""
-    x = x.reshape(-1, x.shape[-1])
-    if x.shape[0] <= SQNR_ROWS:
-        return x
-    return x[torch.linspace(0, x.shape[0] - 1, SQNR_ROWS, device=x.device).long()]
-
-
-def _activations(chosen: list[_Linear]) -> Iterator[tuple[_Linear, dict]]:
+def _activations(chosen: list[LinearModule]) -> Iterator[tuple[LinearModule, dict]]:
     """Each chosen linear with the example activations of all its calls ({x node: value}),
     evaluated graph by graph in batches of at most ``_ACTIVATION_BUDGET`` bytes (each batch replays
     the graph up to it). A module called from several graphs is evaluated graph by graph."""
-    by_graph: dict[int, tuple[GraphContext, list[_Linear]]] = {}
-    spread: list[_Linear] = []
+    by_graph: dict[int, tuple[GraphContext, list[LinearModule]]] = {}
+    spread: list[LinearModule] = []
     for lin in chosen:
         graphs = {id(g): g for g, _ in lin.calls}
         if len(graphs) > 1:
@@ -303,7 +255,7 @@ def _activations(chosen: list[_Linear]) -> Iterator[tuple[_Linear, dict]]:
         g = lin.calls[0][0]
         by_graph.setdefault(id(g), (g, []))[1].append(lin)
     for g, lins in by_graph.values():
-        batch: list[_Linear] = []
+        batch: list[LinearModule] = []
         size = 0
         for i, lin in enumerate(lins):
             batch.append(lin)
@@ -337,19 +289,19 @@ class Sparse24Pass(ModulePass):
 
     def run(self, ctx: ModuleContext) -> None:
         table = linear_table(ctx.device_spec)
-        chosen: list[_Linear] = []
-        for lin in _linears(ctx):
+        chosen: list[LinearModule] = []
+        for lin in linear_modules(ctx.graphs, ctx.module):
             detail = lin.describe()
             if not ctx.config.selects(lin.path):
                 self.skip(ctx, lin.path, "outside Config.modules", detail=detail)
                 continue
             reason = _guard(lin)
             if reason is None and table is None:
-                reason = f"no measured throughput table for {_device_name(ctx, lin)}: run benchmarks/linear.py --table"
+                reason = f"no measured throughput table for {ctx.device_name(lin.module.weight)}: run benchmarks/linear.py --table"
             if reason is not None:
                 self.skip(ctx, lin.path, reason, detail=detail)
                 continue
-            speedup, _, note = lin.predict(table, self.name)
+            speedup, _, note = table.predict(self.name, lin.shapes)
             where = f"at {detail}" + (f" ({note})" if note else "")
             if speedup is None:
                 self.skip(ctx, lin.path, f"the measured table has no 2:4 times {where}", detail=detail)
@@ -361,16 +313,16 @@ class Sparse24Pass(ModulePass):
         for lin, xs in _activations(chosen):
             self._convert(ctx, table, lin, xs)
 
-    def _convert(self, ctx: ModuleContext, table: LinearTable, lin: _Linear, xs: dict) -> None:
+    def _convert(self, ctx: ModuleContext, table: LinearTable, lin: LinearModule, xs: dict) -> None:
         _, s = lin.main
         method = ctx.config.sparse_method
-        speedup, saved, note = lin.predict(table, self.name)
+        speedup, saved, note = table.predict(self.name, lin.shapes)
         detail = f"{lin.describe()}: 2:4 {method}, {_backend()[0]}"
         if note:
             detail += f" ({note})"
         try:
             new = to_sparse24(lin.module, method, _act_norm(xs.values()) if method == "wanda" else None)
-            x = _rows(xs[s.x])
+            x = sample_rows(xs[s.x], SQNR_ROWS)
             with torch.no_grad():
                 sqnr = sqnr_db(lin.module(x), new(x))
         except Exception as exc:  # noqa: BLE001 - torch refusing one site must not stop the pass
@@ -386,9 +338,3 @@ class Sparse24Pass(ModulePass):
         ctx.swap(lin.path, new)
         ctx.report.add(self.site(ctx, lin.path, detail, target=self.name, est_speedup=round(speedup, 2),
                                  est_saved_ms=round(saved, 4), checks=checks))
-
-
-def _device_name(ctx: ModuleContext, lin: _Linear) -> str:
-    if ctx.device_spec is not None:
-        return ctx.device_spec.name
-    return torch.cuda.get_device_name(lin.module.weight.device)

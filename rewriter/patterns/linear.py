@@ -10,7 +10,8 @@ the number of rows it saw with the example inputs (the ``M`` of the GEMM).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.fx import Graph, Node
@@ -19,7 +20,7 @@ from .graph import module_path, placeholder_kind, placeholder_path
 from .ops import meta, op
 from .products import strip_layout
 
-__all__ = ["LinearSite", "find_linears", "sibling_groups"]
+__all__ = ["LinearSite", "LinearModule", "find_linears", "linear_modules", "sibling_groups"]
 
 
 @dataclass
@@ -102,3 +103,39 @@ def sibling_groups(sites: list[LinearSite]) -> list[list[LinearSite]]:
     for s in sites:
         groups.setdefault(s.x, []).append(s)
     return [g for g in groups.values() if len(g) > 1]
+
+
+@dataclass
+class LinearModule:
+    """One linear module and every call of it that the captured graphs make.
+
+    ``calls`` pairs each :class:`LinearSite` with the graph context it was found in (whatever the
+    caller passed, typically a :class:`~rewriter.context.GraphContext`).
+    """
+
+    path: str
+    module: Any
+    calls: list[tuple[Any, LinearSite]] = field(default_factory=list)
+
+    @property
+    def main(self) -> tuple[Any, LinearSite]:
+        """The call with the most rows."""
+        return max(self.calls, key=lambda c: c[1].rows)
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int]]:
+        return [s.shape for _, s in self.calls]
+
+    def describe(self) -> str:
+        _, s = self.main
+        calls = f", {len(self.calls)} calls" if len(self.calls) > 1 else ""
+        return f"M {s.rows}, K {s.in_features}, N {s.out_features}{calls}"
+
+
+def linear_modules(graphs: Iterable[Any], module_of: Callable[[str], Any]) -> list[LinearModule]:
+    """Linear sites of every graph (objects with ``.graph`` and ``.kinds``), grouped by module path."""
+    found: dict[str, LinearModule] = {}
+    for g in graphs:
+        for s in find_linears(g.graph, g.kinds):
+            found.setdefault(s.where, LinearModule(s.where, module_of(s.where))).calls.append((g, s))
+    return list(found.values())

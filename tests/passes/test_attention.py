@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import models as M
-from utils import check_fp32, check_grads, check_low_precision, optimize, first, rel
+from utils import check_fp32, check_grads, check_low_precision, optimize, rel
 
 torch.manual_seed(0)
 

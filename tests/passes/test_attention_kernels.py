@@ -11,7 +11,7 @@ from torch import nn
 import models as M
 import rewriter.passes.attention as attention_pass
 from rewriter.targets import hf_model
-from utils import check_fp32, first, optimize, rel
+from utils import check_fp32, optimize, rel
 
 pytest.importorskip("triton")
 
