@@ -39,6 +39,9 @@ class DeviceSpec:
     # Our Triton FlashAttention kernel: 0.82-0.85x of SDPA's throughput on H200 (D=128, S=4096,
     # causal and plain, forward; benchmarks/results/attention_*.md), so 0.65 * 0.83.
     triton_attention_efficiency: float = 0.54
+    # FlexAttention: 363-365 TFLOP/s against SDPA's 508-536 on causal D=128 S=4096 (H200, same runs):
+    # 0.68 of SDPA, so 0.65 * 0.68.
+    flex_attention_efficiency: float = 0.44
 
     def matrix_rate(self, dtype: torch.dtype) -> float:
         """FLOP/s for matrix work in ``dtype``."""
@@ -127,7 +130,8 @@ def attention_estimate(
     ``batch`` counts query (batch x head) slices, ``kv_batch`` the distinct K/V slices (fewer under
     GQA). ``score_ops`` is the number of elementwise ops between the products, the softmax included.
     ``visible_fraction`` is the share of score entries the fused kernel computes (it skips blocks a
-    causal or window mask removes); ``efficiency="triton"`` rates our kernel instead of SDPA's.
+    causal or window mask removes); ``efficiency="triton"`` / ``"flex"`` rates our kernel or
+    FlexAttention instead of SDPA.
     """
     e, es = dtype_bytes(dtype), dtype_bytes(score_dtype)
     scores = batch * q_len * kv_len
@@ -148,7 +152,8 @@ def attention_estimate(
     mid = scores * es * passes + mask_bytes
     est.seconds_before = (kernel_time(gemm1, g1_bytes, spec, dtype) + kernel_time(gemm2, g2_bytes, spec, dtype)
                           + mid / (spec.bandwidth_tbps * 1e12))
-    eff = spec.triton_attention_efficiency if efficiency == "triton" else spec.fused_attention_efficiency
+    eff = {"triton": spec.triton_attention_efficiency, "flex": spec.flex_attention_efficiency}.get(
+        efficiency or "", spec.fused_attention_efficiency)
     est.seconds_after = kernel_time(flops * frac, bytes_after, spec, dtype, eff)
     return est
 

@@ -24,7 +24,7 @@ from torch.fx import Node
 from ..context import Builder, GraphContext
 from ..cost import attention_estimate
 from ..patterns.attention import AttentionSite, NotAttention, find_attention
-from ..patterns.masks import MaskInfo, ScorePlan, classify_static, mask_from_steps, plan_scores
+from ..patterns.masks import MaskInfo, ScorePlan, classify_static, mask_from_steps, plan_scores, static_tables
 from ..patterns.ops import meta
 from .base import GraphPass, Rewrite
 
@@ -68,7 +68,12 @@ class AttentionPass(GraphPass):
                          est_speedup=None if est.speedup is None else round(est.speedup, 2),
                          est_saved_ms=None if est.saved_ms is None else round(est.saved_ms, 4))
         inputs = [m.q, k_src, v_src] + (list(plan.tensors) if keep_mask else [])
-        call = _sdpa_call(m, plan, gqa, keep_mask) if target == "sdpa" else _triton_call(m, plan, keep_mask)
+        if target == "sdpa":
+            call = _sdpa_call(m, plan, gqa, keep_mask)
+        elif target == "flex":
+            call = _flex_call(m, plan)
+        else:
+            call = _triton_call(m, plan, keep_mask)
 
         def emit(b: Builder, env: dict[Node, Node]) -> Node:
             return _emit(b, env, m, plan, k_src, v_src, gqa, keep_mask, call)
@@ -87,7 +92,21 @@ def _keeps_mask(plan: ScorePlan, target: str) -> bool:
     mask = plan.mask
     if target == "sdpa":
         return not (mask.kind in ("none", "causal") and mask.alibi_slopes is None)
+    if target == "flex":
+        return False
     return mask.kind == "key_padding"
+
+
+def _flex_expresses(m: AttentionSite, plan: ScorePlan) -> str | None:
+    """None when FlexAttention computes this site from tables derived at compile time, else why not."""
+    if plan.tables is None:
+        return ("the mask depends on the inputs or on parameters" if not plan.mask.static else
+                f"the {plan.mask.describe()} mask has no table form (it differs by batch, or masks whole rows)")
+    if m.dropout_p:
+        return "dropout in training (FlexAttention has none)"
+    if m.value_dim != m.head_dim:
+        return "value head dim differs from the query/key head dim"
+    return None
 
 
 def _kernel_expresses(plan: ScorePlan) -> str | None:
@@ -127,10 +146,13 @@ def _choose(ctx: GraphContext, m: AttentionSite, plan: ScorePlan):
     forced = ctx.config.attention_backend
     sdpa_ok = plan.softcap is None
     kernel_why = _kernel_expresses(plan) or _kernel_supports(ctx, m, plan)
+    flex_why = _flex_expresses(m, plan)
     est_sdpa = _estimate(ctx, m, plan, "sdpa")
-    if forced == "sdpa" or forced == "flex":
-        if forced == "flex":
-            return "FlexAttention is not available as a target for this site yet"
+    if forced == "flex":
+        if flex_why:
+            return f"attention_backend='flex' but FlexAttention cannot take this site: {flex_why}"
+        return "flex", "forced by config", _estimate(ctx, m, plan, "flex")
+    if forced == "sdpa":
         if not sdpa_ok:
             return "tanh soft-capping: scaled_dot_product_attention cannot express it"
         return "sdpa", "forced by config", est_sdpa
@@ -139,18 +161,24 @@ def _choose(ctx: GraphContext, m: AttentionSite, plan: ScorePlan):
             return f"attention_backend='triton' but the kernel cannot take this site: {kernel_why}"
         return "triton", "forced by config", _estimate(ctx, m, plan, "triton")
     on_gpu = _on_cuda(m)
-    if not on_gpu or kernel_why:
+    if not on_gpu:
         if not sdpa_ok:
-            return ("tanh soft-capping needs the Triton kernel: " + (kernel_why or "it runs on CUDA only")
-                    if on_gpu or kernel_why else "tanh soft-capping needs the Triton kernel, which runs on CUDA")
+            return "tanh soft-capping needs the Triton kernel or FlexAttention, which run on CUDA"
         return "sdpa", "", est_sdpa
-    if not sdpa_ok:
-        return "triton", "soft-capping", _estimate(ctx, m, plan, "triton")
-    est_triton = _estimate(ctx, m, plan, "triton")
-    if est_triton.seconds_after is not None and est_sdpa.seconds_after is not None \
-            and est_triton.seconds_after < est_sdpa.seconds_after:
-        return "triton", "mask computed in the kernel", est_triton
-    return "sdpa", "", est_sdpa
+    options = []  # (seconds, target, why, estimate)
+    if sdpa_ok:
+        options.append((est_sdpa.seconds_after, "sdpa", "", est_sdpa))
+    if not kernel_why:
+        est = _estimate(ctx, m, plan, "triton")
+        options.append((est.seconds_after, "triton", "mask computed in the kernel" if sdpa_ok else "soft-capping", est))
+    if not flex_why:
+        est = _estimate(ctx, m, plan, "flex")
+        options.append((est.seconds_after, "flex", "mask and bias from compile-time tables, masked blocks skipped", est))
+    if not options:
+        return f"tanh soft-capping needs the Triton kernel ({kernel_why}) or FlexAttention ({flex_why})"
+    if any(o[0] is None for o in options):
+        return options[0][1:]  # no estimates for this device: the first option that can express the site
+    return min(options, key=lambda o: o[0])[1:]
 
 
 def _read_mask(ctx: GraphContext, m: AttentionSite, plan: ScorePlan) -> None:
@@ -164,6 +192,8 @@ def _read_mask(ctx: GraphContext, m: AttentionSite, plan: ScorePlan) -> None:
         mask = mask_from_steps(plan.spec, plan.shape, plan.dtype, *[values[n] for n in plan.tensors])
         head = m.scores_dims.index(m.batch[-1]) if m.batch else None
         plan.mask = classify_static(mask, q_dim, k_dim, m.q_len, m.kv_len, head)
+        if plan.mask.kind in ("mask", "bias"):
+            plan.tables = static_tables(mask, q_dim, k_dim, m.q_len, m.kv_len, head)
         return
     batch_dims = [i for i, c in enumerate(m.scores_dims) if c in m.batch]
     padding = plan.shape[q_dim] == 1 and all(plan.shape[i] == 1 for i in batch_dims[1:])
@@ -201,6 +231,8 @@ def _visible_fraction(m: AttentionSite, plan: ScorePlan) -> float:
         left, right = plan.mask.window
         width = (left if left is not None else skv) + (right if right is not None else skv) + 1
         return min(1.0, width / skv)
+    if plan.tables is not None:
+        return float(plan.tables[0].float().mean())
     return 1.0
 
 
@@ -219,7 +251,7 @@ def _estimate(ctx: GraphContext, m: AttentionSite, plan: ScorePlan, target: str)
         score_dtype=meta(m.softmax).dtype, score_ops=len(m.chain) - 2,
         mask_elems=math.prod(plan.shape) if keep else 0, mask_kept=keep,
         visible_fraction=frac, inductor=ctx.config.inductor,
-        efficiency=None if target == "sdpa" else "triton",
+        efficiency=None if target == "sdpa" else target,
     )
 
 
@@ -292,6 +324,18 @@ def _triton_call(m: AttentionSite, plan: ScorePlan, keep_mask: bool):
         if m.dropout_p and not b.validating:
             extra["dropout_p"] = m.dropout_p
         return b.call(flash_attention, q, k, v, **extra)
+
+    return call
+
+
+def _flex_call(m: AttentionSite, plan: ScorePlan):
+    from ..kernels.flex import flex_attention_static, register
+
+    keep, bias = plan.tables
+    key = register(keep, bias, plan.scale, plan.softcap)
+
+    def call(b: Builder, q: Node, k: Node, v: Node, mask: Node | None) -> Node:
+        return b.call(flex_attention_static, q, k, v, key=key)
 
     return call
 

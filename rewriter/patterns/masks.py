@@ -23,7 +23,7 @@ import torch
 from .attention import AttentionSite, Transform
 from .ops import meta, op
 
-__all__ = ["ScorePlan", "plan_scores", "mask_from_steps", "classify_static", "MaskInfo",
+__all__ = ["ScorePlan", "plan_scores", "mask_from_steps", "classify_static", "static_tables", "MaskInfo",
            "MASKED_BELOW"]
 
 # A filled or added value at or below this masks a position: exp(-1e4) underflows to 0 in fp32,
@@ -68,6 +68,8 @@ class ScorePlan:
     dtype: torch.dtype = torch.float32
     mask: MaskInfo = field(default_factory=lambda: MaskInfo("none", True))
     notes: list[str] = field(default_factory=list)
+    # For a static mask that is no band: (keep, bias) as functions of ([head,] q_idx, kv_idx).
+    tables: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 def plan_scores(site: AttentionSite) -> ScorePlan | str:
@@ -220,6 +222,35 @@ def classify_static(m: torch.Tensor, q_dim: int, k_dim: int, q_len: int, kv_len:
         return MaskInfo("bias", True)
     band.alibi_slopes = slopes
     return band
+
+
+def static_tables(m: torch.Tensor, q_dim: int, k_dim: int, q_len: int, kv_len: int,
+                  head_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A compile-time mask as lookup tables: ``keep`` (bool) and ``bias`` (values at kept positions,
+    None when they are all zero), shaped (Sq, Skv), or (H, Sq, Skv) when they differ by head. None
+    when the mask differs along other batch axes or masks every key of some row."""
+    m = m.movedim((q_dim, k_dim), (-2, -1))
+    nd = m.dim()
+    head = None if head_dim is None else [d for d in range(nd) if d not in (q_dim % nd, k_dim % nd)].index(head_dim)
+    m = m.expand(*m.shape[:-2], q_len, kv_len)
+    if head is not None:
+        m = m.movedim(head, 0)
+        m = m.reshape(m.shape[0], -1, q_len, kv_len)
+        if not bool((m == m[:, :1]).all()):
+            return None
+        m = m[:, 0]
+        if bool((m == m[:1]).all()):
+            m = m[0]
+    else:
+        flat = m.reshape(-1, q_len, kv_len)
+        if not bool((flat == flat[0]).all()):
+            return None
+        m = flat[0]
+    keep = m > MASKED_BELOW
+    if not bool(keep.any(dim=-1).all()):
+        return None
+    values = torch.where(keep, m.float(), torch.zeros((), device=m.device))
+    return keep, (values if bool((values != 0).any()) else None)
 
 
 def _alibi_slopes(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,183 @@
+"""FlexAttention for masks and biases that are a fixed function of (head, q_idx, kv_idx).
+
+What: ``rewriter::flex_attention_static`` computes ``softmax(cap*tanh(scale*q·k/cap) + bias) v`` over
+the positions a boolean ``keep`` table allows, with ``torch.nn.attention.flex_attention``. The tables
+come from a mask or bias that the graph computes without any user input (a document-id buffer, a
+prefix-LM rule built from ``arange``, a static relative-position table): the attention pass evaluates
+it once at compile time and registers it here with :func:`register`. ``mask_mod`` and ``score_mod``
+are lookups into those tables, and the block mask built from ``keep`` lets the kernel skip every
+block with no kept position, which is where Flex beats SDPA with a materialized mask.
+
+Why a custom op: the tables and block masks live in this module, keyed by an integer, so the op is
+opaque to Inductor and its compilation is managed here. Each registered site gets its own compiled
+``flex_attention`` wrapper with its own code object (a single ``torch.compile(flex_attention)``
+shared by many shapes and mods hits Dynamo's recompile limit and silently runs unfused eager
+Flex), and the block mask is built once per device and shape. On CPU (where FlexAttention has no
+backward) the op computes the same function from the materialized tables.
+
+The backward recomputes the forward under autograd (one extra forward per backward).
+
+Example::
+
+    key = register(keep=torch.ones(8, 8, dtype=torch.bool).tril(), bias=None, scale=0.125)
+    out = flex_attention_static(q, k, v, key=key)   # q, k, v: (B, H, 8, D)
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["FlexTables", "register", "tables", "flex_attention_static", "flex_reference"]
+
+
+@dataclass
+class FlexTables:
+    """A site's tables: ``keep`` (bool) and ``bias`` (float or None), each (Sq, Skv) or (H, Sq, Skv)."""
+
+    keep: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float
+    softcap: float | None = None
+    _block_masks: dict = field(default_factory=dict, repr=False)
+    _compiled: Any = field(default=None, repr=False)
+    _moved: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = str(device)
+        if key not in self._moved:
+            bias = None if self.bias is None else self.bias.to(device=device, dtype=torch.float32)
+            self._moved[key] = (self.keep.to(device), bias)
+        return self._moved[key]
+
+
+_TABLES: dict[int, FlexTables] = {}
+_KEYS = itertools.count()
+
+
+def register(keep: torch.Tensor, bias: torch.Tensor | None, scale: float, softcap: float | None = None) -> int:
+    """Keep a site's tables for :func:`flex_attention_static`; returns the key to call it with."""
+    if keep.dtype != torch.bool or keep.dim() not in (2, 3):
+        raise ValueError("keep must be a bool tensor of shape (Sq, Skv) or (H, Sq, Skv)")
+    if not bool(keep.any(dim=-1).all()):
+        raise ValueError("every query row must keep at least one key")
+    if bias is not None and bias.shape[-2:] != keep.shape[-2:]:
+        raise ValueError("bias must match keep in its last two dims")
+    key = next(_KEYS)
+    _TABLES[key] = FlexTables(keep.detach().cpu(), None if bias is None else bias.detach().float().cpu(),
+                              float(scale), softcap)
+    return key
+
+
+def tables(key: int) -> FlexTables:
+    if key not in _TABLES:
+        raise KeyError(f"no FlexAttention tables registered under key {key}")
+    return _TABLES[key]
+
+
+def _mods(t: FlexTables, device: torch.device):
+    keep, bias = t.on(device)
+    per_head_keep, per_head_bias = keep.dim() == 3, bias is not None and bias.dim() == 3
+    cap = t.softcap
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return keep[h, q_idx, kv_idx] if per_head_keep else keep[q_idx, kv_idx]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if cap is not None:
+            score = cap * torch.tanh(score / cap)
+        if bias is not None:
+            score = score + (bias[h, q_idx, kv_idx] if per_head_bias else bias[q_idx, kv_idx])
+        return score
+
+    needs_score = cap is not None or bias is not None
+    return mask_mod, (score_mod if needs_score else None), per_head_keep
+
+
+def _block_mask(t: FlexTables, q: torch.Tensor, k: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (str(q.device), q.shape[1], q.shape[-2], k.shape[-2])
+    if key not in t._block_masks:
+        mask_mod, _, per_head = _mods(t, q.device)
+        t._block_masks[key] = create_block_mask(mask_mod, None, q.shape[1] if per_head else None,
+                                                q.shape[-2], k.shape[-2], device=q.device)
+    return t._block_masks[key]
+
+
+def _compiled(t: FlexTables):
+    """This site's own compiled flex_attention (own code object, so its own Dynamo cache)."""
+    if t._compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def call(q, k, v, score_mod, block_mask, scale, enable_gqa):
+            return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                  enable_gqa=enable_gqa)
+
+        code = call.__code__.replace(co_name=f"rewriter_flex_{id(t)}")
+        fn = types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
+        t._compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+    return t._compiled
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.Tensor:
+    if q.device.type != "cuda":
+        # FlexAttention has no backward on CPU: there the op computes the same function from the
+        # materialized tables (the reference), forward and backward.
+        return flex_reference(q, k, v, key)
+    t = tables(key)
+    _, score_mod, _ = _mods(t, q.device)
+    return _compiled(t)(q, k, v, score_mod, _block_mask(t, q, k), t.scale, q.shape[1] != k.shape[1])
+
+
+@torch.library.custom_op("rewriter::flex_attention_static", mutates_args=())
+def _flex_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.Tensor:
+    with torch.no_grad():
+        return _run(q, k, v, key).contiguous()
+
+
+@_flex_op.register_fake
+def _(q, k, v, key):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, key = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.key = key
+
+
+def _backward(ctx, grad):
+    q, k, v = ctx.saved_tensors
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = _run(qq, kk, vv, ctx.key)
+        dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), grad)
+    return dq, dk, dv, None
+
+
+_flex_op.register_autograd(_backward, setup_context=_setup)
+
+
+def flex_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key: int) -> torch.Tensor:
+    """Attention of q (B, Hq, Sq, D) over k, v (B, Hkv, Skv, D) with the tables registered under ``key``."""
+    return torch.ops.rewriter.flex_attention_static(q, k, v, key)
+
+
+def flex_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.Tensor:
+    """The same function with the tables materialized, in plain PyTorch (for tests)."""
+    t = tables(key)
+    keep, bias = t.on(q.device)
+    r = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * t.scale
+    if t.softcap is not None:
+        s = t.softcap * torch.tanh(s / t.softcap)
+    if bias is not None:
+        s = s + bias
+    s = s.masked_fill(~keep, float("-inf"))
+    return (s.softmax(-1) @ v.float()).to(q.dtype)
