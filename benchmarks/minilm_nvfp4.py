@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import rewriter  # noqa: E402
-from rewriter.kernels.nvfp4 import sqnr_db  # noqa: E402
+from rewriter.validate import sqnr_db  # noqa: E402
 from rewriter.passes import pass_names  # noqa: E402
 from rewriter.passes.nvfp4 import convert_linears  # noqa: E402
 

@@ -27,7 +27,6 @@ in memory (0.28x the bytes of bf16).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -48,7 +47,6 @@ __all__ = [
     "nvfp4_gemm",
     "nvfp4_linear",
     "supports",
-    "sqnr_db",
 ]
 
 E2M1_MAX = 6.0
@@ -743,17 +741,3 @@ class NVFP4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             "weight=NVFP4 (E2M1 values, E4M3 scale per 16, fp32 global scale)"
         )
-
-
-def sqnr_db(reference: Tensor, candidate: Tensor) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - cand)^2)`` in dB, computed
-    in float64; ``+inf`` when the two are equal."""
-    ref = reference.detach().to(torch.float64)
-    diff = ref - candidate.detach().to(torch.float64)
-    noise = float((diff * diff).sum())
-    signal = float((ref * ref).sum())
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)

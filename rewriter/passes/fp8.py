@@ -71,9 +71,8 @@ from torch import nn
 
 from ..context import GraphContext
 from ..cost import LinearTable, linear_table
-from ..patterns.graph import module_path
-from ..patterns.linear import LinearModule, linear_modules
-from ..patterns.ops import meta, op
+from ..patterns.linear import LinearModule, linear_modules, swap_blocker
+from ..patterns.ops import meta
 from ..validate import sample_rows, sqnr_db
 from .base import ModuleContext, ModulePass
 
@@ -143,31 +142,12 @@ def convert_linears(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool
     return [path for path, _ in targets]
 
 
-def _plain(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, nn.Parameter)
-
-
 def _guard(lin: LinearModule) -> str | None:
     """Why this module cannot become an FP8 linear, or None."""
+    reason = swap_blocker(lin, "FP8 weights", "FP8 conversion takes")
+    if reason is not None:
+        return reason
     m = lin.module
-    if type(m) is not nn.Linear:
-        weight = getattr(m, "weight", None)
-        if isinstance(weight, torch.Tensor) and not _plain(weight):
-            return f"weight is already a {type(weight).__name__}"
-        return f"the weight belongs to a {type(m).__name__}, not an nn.Linear"
-    if not _plain(m.weight):
-        return f"weight is already a {type(m.weight).__name__}"
-    if m.training:
-        return "the module is in training mode and FP8 weights do not train; call model.eval() first"
-    for _, s in lin.calls:
-        o = op(s.node)
-        if o is None or o.name != "linear" or module_path(s.node) != lin.path:
-            return f"the weight is also used outside nn.Linear.forward (in {module_path(s.node) or 'the top module'})"
-    if m.weight.dtype not in (torch.bfloat16, torch.float16):
-        return f"weights are {m.weight.dtype}; FP8 conversion takes bfloat16 or float16 weights"
-    x_dtypes = {meta(s.x).dtype for _, s in lin.calls}
-    if x_dtypes != {m.weight.dtype}:
-        return f"activations are {', '.join(sorted(map(str, x_dtypes)))} but weights are {m.weight.dtype}"
     if m.in_features % 16 or m.out_features % 16:
         return f"K={m.in_features} and N={m.out_features} must be multiples of 16 for torch._scaled_mm"
     return fp8_device_support(m.weight.device)

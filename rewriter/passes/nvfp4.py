@@ -53,10 +53,11 @@ from torch import nn
 
 from ..context import GraphContext
 from ..cost import LinearTable, linear_table
-from ..kernels.nvfp4 import BLOCK_SIZE, NVFP4Linear, sqnr_db, unpack_nvfp4
+from ..kernels.nvfp4 import BLOCK_SIZE, NVFP4Linear, unpack_nvfp4
 from ..patterns.graph import module_path
 from ..patterns.linear import LinearSite, find_linears
 from ..patterns.ops import meta
+from ..validate import sqnr_db
 from .base import ModuleContext, ModulePass
 
 __all__ = ["NVFP4Pass", "Conversion", "CostDecision", "convert_linears", "nvfp4_convertible", "nvfp4_cost"]

@@ -58,9 +58,8 @@ from torch import Tensor, nn
 
 from ..context import GraphContext
 from ..cost import LinearTable, linear_table
-from ..patterns.graph import module_path
-from ..patterns.linear import LinearModule, linear_modules
-from ..patterns.ops import meta, op
+from ..patterns.linear import LinearModule, linear_modules, swap_blocker
+from ..patterns.ops import meta
 from ..validate import sample_rows, sqnr_db
 from .base import ModuleContext, ModulePass
 
@@ -214,23 +213,10 @@ def sparse24_device_support(device: torch.device) -> str | None:
 
 def _guard(lin: LinearModule) -> str | None:
     """Why this module cannot become a 2:4 sparse linear, or None."""
+    reason = swap_blocker(lin, "pruned weights", "2:4 sparse linears take")
+    if reason is not None:
+        return reason
     m = lin.module
-    weight = getattr(m, "weight", None)
-    if isinstance(weight, Tensor) and type(weight) not in (Tensor, nn.Parameter):
-        return f"weight is already a {type(weight).__name__}"
-    if type(m) is not nn.Linear:
-        return f"the weight belongs to a {type(m).__name__}, not an nn.Linear"
-    if m.training:
-        return "the module is in training mode and pruned weights do not train; call model.eval() first"
-    for _, s in lin.calls:
-        o = op(s.node)
-        if o is None or o.name != "linear" or module_path(s.node) != lin.path:
-            return f"the weight is also used outside nn.Linear.forward (in {module_path(s.node) or 'the top module'})"
-    if m.weight.dtype not in (torch.bfloat16, torch.float16):
-        return f"weights are {m.weight.dtype}; 2:4 sparse linears take bfloat16 or float16 weights"
-    x_dtypes = {meta(s.x).dtype for _, s in lin.calls}
-    if x_dtypes != {m.weight.dtype}:
-        return f"activations are {', '.join(sorted(map(str, x_dtypes)))} but weights are {m.weight.dtype}"
     reason = sparse24_device_support(m.weight.device)
     if reason is not None:
         return reason

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
 from torch.fx import Graph, Node
 
 from .graph import module_path, placeholder_kind, placeholder_path
 from .ops import meta, op
 from .products import strip_layout
 
-__all__ = ["LinearSite", "LinearModule", "find_linears", "linear_modules", "sibling_groups"]
+__all__ = ["LinearSite", "LinearModule", "find_linears", "linear_modules", "sibling_groups", "swap_blocker"]
 
 
 @dataclass
@@ -139,3 +140,31 @@ def linear_modules(graphs: Iterable[Any], module_of: Callable[[str], Any]) -> li
         for s in find_linears(g.graph, g.kinds):
             found.setdefault(s.where, LinearModule(s.where, module_of(s.where))).calls.append((g, s))
     return list(found.values())
+
+
+def swap_blocker(lin: LinearModule, new_weights: str, accepts: str) -> str | None:
+    """Why ``lin``'s module cannot be swapped for an inference-only, half-precision linear, or None.
+
+    Needs a plain ``nn.Linear`` (exactly: a subclass may compute something else) with a plain weight,
+    in eval mode, called only through its own ``forward``, with bf16/fp16 weights and activations
+    of the weight's dtype. ``new_weights`` and ``accepts`` word the reasons ("FP8 weights",
+    "FP8 conversion takes").
+    """
+    m = lin.module
+    weight = getattr(m, "weight", None)
+    if isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, nn.Parameter):
+        return f"weight is already a {type(weight).__name__}"
+    if type(m) is not nn.Linear:
+        return f"the weight belongs to a {type(m).__name__}, not an nn.Linear"
+    if m.training:
+        return f"the module is in training mode and {new_weights} do not train; call model.eval() first"
+    for _, s in lin.calls:
+        o = op(s.node)
+        if o is None or o.name != "linear" or module_path(s.node) != lin.path:
+            return f"the weight is also used outside nn.Linear.forward (in {module_path(s.node) or 'the top module'})"
+    if m.weight.dtype not in (torch.bfloat16, torch.float16):
+        return f"weights are {m.weight.dtype}; {accepts} bfloat16 or float16 weights"
+    x_dtypes = {meta(s.x).dtype for _, s in lin.calls}
+    if x_dtypes != {m.weight.dtype}:
+        return f"activations are {', '.join(sorted(map(str, x_dtypes)))} but weights are {m.weight.dtype}"
+    return None

@@ -16,10 +16,10 @@ from rewriter.kernels.nvfp4 import (
     nvfp4_linear,
     nvfp4_linear_reference,
     pack_nvfp4,
-    sqnr_db,
     supports,
     unpack_nvfp4,
 )
+from rewriter.validate import sqnr_db
 
 GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 # The kernel tests run the real kernel on a GPU when there is one, else the Triton interpreter.

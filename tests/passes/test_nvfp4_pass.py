@@ -20,7 +20,8 @@ from torch import nn
 import rewriter
 import rewriter.passes.nvfp4 as nvfp4_pass
 from rewriter.cost import LinearTable
-from rewriter.kernels.nvfp4 import NVFP4Linear, nvfp4_linear, pack_nvfp4, sqnr_db, unpack_nvfp4
+from rewriter.kernels.nvfp4 import NVFP4Linear, nvfp4_linear, pack_nvfp4, unpack_nvfp4
+from rewriter.validate import sqnr_db
 from rewriter.passes.nvfp4 import convert_linears, nvfp4_convertible, nvfp4_cost
 from utils import optimize
 
