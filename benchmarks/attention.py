@@ -47,6 +47,12 @@ HEADS = 16
 WINDOW = 512  # keys visible per query under the sliding window, the diagonal included
 SOFTCAP = 50.0
 VARIANTS = ["plain", "causal", "alibi+causal", "window512+causal", "softcap+causal"]
+# Not in the default list (run with --variants): 8 packed documents, causal within each. "ours" is
+# rewriter's FlexAttention route (rewriter::flex_attention_static with the mask registered as a
+# table, as the attention pass emits it for a document-id buffer); "flex" is FlexAttention with a
+# hand-written mask_mod over the document ids.
+DOCS = 8
+EXTRA_VARIANTS = ["docs8+causal"]
 IMPLS = ["ours", "sdpa", "sdpa_mask", "flex", "eager"]
 
 
@@ -60,6 +66,9 @@ def visible_pairs(variant, s):
         return s * s
     if variant.startswith("window"):
         return sum(min(i + 1, WINDOW) for i in range(s))
+    if variant.startswith("docs"):
+        lengths = [len(range(j * s // DOCS, (j + 1) * s // DOCS)) for j in range(DOCS)]
+        return sum(n * (n + 1) // 2 for n in lengths)
     return s * (s + 1) // 2
 
 
@@ -86,12 +95,16 @@ def materialized_bias(variant, h, s, device, dtype):
         return bias.to(dtype)[None]
     if variant == "window512+causal":
         return (j <= i) & (j > i - WINDOW)
+    if variant == "docs8+causal":
+        doc = torch.arange(s, device=device) * DOCS // s
+        return (j <= i) & (doc[:, None] == doc[None, :])
     return None
 
 
-def flex_mods(variant, h, device):
-    """(score_mod, mask_mod) of FlexAttention for a variant."""
+def flex_mods(variant, h, device, s=None):
+    """(score_mod, mask_mod) of FlexAttention for a variant (``s``: the sequence length)."""
     slopes = alibi_slopes(h, device)
+    s_len = [s]
 
     def causal(b, hh, qi, kv):
         return kv <= qi
@@ -105,12 +118,16 @@ def flex_mods(variant, h, device):
     def softcap(score, b, hh, qi, kv):
         return SOFTCAP * torch.tanh(score / SOFTCAP)
 
+    def documents(b, hh, qi, kv):
+        return (kv <= qi) & (qi * DOCS // s_len[0] == kv * DOCS // s_len[0])
+
     return {
         "plain": (None, None),
         "causal": (None, causal),
         "alibi+causal": (alibi, causal),
         "window512+causal": (None, window),
         "softcap+causal": (softcap, causal),
+        "docs8+causal": (None, documents),
     }[variant]
 
 
@@ -130,8 +147,14 @@ def eager_attention(q, k, v, variant, bias):
 
 def make_impls(variant, q, k, v, bias, flex_fn, flex_kw):
     h = q.shape[1]
-    kw = ours_kwargs(variant, h, q.device)
-    impls = {"ours": lambda: fa.flash_attention(q, k, v, **kw)}
+    if variant.startswith("docs"):
+        from rewriter.kernels.flex import flex_attention_static, register
+
+        key = register(bias.cpu(), None, scale=q.shape[-1] ** -0.5)
+        impls = {"ours": lambda: flex_attention_static(q, k, v, key=key)}
+    else:
+        kw = ours_kwargs(variant, h, q.device)
+        impls = {"ours": lambda: fa.flash_attention(q, k, v, **kw)}
     impls["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=variant != "plain")
     if bias is not None:
         impls["sdpa_mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -142,6 +165,7 @@ def make_impls(variant, q, k, v, bias, flex_fn, flex_kw):
 
 
 GRAPHED = ("ours", "sdpa", "flex")
+REP_MS = 100  # timing window of each measurement (--rep)
 
 
 def bench(fn, q, k, v, do, mode, graph):
@@ -154,8 +178,8 @@ def bench(fn, q, k, v, do, mode, graph):
             torch.autograd.grad(out, (q, k, v), do)
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
         if graph:
-            return triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median")
-        return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+            return triton.testing.do_bench_cudagraph(step, rep=REP_MS, return_mode="median")
+        return triton.testing.do_bench(step, warmup=25, rep=REP_MS, return_mode="median")
 
 
 def tuning_log(log, **context):
@@ -231,7 +255,9 @@ def run(args, save):
             setattr(torch._dynamo.config, name, value)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if args.quick:
+    if args.shapes:
+        shapes = [tuple(int(v) for v in pair.split(":")) for pair in args.shapes.split(",")]
+    elif args.quick:
         shapes = [(128, 4096), (128, 1024)]
     else:
         shapes = [(d, s) for d in (64, 128) for s in (1024, 2048, 4096, 8192, 16384)]
@@ -250,7 +276,7 @@ def run(args, save):
                                    generator=g).requires_grad_() for _ in range(3)]
             do = torch.randn(b, HEADS, s, d, device=device, dtype=torch.bfloat16, generator=g)
             bias = materialized_bias(variant, HEADS, s, device, q.dtype)
-            score_mod, mask_mod = flex_mods(variant, HEADS, device)
+            score_mod, mask_mod = flex_mods(variant, HEADS, device, s)
             # A fresh dynamo cache per (variant, shape): one compile each, and the recompile
             # limit can never silently drop FlexAttention to its unfused fallback.
             torch._dynamo.reset()
@@ -329,18 +355,24 @@ def main():
     parser.add_argument("--quick", action="store_true", help="only D=128 with S=4096 and 1024")
     parser.add_argument("--check", action="store_true", help="check numerics before timing")
     parser.add_argument("--variants", default="", help="comma-separated subset of " +
-                        ",".join(VARIANTS))
+                        ",".join(VARIANTS + EXTRA_VARIANTS))
     parser.add_argument("--budget", type=float, default=0.0,
                         help="stop starting new rows after this many seconds (0: no limit)")
+    parser.add_argument("--shapes", default="",
+                        help="comma-separated D:S pairs instead of the full sweep, e.g. 128:4096,64:1024")
+    parser.add_argument("--rep", type=float, default=100.0, help="ms of timing per measurement")
+    parser.add_argument("--suffix", default="", help="added to the output file names")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    global REP_MS
+    REP_MS = args.rep
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
     name = torch.cuda.get_device_name()
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     if args.check and not check("cuda"):
         sys.exit("numerical check failed")
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + args.suffix
     os.makedirs(args.out, exist_ok=True)
 
     def save(results, tune_log, complete):
@@ -348,8 +380,8 @@ def main():
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     tokens=TOKENS, heads=HEADS, dtype="bfloat16", quick=args.quick,
                     complete=complete,
-                    timing="medians of triton.testing.do_bench(warmup=25ms, rep=100ms) and "
-                           "do_bench_cudagraph(rep=100ms)")
+                    timing=f"medians of triton.testing.do_bench(warmup=25ms, rep={REP_MS:g}ms) and "
+                           f"do_bench_cudagraph(rep={REP_MS:g}ms)")
         md = (f"# Attention throughput on {name}\n\n"
               f"torch {torch.__version__}, triton {triton.__version__}, {meta['date']}; bf16, "
               f"B*S = {TOKENS} tokens, H = {HEADS}; TFLOP/s over visible score entries only "

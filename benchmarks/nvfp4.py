@@ -199,6 +199,15 @@ def kernel_table(m_values, notes) -> list[dict]:
 
 def sweep_configs(m: int) -> list[nv.NVFP4GemmConfig]:
     C = nv.NVFP4GemmConfig
+    if m <= 4:
+        bm = nv._m_bucket(m)
+        cfgs = [C(bm, bn, bk, split, warps, 1, "gemv") for bn, bk, split, warps in (
+            (64, 128, 1, 4), (128, 128, 1, 4), (128, 64, 1, 4), (256, 64, 1, 8), (128, 128, 1, 8),
+            (64, 256, 1, 4), (32, 256, 1, 2), (128, 256, 1, 8), (32, 128, 1, 2), (16, 256, 1, 1),
+            (64, 128, 2, 4), (128, 128, 4, 4), (32, 256, 2, 2), (64, 256, 4, 4))]
+        cfgs.append(C(bm, 64, 128, 1, 4, 1, "gemv_portable"))
+        cfgs += [C(16, 32, 256, 2, 4, 3), C(16, 128, 256, 8, 4, 3)]
+        return cfgs
     if m <= 16:
         cfgs = []
         for mode in ("dot", "dot_swap"):
@@ -487,6 +496,7 @@ def main() -> None:
     parser.add_argument("--no-decode", action="store_true", help="skip the decode measurement")
     parser.add_argument("--decode-only", action="store_true",
                         help="only the decode measurement, written to nvfp4_decode_<device>.md/.json")
+    parser.add_argument("--sweep-m", default="1,16,256,64", help="M values of the sweep")
     parser.add_argument("--budget-s", type=float, default=240.0, help="time limit for the sweep")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
@@ -503,7 +513,7 @@ def main() -> None:
             with open(os.path.join(args.out, f"nvfp4_sweep_{name}.json"), "w") as f:
                 json.dump({"info": info, "results": results}, f, indent=1)
 
-        run_sweep([1, 16, 256, 64], time.time() + args.budget_s, save)
+        run_sweep([int(v) for v in args.sweep_m.split(",")], time.time() + args.budget_s, save)
         return
 
     notes: list[str] = []

@@ -46,6 +46,7 @@ class FlexTables:
     _block_masks: dict = field(default_factory=dict, repr=False)
     _compiled: Any = field(default=None, repr=False)
     _moved: dict = field(default_factory=dict, repr=False)
+    _mod_cache: dict = field(default_factory=dict, repr=False)
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = str(device)
@@ -80,6 +81,15 @@ def tables(key: int) -> FlexTables:
 
 
 def _mods(t: FlexTables, device: torch.device):
+    """(mask_mod, score_mod or None, per-head keep) for ``device``, made once per device: the
+    compiled wrapper guards on the functions it is given, so new closures per call would recompile."""
+    key = str(device)
+    if key not in t._mod_cache:
+        t._mod_cache[key] = _make_mods(t, device)
+    return t._mod_cache[key]
+
+
+def _make_mods(t: FlexTables, device: torch.device):
     keep, bias = t.on(device)
     per_head_keep, per_head_bias = keep.dim() == 3, bias is not None and bias.dim() == 3
     cap = t.softcap

@@ -205,6 +205,8 @@ def nvfp4_linear_reference(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor] = N
 # type is needed: this runs on Ampere and in the interpreter too.
 
 _MODES = {"dot": 0, "dot_swap": 1}
+# GEMV modes and their decode (1: inline PTX, sm_89+; 0: portable).
+_GEMV_DECODES = {"gemv": 1, "gemv_portable": 0}
 
 
 @triton.jit
@@ -409,16 +411,16 @@ def _nvfp4_gemm_kernel(
 @triton.jit
 def _nvfp4_splitk_reduce_kernel(
     ws_ptr, gscale_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, GEMV: tl.constexpr = False,
 ):
     """``out[m, n] = global_scale * 2**8 or 2**14 * sum_s ws[s, m, n] (+ bias[n])``, summed in a
-    fixed order."""
+    fixed order (2**14 for the GEMV kernel's partials whatever the dtype)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for split in tl.static_range(SPLITS):
         acc += tl.load(ws_ptr + split * M * N + offs, mask=mask, other=0.0)
-    if out_ptr.dtype.element_ty == tl.bfloat16:
+    if out_ptr.dtype.element_ty == tl.bfloat16 and not GEMV:
         y = acc * tl.load(gscale_ptr) * 256.0
     else:
         y = acc * tl.load(gscale_ptr) * 16384.0
@@ -427,6 +429,314 @@ def _nvfp4_splitk_reduce_kernel(
         y += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
     m = offs // N
     tl.store(out_ptr + m.to(tl.int64) * stride_om + n, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# GEMV kernel for a few rows (decode)
+# --------------------------------------------------------------------------------------------------
+#
+# For M up to 8 the tensor-core kernel above spends most of its time rearranging the dequantized
+# values into MMA operands (joins, permutes, a reshape, a shared-memory round trip). This kernel
+# keeps the weight in the order it was loaded and uses plain fp32 FMAs instead: a dot product may
+# visit K in any order as long as x is visited in the same order, so the tile of packed words
+# [BLOCK_N, BLOCK_W] is decoded into eight planes, plane i holding element i of every word, and
+# each plane is multiplied with the matching strided slice of x (x[m, 8j + i]). Each (n, j) keeps
+# its own fp32 partial sum over the K tiles; the row sums are formed once at the end.
+#
+# Decode (DECODE=1, sm_89+): one inline-PTX block per uint32 word turns its 8 nibbles into 8 fp32
+# values ``e2m1 * scale * 2**-14``: the E4M3 scale byte becomes an fp16 pair with one
+# ``cvt.rn.f16x2.e4m3x2``, each nibble pair (p, p + 4) becomes an fp16 pair holding
+# ``e2m1 * 2**-14`` with two shifts and two logic ops (see _e2m1_pair_bits), one ``mul.rn.f16x2``
+# applies the scale (exact: at most 6 significant bits, smallest value 2**-24, the smallest fp16
+# subnormal, which fp16 arithmetic keeps) and two ``cvt.f32.f16`` widen. DECODE=0 builds the same
+# values with Triton integer ops on fp32 bit patterns (no fp8 conversion instruction needed: Ampere,
+# the interpreter).
+
+_GEMV_DECODE_PTX = tl.constexpr("""
+{
+.reg .b32 sc, a, b, q;
+.reg .b16 sl, sh, lo, hi;
+prmt.b32 sc, $9, 0, 0;
+mov.b32 {sl, sh}, sc;
+cvt.rn.f16x2.e4m3x2 sc, sl;
+shl.b32 a, $8, 12;
+shl.b32 b, $8, 9;
+and.b32 a, a, 0x80008000;
+and.b32 b, b, 0x0E000E00;
+or.b32 q, a, b;
+mul.rn.f16x2 q, q, sc;
+mov.b32 {lo, hi}, q;
+cvt.f32.f16 $0, lo;
+cvt.f32.f16 $4, hi;
+shl.b32 a, $8, 8;
+shl.b32 b, $8, 5;
+and.b32 a, a, 0x80008000;
+and.b32 b, b, 0x0E000E00;
+or.b32 q, a, b;
+mul.rn.f16x2 q, q, sc;
+mov.b32 {lo, hi}, q;
+cvt.f32.f16 $1, lo;
+cvt.f32.f16 $5, hi;
+shl.b32 a, $8, 4;
+shl.b32 b, $8, 1;
+and.b32 a, a, 0x80008000;
+and.b32 b, b, 0x0E000E00;
+or.b32 q, a, b;
+mul.rn.f16x2 q, q, sc;
+mov.b32 {lo, hi}, q;
+cvt.f32.f16 $2, lo;
+cvt.f32.f16 $6, hi;
+shr.b32 b, $8, 3;
+and.b32 a, $8, 0x80008000;
+and.b32 b, b, 0x0E000E00;
+or.b32 q, a, b;
+mul.rn.f16x2 q, q, sc;
+mov.b32 {lo, hi}, q;
+cvt.f32.f16 $3, lo;
+cvt.f32.f16 $7, hi;
+}
+""")
+
+
+@triton.jit
+def _e2m1_plane(wd, scale, I: tl.constexpr):
+    """fp32 ``e2m1 * scale * 2**-14`` of nibble I of each uint32 word (portable decode). The 3-bit
+    code goes to bits 22-24 of an fp32 pattern, which reads as ``e2m1 * 2**-126`` (code 1 is the
+    subnormal 2**-127); ``scale`` is ``scale * 2**112``."""
+    mag = (((wd >> (4 * I)) & 0x7) << 22).to(tl.float32, bitcast=True)
+    sign = ((wd >> (4 * I + 3)) & 0x1) << 31
+    return ((mag * scale).to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _decode_words(wd, sb, DECODE: tl.constexpr):
+    """Eight fp32 planes ``e2m1 * scale * 2**-14`` from uint32 words ``wd`` and their scale bytes
+    ``sb`` (uint32 holding the E4M3 byte)."""
+    if DECODE == 1:
+        return tl.inline_asm_elementwise(
+            _GEMV_DECODE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [wd, sb],
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1,
+        )
+    else:
+        # E4M3 ``0eeeemmm`` at bits 20-26 of an fp32 pattern reads as ``scale * 2**-120``
+        # (subnormal scales included); two exact multiplies by 2**116 give ``scale * 2**112``, and
+        # a plane's ``e2m1 * 2**-126`` times that is ``e2m1 * scale * 2**-14``.
+        scale = ((sb & 0x7F) << 20).to(tl.float32, bitcast=True) * 8.307674973655724e34 * 8.307674973655724e34
+        return (
+            _e2m1_plane(wd, scale, 0), _e2m1_plane(wd, scale, 1), _e2m1_plane(wd, scale, 2),
+            _e2m1_plane(wd, scale, 3), _e2m1_plane(wd, scale, 4), _e2m1_plane(wd, scale, 5),
+            _e2m1_plane(wd, scale, 6), _e2m1_plane(wd, scale, 7),
+        )
+
+
+# Loads issued through inline PTX (DECODE=1). A tl.load gets its own register layout from Triton's
+# coalescing pass; the scale bytes (one per two words) and the strided x values would then each get a
+# different layout from the words' 16-byte loads, and every K tile would pay shared-memory layout
+# conversions with barriers (seen in the sm_90 SASS of a first version: 8 STS/BAR/LDS rounds per
+# tile, about one shared-memory load per weight element). An inline-asm load has no layout of its
+# own: it takes the layout of its user, the words', so each thread reads exactly the scales and x
+# values of its own words.
+_LD_U8_PTX = tl.constexpr("ld.global.nc.u8 $0, [$1];")
+_LD_V4_PTX = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
+
+
+@triton.jit
+def _x_pair(v, BF16: tl.constexpr):
+    """The two 16-bit floats of each uint32 ``v`` (low half first) as fp32."""
+    if BF16:
+        return (v << 16).to(tl.float32, bitcast=True), (v & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return (v.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32),
+            (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32))
+
+
+@triton.jit
+def _x_planes_asm(addr, BF16: tl.constexpr):
+    """x[8j .. 8j + 7] as eight fp32 tensors, from one 16-byte load at each ``addr`` (int64)."""
+    a, b, c, d = tl.inline_asm_elementwise(_LD_V4_PTX, "=r,=r,=r,=r,l", [addr], dtype=(tl.uint32,) * 4,
+                                           is_pure=True, pack=1)
+    x0, x1 = _x_pair(a, BF16)
+    x2, x3 = _x_pair(b, BF16)
+    x4, x5 = _x_pair(c, BF16)
+    x6, x7 = _x_pair(d, BF16)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _x_planes_load(x_row, kx, kmask, EVEN_K: tl.constexpr):
+    """The same eight planes with tl.load (portable path)."""
+    if EVEN_K:
+        return (tl.load(x_row + kx + 0).to(tl.float32), tl.load(x_row + kx + 1).to(tl.float32),
+                tl.load(x_row + kx + 2).to(tl.float32), tl.load(x_row + kx + 3).to(tl.float32),
+                tl.load(x_row + kx + 4).to(tl.float32), tl.load(x_row + kx + 5).to(tl.float32),
+                tl.load(x_row + kx + 6).to(tl.float32), tl.load(x_row + kx + 7).to(tl.float32))
+    return (tl.load(x_row + kx + 0, mask=kmask, other=0.0).to(tl.float32),
+            tl.load(x_row + kx + 1, mask=kmask, other=0.0).to(tl.float32),
+            tl.load(x_row + kx + 2, mask=kmask, other=0.0).to(tl.float32),
+            tl.load(x_row + kx + 3, mask=kmask, other=0.0).to(tl.float32),
+            tl.load(x_row + kx + 4, mask=kmask, other=0.0).to(tl.float32),
+            tl.load(x_row + kx + 5, mask=kmask, other=0.0).to(tl.float32),
+            tl.load(x_row + kx + 6, mask=kmask, other=0.0).to(tl.float32),
+            tl.load(x_row + kx + 7, mask=kmask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _gemv_row(acc, x_row, x_addr, kx, kmask, e0, e1, e2, e3, e4, e5, e6, e7, EVEN_K: tl.constexpr,
+              DECODE: tl.constexpr, BF16: tl.constexpr):
+    """acc[n, j] += sum_i plane_i[n, j] * x[8j + i] for one row of x (the tile's element 8j is at
+    ``x_row + kx``, or at byte address ``x_addr`` for DECODE=1)."""
+    if DECODE == 1:
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes_asm(x_addr, BF16)
+        if not EVEN_K:
+            x0 = tl.where(kmask, x0, 0.0)
+            x1 = tl.where(kmask, x1, 0.0)
+            x2 = tl.where(kmask, x2, 0.0)
+            x3 = tl.where(kmask, x3, 0.0)
+            x4 = tl.where(kmask, x4, 0.0)
+            x5 = tl.where(kmask, x5, 0.0)
+            x6 = tl.where(kmask, x6, 0.0)
+            x7 = tl.where(kmask, x7, 0.0)
+    else:
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes_load(x_row, kx, kmask, EVEN_K)
+    acc += e0 * x0[None, :]
+    acc += e1 * x1[None, :]
+    acc += e2 * x2[None, :]
+    acc += e3 * x3[None, :]
+    acc += e4 * x4[None, :]
+    acc += e5 * x5[None, :]
+    acc += e6 * x6[None, :]
+    acc += e7 * x7[None, :]
+    return acc
+
+
+@triton.jit
+def _gemv_store(acc, m: tl.constexpr, M, offs_n, n_mask, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, N,
+                HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr):
+    """Row sums of ``acc`` into row ``m`` of the output (or of split ``pid_k``'s partials)."""
+    row = (M * 0 + m).to(tl.int64)
+    mask = n_mask & (row < M)
+    res = tl.sum(acc, axis=1)
+    if USE_WS:
+        tl.store(ws_ptr + (pid_k * M + row) * N + offs_n, res, mask=mask)
+    else:
+        y = res * gscale
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_tile_loads(w_rows, s_rows, s_addr, tile, offs_w, KW, EVEN_K: tl.constexpr, DECODE: tl.constexpr,
+                     BLOCK_W: tl.constexpr):
+    """The packed words [BLOCK_N, BLOCK_W] of K tile ``tile`` and their scale bytes (as uint32).
+    Past K (only when not EVEN_K) the last word is re-read; its x values are zeroed by the caller."""
+    wofs = tile * BLOCK_W + offs_w
+    if not EVEN_K:
+        wofs = tl.minimum(wofs, KW - 1)
+    wd = tl.load(w_rows + wofs[None, :])
+    if DECODE == 1:
+        sb = tl.inline_asm_elementwise(_LD_U8_PTX, "=r,l", [s_addr + (wofs // 2)[None, :]], dtype=tl.uint32,
+                                       is_pure=True, pack=1)
+    else:
+        sb = tl.load(s_rows + (wofs // 2)[None, :]).to(tl.uint32)
+    return wd.to(tl.uint32, bitcast=True), sb
+
+
+@triton.jit
+def _gemv_step(acc0, acc1, acc2, acc3, wd, sb, t, first, tiles_per_split, offs_w, KW, w_rows, s_rows, s_addr,
+               x0_row, x1_row, x2_row, x3_row, x0_addr, x1_addr, x2_addr, x3_addr,
+               EVEN_K: tl.constexpr, DECODE: tl.constexpr, BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_W: tl.constexpr):
+    """One K tile of :func:`_nvfp4_gemv_kernel`: prefetch the next tile (the last iteration reloads
+    its own), decode this one and accumulate every row of x."""
+    tile = first + t
+    wofs = tile * BLOCK_W + offs_w
+    kmask = wofs < KW
+    if EVEN_K:
+        kx = wofs * 8
+    else:
+        kx = tl.minimum(wofs, KW - 1) * 8
+    wd_next, sb_next = _gemv_tile_loads(w_rows, s_rows, s_addr, first + tl.minimum(t + 1, tiles_per_split - 1),
+                                        offs_w, KW, EVEN_K, DECODE, BLOCK_W)
+    e0, e1, e2, e3, e4, e5, e6, e7 = _decode_words(wd, sb, DECODE)
+    kb = kx.to(tl.int64) * 2
+    acc0 = _gemv_row(acc0, x0_row, x0_addr + kb, kx, kmask, e0, e1, e2, e3, e4, e5, e6, e7, EVEN_K, DECODE, BF16)
+    if BLOCK_M > 1:
+        acc1 = _gemv_row(acc1, x1_row, x1_addr + kb, kx, kmask, e0, e1, e2, e3, e4, e5, e6, e7, EVEN_K, DECODE, BF16)
+    if BLOCK_M > 2:
+        acc2 = _gemv_row(acc2, x2_row, x2_addr + kb, kx, kmask, e0, e1, e2, e3, e4, e5, e6, e7, EVEN_K, DECODE, BF16)
+        acc3 = _gemv_row(acc3, x3_row, x3_addr + kb, kx, kmask, e0, e1, e2, e3, e4, e5, e6, e7, EVEN_K, DECODE, BF16)
+    return acc0, acc1, acc2, acc3, wd_next, sb_next
+
+
+@triton.jit(do_not_specialize=["M"])
+def _nvfp4_gemv_kernel(
+    x_ptr, words_ptr, scales_ptr, gscale_ptr, bias_ptr, out_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_om, tiles_per_split,
+    HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, EVEN_K: tl.constexpr, DECODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """``out[m, n] = global_scale * sum_k x[m, k] * W[n, k] (+ bias[n])`` for ``M <= BLOCK_M <= 4``
+    rows, FMA-based (see the comment above). Grid ``(cdiv(N, BLOCK_N), splits)``; a K tile is
+    BLOCK_W words (8 * BLOCK_W elements); the next tile's words and scales are loaded before the
+    current one is decoded. Split-K as in :func:`_nvfp4_gemm_kernel` (fp32 partials to ``ws``).
+    DECODE=1 needs 16-byte aligned x rows (the launcher ensures it)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_W)
+    n_mask = offs_n < N
+    # Rows past N read row N - 1 (never stored), so the main loop needs no row mask.
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    w_rows = words_ptr + rows[:, None] * stride_wn
+    s_rows = scales_ptr + rows[:, None] * stride_sn
+    s_addr = scales_ptr.to(tl.int64, bitcast=True) + rows[:, None] * stride_sn
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    KW = K // 8
+    first = pid_k * tiles_per_split
+
+    acc0 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    x0_row = x_ptr
+    x1_row = x_ptr + tl.minimum(1, M - 1) * stride_xm
+    x2_row = x_ptr + tl.minimum(2, M - 1) * stride_xm
+    x3_row = x_ptr + tl.minimum(3, M - 1) * stride_xm
+    x0_addr = x0_row.to(tl.int64, bitcast=True)
+    x1_addr = x1_row.to(tl.int64, bitcast=True)
+    x2_addr = x2_row.to(tl.int64, bitcast=True)
+    x3_addr = x3_row.to(tl.int64, bitcast=True)
+
+    wd, sb = _gemv_tile_loads(w_rows, s_rows, s_addr, first, offs_w, KW, EVEN_K, DECODE, BLOCK_W)
+    # A for loop when compiled (Triton propagates the words' layout through its carried values; a while
+    # loop kept the scales in another layout and converted them every iteration); the interpreter
+    # needs the while loop (see _nvfp4_gemm_kernel).
+    if DECODE == 1:
+        for t in range(0, tiles_per_split):
+            acc0, acc1, acc2, acc3, wd, sb = _gemv_step(
+                acc0, acc1, acc2, acc3, wd, sb, t, first, tiles_per_split, offs_w, KW, w_rows, s_rows, s_addr,
+                x0_row, x1_row, x2_row, x3_row, x0_addr, x1_addr, x2_addr, x3_addr,
+                EVEN_K, DECODE, BF16, BLOCK_M, BLOCK_W)
+    else:
+        t = first * 0
+        while t < tiles_per_split:
+            acc0, acc1, acc2, acc3, wd, sb = _gemv_step(
+                acc0, acc1, acc2, acc3, wd, sb, t, first, tiles_per_split, offs_w, KW, w_rows, s_rows, s_addr,
+                x0_row, x1_row, x2_row, x3_row, x0_addr, x1_addr, x2_addr, x3_addr,
+                EVEN_K, DECODE, BF16, BLOCK_M, BLOCK_W)
+            t += 1
+
+    # Undo the 2**-14 of the decoded values with the global scale.
+    gscale = tl.load(gscale_ptr) * 16384.0
+    _gemv_store(acc0, 0, M, offs_n, n_mask, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, N, HAS_BIAS, USE_WS)
+    if BLOCK_M > 1:
+        _gemv_store(acc1, 1, M, offs_n, n_mask, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, N, HAS_BIAS,
+                    USE_WS)
+    if BLOCK_M > 2:
+        _gemv_store(acc2, 2, M, offs_n, n_mask, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, N, HAS_BIAS,
+                    USE_WS)
+        _gemv_store(acc3, 3, M, offs_n, n_mask, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, N, HAS_BIAS,
+                    USE_WS)
 
 
 @dataclass(frozen=True)
@@ -452,6 +762,8 @@ _INTERPRETER_CONFIG = NVFP4GemmConfig(block_m=16, block_n=32, block_k=32, num_wa
 
 
 def _m_bucket(m: int) -> int:
+    if m <= 4:
+        return 1 << (m - 1).bit_length()  # 1, 2, 4: the GEMV kernel's row blocks
     return 16 if m <= 16 else min(1 << (m - 1).bit_length(), 512)
 
 
@@ -470,6 +782,15 @@ def _candidates(bucket: int, k: int) -> list[NVFP4GemmConfig]:
     256x128x64 on K=4096, N=14336.
     """
     C = NVFP4GemmConfig
+    if bucket <= 4:
+        cands = [
+            C(bucket, 64, 128, 1, 4, 1, mode="gemv"),
+            C(bucket, 128, 128, 1, 4, 1, mode="gemv"),
+            C(bucket, 32, 256, 1, 2, 1, mode="gemv"),
+            C(bucket, 64, 128, 2, 4, 1, mode="gemv"),
+            C(16, 32, 256, 2, 4, 3),
+        ]
+        return [c for c in cands if c.split_k == 1 or k >= c.split_k * c.block_k]
     if bucket <= 16:
         cands = [
             C(16, 32, 256, 2, 4, 3),
@@ -502,6 +823,37 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
     tiles_per_split = k_tiles // split
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     bias_arg = bias if bias is not None else out
+    if cfg.mode in _GEMV_DECODES:
+        if m > cfg.block_m or cfg.block_m > 4:
+            raise ValueError(f"the GEMV kernel takes at most block_m <= 4 rows, got M={m} with {cfg}")
+        decode = 0 if _interpreting() else _GEMV_DECODES[cfg.mode]
+        if decode == 1 and torch.cuda.get_device_capability(x.device) < (8, 9):
+            decode = 0  # cvt.rn.f16x2.e4m3x2 needs sm_89
+        if decode == 1 and (x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16):
+            x = x.clone(memory_format=torch.contiguous_format)  # its 16-byte loads need aligned rows
+            if x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+                decode = 0
+        _nvfp4_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+            x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
+            m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
+            HAS_BIAS=bias is not None, USE_WS=split > 1, EVEN_K=k % cfg.block_k == 0,
+            DECODE=decode,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // 8,
+            num_warps=cfg.num_warps, num_stages=1,
+        )
+    else:
+        _launch_gemm(x, w, bias_arg, out, ws, cfg, split, tiles_per_split, bias is not None)
+    if split > 1:
+        block = 1024
+        _nvfp4_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            ws, w.global_scale, bias_arg, out, m, n, out.stride(0),
+            SPLITS=split, HAS_BIAS=bias is not None, BLOCK=block, GEMV=cfg.mode in _GEMV_DECODES, num_warps=4,
+        )
+
+
+def _launch_gemm(x, w, bias_arg, out, ws, cfg, split, tiles_per_split, has_bias):
+    m, k = x.shape
+    n = w.shape[0]
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
     _nvfp4_gemm_kernel[grid](
         x,
@@ -519,7 +871,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         k // 16,
         out.stride(0),
         tiles_per_split,
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=has_bias,
         USE_WS=split > 1,
         EVEN_K=k % cfg.block_k == 0,
         MODE=_MODES[cfg.mode],
@@ -530,12 +882,6 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if split > 1:
-        block = 1024
-        _nvfp4_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            ws, w.global_scale, bias_arg, out, m, n, out.stride(0),
-            SPLITS=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
-        )
 
 
 def _time_config(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg: NVFP4GemmConfig) -> float:

@@ -292,6 +292,42 @@ def test_kernel_configs_and_split_k(config, dtype):
     _check_kernel(2, 256, 33, dtype, with_bias=False, config=config, seed=8)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        NVFP4GemmConfig(1, 16, 32, split_k=1, num_warps=1, num_stages=1, mode="gemv"),
+        NVFP4GemmConfig(2, 32, 64, split_k=2, num_warps=1, num_stages=1, mode="gemv"),
+        NVFP4GemmConfig(4, 8, 16, split_k=3, num_warps=1, num_stages=1, mode="gemv_portable"),
+        NVFP4GemmConfig(4, 64, 128, split_k=1, num_warps=2, num_stages=1, mode="gemv"),
+    ],
+    ids=lambda c: f"{c.mode}-m{c.block_m}-n{c.block_n}-k{c.block_k}-s{c.split_k}",
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_kernel_configs(config, dtype):
+    # Every M up to block_m; K not a multiple of the tile (the last word re-read with x zeroed), N
+    # not a multiple of block_n (rows past N read row N - 1 and are not stored).
+    for m in range(1, config.block_m + 1):
+        _check_kernel(m, 208, 40, dtype, with_bias=m % 2 == 1, config=config, seed=20 + m)
+    _check_kernel(config.block_m, 256, 33, dtype, with_bias=False, config=config, seed=30)
+
+
+def test_gemv_kernel_refuses_more_rows_than_its_block():
+    x = torch.randn(3, 32).to(torch.bfloat16).to(DEVICE)
+    with pytest.raises(ValueError, match="at most"):
+        nvfp4_gemm(x, pack_nvfp4(torch.randn(8, 32).to(DEVICE)), config=NVFP4GemmConfig(2, 16, 32, mode="gemv"))
+
+
+def test_gemv_fp16_is_exact_on_exact_data():
+    # As below, for the GEMV kernel: each product is exact in fp32 and every partial sum stays far
+    # below 2**24 ulps, so the result must equal the reference bit for bit.
+    gen = torch.Generator().manual_seed(19)
+    wt, _ = representable_weight(24, 64, 2.0**-12, gen, scale_bits=(0x38, 0x57))
+    w = pack_nvfp4(wt.to(DEVICE))
+    x = torch.randint(-3, 4, (3, 64), generator=gen).to(torch.float16).to(DEVICE)
+    y = nvfp4_gemm(x, w, config=NVFP4GemmConfig(4, 16, 32, mode="gemv"))
+    assert torch.equal(y, nvfp4_linear_reference(x, w))
+
+
 def test_kernel_fp16_is_exact_on_exact_data():
     # Representable weights with block scales in [1, 15] (and one 448) and small-integer
     # activations: every product is a multiple of 1/16 and every partial sum stays below 2**19, so
@@ -485,6 +521,30 @@ def test_gpu_configs(mode, split, block_m):
             y = nvfp4_gemm(x, w, config=cfg)
             ref = nvfp4_linear_reference(x.float(), w)
             assert float((y.float() - ref).norm() / ref.norm()) < 4e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["gemv", "gemv_portable"])
+@pytest.mark.parametrize("split", [1, 4])
+@pytest.mark.parametrize("block", [(1, 64, 128, 4), (4, 128, 128, 4), (2, 32, 256, 2)])
+def test_gpu_gemv_configs(mode, split, block):
+    torch.manual_seed(17)
+    bm, bn, bk, warps = block
+    for k, n in ((4096 + 48, 1000), (4096, 14336)):
+        w = pack_nvfp4(torch.randn(n, k, device="cuda"))
+        cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, mode)
+        for m in range(1, bm + 1):
+            for dtype in (torch.bfloat16, torch.float16):
+                x = torch.randn(m, k, device="cuda").to(dtype)
+                bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
+                y = nvfp4_gemm(x, w, bias, config=cfg)
+                ref = nvfp4_linear_reference(x.float(), w, None if bias is None else bias.float())
+                assert float((y.float() - ref).norm() / ref.norm()) < (4e-3 if dtype == torch.bfloat16 else 1e-3)
+    # A row of x that is not 16-byte aligned (the inline-PTX loads need alignment; the launcher copies).
+    x = torch.randn(1, k + 1, device="cuda", dtype=torch.bfloat16)[:, 1:]
+    y = nvfp4_gemm(x, w, config=cfg)
+    ref = nvfp4_linear_reference(x.float(), w)
+    assert float((y.float() - ref).norm() / ref.norm()) < 4e-3
 
 
 @pytest.mark.gpu

@@ -4,6 +4,9 @@ compile-time tables; the rewrite matches eager; input- or parameter-dependent on
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 import models as M
@@ -109,3 +112,30 @@ def test_cost_model_prefers_flex_for_sparse_document_masks(monkeypatch):
     assert site.target == "flex", site.detail
     with torch.no_grad():
         assert rel(opt(x), model(x)) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_gpu_document_mask_site_runs_flex_and_matches_eager(cap):
+    """On the GPU the cost model picks Flex for a sparse document mask by itself; bf16 output and
+    gradients within twice eager bf16's own error against float64."""
+    torch.manual_seed(5)
+    model = Documents(seq=2048, docs=8, cap=cap)
+    model.q, model.k, model.v, model.o = (torch.nn.Linear(512, 512) for _ in range(4))
+    model.dim, model.heads, model.kv_heads, model.hd = 512, 8, 8, 64
+    model = model.cuda()
+    x = torch.randn(2, 2048, 512, device="cuda")
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    opt = optimize(low, (x.to(torch.bfloat16),))
+    (site,) = opt.report.rewritten("attention")
+    assert site.target == "flex", site.detail
+    ref = copy.deepcopy(model).double()
+    xs = [x.to(torch.bfloat16).requires_grad_() for _ in range(2)]
+    x64 = x.double().requires_grad_()
+    outs = [fn(t) for fn, t in ((opt, xs[0]), (low, xs[1]), (ref, x64))]
+    g = torch.randn_like(outs[2])
+    for o, t in zip(outs, (*xs, x64)):
+        o.backward(g.to(o.dtype))
+    err = lambda a, b: float((a.double() - b).norm() / b.norm())
+    assert err(outs[0], outs[2]) <= 2 * err(outs[1], outs[2]) + 1e-3
+    assert err(xs[0].grad, x64.grad) <= 2 * err(xs[1].grad, x64.grad) + 1e-3

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Checks and timings on a GPU machine, one call: bash benchmarks/gpu_run.sh STAGE... (see below).
+# Logs and result files go to $OUT (default ./out). Needs torchao as a wheel in .whl/ for the FP8
+# tests (installed into /tmp/site).
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
+  export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+for stage in "$@"; do
+  start=$(date +%s)
+  case "$stage" in
+    tests-nvfp4-flex)  # GPU tests of the NVFP4 kernels and the Flex path
+      python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_nvfp4.py tests/kernels/test_flex.py \
+        tests/passes/test_attention_flex.py 2>&1 | tail -25 | tee "$OUT/tests_nvfp4_flex.log" ;;
+    tests)  # every GPU test
+      python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu_tests.log" ;;
+    nvfp4-sweep)  # kernel configurations for M = 1, 2, 4
+      python3 benchmarks/nvfp4.py --sweep --sweep-m 1,2,4 --budget-s "${SWEEP_S:-200}" --out "$OUT" 2>&1 \
+        | grep -v Warning | tail -20 ;;
+    nvfp4)  # the kernel table and the decode benchmark
+      python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
+    attn-docs)  # the FlexAttention route on document masks
+      python3 benchmarks/attention.py --variants docs8+causal --shapes 128:4096,128:16384,64:4096 --rep 50 \
+        --suffix _docs --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -16 ;;
+    attn-d128)  # full sweep, D = 128
+      python3 benchmarks/attention.py --shapes 128:1024,128:2048,128:4096,128:8192,128:16384 --rep 40 \
+        --suffix _d128 --budget "${ATTN_S:-500}" --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -5 ;;
+    attn-d64)  # full sweep, D = 64
+      python3 benchmarks/attention.py --shapes 64:1024,64:2048,64:4096,64:8192,64:16384 --rep 40 \
+        --suffix _d64 --budget "${ATTN_S:-500}" --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -5 ;;
+    models)  # whole models against torch.compile
+      python3 benchmarks/models.py --out "$OUT" 2>&1 | tail -20 ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+  echo "== $stage: $(( $(date +%s) - start )) s"
+done
