@@ -16,12 +16,18 @@ for stage in "$@"; do
   start=$(date +%s)
   case "$stage" in
     tests-nvfp4-flex)  # GPU tests of the NVFP4 kernels and the Flex path
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_nvfp4.py tests/kernels/test_flex.py \
-        tests/passes/test_attention_flex.py 2>&1 | tail -25 | tee "$OUT/tests_nvfp4_flex.log" ;;
+      python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/kernels/test_nvfp4.py tests/kernels/test_flex.py \
+        tests/passes/test_attention_flex.py > "$OUT/tests_nvfp4_flex.log" 2>&1
+      grep -E "^E  |^FAILED|passed|failed|Error" "$OUT/tests_nvfp4_flex.log" | grep -v DEBUG | head -60 ;;
+    tests-flex)  # GPU tests of the Flex path only
+      python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/kernels/test_flex.py \
+        tests/passes/test_attention_flex.py > "$OUT/tests_flex.log" 2>&1
+      grep -E "^E  |^FAILED|passed|failed" "$OUT/tests_flex.log" | grep -v DEBUG | head -30 ;;
     tests)  # every GPU test
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/gpu_tests.log" ;;
+      python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests > "$OUT/gpu_tests.log" 2>&1
+      grep -E "^E  |^FAILED|passed|failed" "$OUT/gpu_tests.log" | grep -v DEBUG | head -60 ;;
     nvfp4-sweep)  # kernel configurations for M = 1, 2, 4
-      python3 benchmarks/nvfp4.py --sweep --sweep-m 1,2,4 --budget-s "${SWEEP_S:-200}" --out "$OUT" 2>&1 \
+      python3 benchmarks/nvfp4.py --sweep --sweep-m 1,4,8,16 --budget-s "${SWEEP_S:-200}" --out "$OUT" 2>&1 \
         | grep -v Warning | tail -20 ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;

@@ -47,6 +47,7 @@ class FlexTables:
     _compiled: Any = field(default=None, repr=False)
     _moved: dict = field(default_factory=dict, repr=False)
     _mod_cache: dict = field(default_factory=dict, repr=False)
+    _level: int = field(default=0, repr=False)
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = str(device)
@@ -119,19 +120,39 @@ def _block_mask(t: FlexTables, q: torch.Tensor, k: torch.Tensor):
     return t._block_masks[key]
 
 
-def _compiled(t: FlexTables):
-    """This site's own compiled flex_attention (own code object, so its own Dynamo cache)."""
-    if t._compiled is None:
+# Inductor's default Flex block sizes can ask for more shared memory than the GPU has when the mods
+# read tables (seen on H200: the backward of a D=64 site with a (H, S, S) bias table needed 272 KB
+# against 227 KB). Each site then retries with these, smaller, options, once per failure.
+_SMALLER_KERNEL_OPTIONS = (
+    {"num_stages": 1},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
+     "num_stages": 1},
+)
+
+
+def _compiled(t: FlexTables, level: int = 0):
+    """This site's own compiled flex_attention (own code object, so its own Dynamo cache); ``level``
+    > 0 picks the smaller kernel options after a compile failure."""
+    cache = t._compiled if isinstance(t._compiled, dict) else {}
+    t._compiled = cache
+    if level not in cache:
         from torch.nn.attention.flex_attention import flex_attention
+
+        options = None if level == 0 else _SMALLER_KERNEL_OPTIONS[level - 1]
 
         def call(q, k, v, score_mod, block_mask, scale, enable_gqa):
             return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                                  enable_gqa=enable_gqa)
+                                  enable_gqa=enable_gqa, kernel_options=options)
 
-        code = call.__code__.replace(co_name=f"rewriter_flex_{id(t)}")
+        code = call.__code__.replace(co_name=f"rewriter_flex_{id(t)}_{level}")
         fn = types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
-        t._compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-    return t._compiled
+        cache[level] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return cache[level]
+
+
+def _out_of_resources(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return "out of resource" in text or "OutOfResources" in text or "No valid triton configs" in text
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.Tensor:
@@ -141,7 +162,16 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.T
         return flex_reference(q, k, v, key)
     t = tables(key)
     _, score_mod, _ = _mods(t, q.device)
-    return _compiled(t)(q, k, v, score_mod, _block_mask(t, q, k), t.scale, q.shape[1] != k.shape[1])
+    args = (q, k, v, score_mod, _block_mask(t, q, k), t.scale, q.shape[1] != k.shape[1])
+    level = t._level
+    while True:
+        try:
+            return _compiled(t, level)(*args)
+        except Exception as exc:  # noqa: BLE001 - only resource failures are retried
+            if not _out_of_resources(exc) or level >= len(_SMALLER_KERNEL_OPTIONS):
+                raise
+            level += 1
+            t._level = level
 
 
 @torch.library.custom_op("rewriter::flex_attention_static", mutates_args=())
@@ -163,11 +193,18 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     q, k, v = ctx.saved_tensors
-    with torch.enable_grad():
-        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = _run(qq, kk, vv, ctx.key)
-        dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), grad)
-    return dq, dk, dv, None
+    t = tables(ctx.key)
+    while True:
+        try:
+            with torch.enable_grad():
+                qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
+                out = _run(qq, kk, vv, ctx.key)
+                dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), grad)
+            return dq, dk, dv, None
+        except Exception as exc:  # noqa: BLE001 - the backward compiles lazily: retry as in _run
+            if q.device.type != "cuda" or not _out_of_resources(exc) or t._level >= len(_SMALLER_KERNEL_OPTIONS):
+                raise
+            t._level += 1
 
 
 _flex_op.register_autograd(_backward, setup_context=_setup)

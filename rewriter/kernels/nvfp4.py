@@ -411,19 +411,16 @@ def _nvfp4_gemm_kernel(
 @triton.jit
 def _nvfp4_splitk_reduce_kernel(
     ws_ptr, gscale_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK: tl.constexpr, GEMV: tl.constexpr = False,
+    BLOCK: tl.constexpr, undo,
 ):
-    """``out[m, n] = global_scale * 2**8 or 2**14 * sum_s ws[s, m, n] (+ bias[n])``, summed in a
-    fixed order (2**14 for the GEMV kernel's partials whatever the dtype)."""
+    """``out[m, n] = global_scale * undo * sum_s ws[s, m, n] (+ bias[n])``, summed in a fixed order
+    (``undo`` removes the power of two that the kernel's dequantized values carry)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for split in tl.static_range(SPLITS):
         acc += tl.load(ws_ptr + split * M * N + offs, mask=mask, other=0.0)
-    if out_ptr.dtype.element_ty == tl.bfloat16 and not GEMV:
-        y = acc * tl.load(gscale_ptr) * 256.0
-    else:
-        y = acc * tl.load(gscale_ptr) * 16384.0
+    y = acc * (tl.load(gscale_ptr) * undo)
     n = offs % N
     if HAS_BIAS:
         y += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
@@ -739,6 +736,342 @@ def _nvfp4_gemv_kernel(
                     USE_WS)
 
 
+# --------------------------------------------------------------------------------------------------
+# Warp-MMA kernel for up to 16 rows (decode and small batches), sm_89+
+# --------------------------------------------------------------------------------------------------
+#
+# Same idea as the GEMV kernel (K visited in whatever order the packed words come in, x visited in
+# the same order), with the products on the tensor cores: each warp runs ``mma.sync m16n8k16`` with
+# the dequantized weight as the A operand (16 weight rows) and x as the B operand (8 rows of x; a
+# second set of MMAs for rows 8-15). Triton offers no way to place data in the lanes that an MMA
+# fragment needs, so the whole inner step is inline PTX on per-thread scalars (tensors with one
+# element per thread); each thread derives its fragment position from its own %tid.x, so nothing
+# depends on how Triton lays tensors out.
+#
+# Lane (g, c) = (lane / 4, lane % 4) of warp w owns weight rows r0 = 16 w + g and r1 = r0 + 8 of its
+# row group. Per K tile of 128 elements (16 words per row) it loads words 4c .. 4c + 3 of both rows
+# (one 16-byte load each), their two scale bytes (one 16-bit load each) and, for x row g (and
+# g + 8), the 64 bytes of x under those words. Word 4c + t feeds "chunk" t: two MMAs whose k slots
+# (2c, 2c + 1, 2c + 8, 2c + 9) hold elements (2s, 2s + 4, 2s + 1, 2s + 5) of that word for MMA s;
+# the four lanes of a quad fill the rest of the 16 k slots with their own words, and x is permuted
+# the same way (prmt), so every product pairs the right weight with the right x element. The
+# accumulators end as rows (r0, r1) x columns (2c, 2c + 1) of the output block.
+#
+# Decode: as the GEMV kernel for fp16 (``e2m1 * 2**-14`` patterns, ``mul.rn.f16x2`` by the scale);
+# for bf16 the nibble goes to a bf16 pattern (sign, exponent field ``000000ee``, mantissa bit ``m``:
+# ``e2m1 * 2**-126``, code 1 the subnormal 2**-127) multiplied by ``scale * 2**100`` (made in fp32
+# from the E4M3 bits, then ``cvt.rn.bf16x2.f32``): ``e2m1 * scale * 2**-26``, at most 6 significant
+# bits and at least 2**-36, so exact; the accumulators are scaled back once at the end.
+
+_MMA_SETUP_PTX = tl.constexpr("""
+{
+.reg .u32 t;
+mov.u32 t, %tid.x;
+and.b32 $0, t, 3;
+bfe.u32 $1, t, 2, 3;
+shr.u32 $2, t, 5;
+}
+""")
+
+_MMA_LD_W_PTX = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
+# The same with a 256-byte L2 fetch (the row's next three tiles come with it).
+_MMA_LD_W_L2_PTX = tl.constexpr("ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {$0, $1, $2, $3}, [$4];")
+_MMA_LD_S_PTX = tl.constexpr("ld.global.nc.u16 $0, [$1];")
+_MMA_LD_X_PTX = tl.constexpr("""
+{
+.reg .pred p;
+mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;
+mov.b32 $4, 0; mov.b32 $5, 0; mov.b32 $6, 0; mov.b32 $7, 0;
+mov.b32 $8, 0; mov.b32 $9, 0; mov.b32 $10, 0; mov.b32 $11, 0;
+mov.b32 $12, 0; mov.b32 $13, 0; mov.b32 $14, 0; mov.b32 $15, 0;
+setp.ne.u32 p, $17, 0;
+@p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$16];
+@p ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$16+16];
+@p ld.global.nc.v4.b32 {$8, $9, $10, $11}, [$16+32];
+@p ld.global.nc.v4.b32 {$12, $13, $14, $15}, [$16+48];
+}
+""")
+
+# Two E4M3 bytes -> two packed scale pairs (low byte: words 0-1 of the lane, high byte: words 2-3).
+_MMA_SCALE_F16_PTX = tl.constexpr("""
+{
+.reg .b32 t;
+.reg .b16 h, u;
+prmt.b32 t, $2, 0, 0x0000;
+mov.b32 {h, u}, t;
+cvt.rn.f16x2.e4m3x2 $0, h;
+prmt.b32 t, $2, 0, 0x1111;
+mov.b32 {h, u}, t;
+cvt.rn.f16x2.e4m3x2 $1, h;
+}
+""")
+_MMA_SCALE_BF16_PTX = tl.constexpr("""
+{
+.reg .b32 t;
+.reg .f32 f;
+and.b32 t, $2, 0x7F;
+shl.b32 t, t, 20;
+mov.b32 f, t;
+mul.rn.f32 f, f, 0f76800000;
+mul.rn.f32 f, f, 0f76800000;
+cvt.rn.bf16x2.f32 $0, f, f;
+bfe.u32 t, $2, 8, 7;
+shl.b32 t, t, 20;
+mov.b32 f, t;
+mul.rn.f32 f, f, 0f76800000;
+mul.rn.f32 f, f, 0f76800000;
+cvt.rn.bf16x2.f32 $1, f, f;
+}
+""")
+
+# One word ($4) and its scale pair ($5) -> four pairs (elements p, p + 4) for p = 0..3.
+_MMA_DECODE_F16_PTX = tl.constexpr("""
+{
+.reg .b32 a, b;
+shl.b32 a, $4, 12; and.b32 a, a, 0x80008000; shl.b32 b, $4, 9; and.b32 b, b, 0x0E000E00;
+or.b32 a, a, b; mul.rn.f16x2 $0, a, $5;
+shl.b32 a, $4, 8; and.b32 a, a, 0x80008000; shl.b32 b, $4, 5; and.b32 b, b, 0x0E000E00;
+or.b32 a, a, b; mul.rn.f16x2 $1, a, $5;
+shl.b32 a, $4, 4; and.b32 a, a, 0x80008000; shl.b32 b, $4, 1; and.b32 b, b, 0x0E000E00;
+or.b32 a, a, b; mul.rn.f16x2 $2, a, $5;
+and.b32 a, $4, 0x80008000; shr.b32 b, $4, 3; and.b32 b, b, 0x0E000E00;
+or.b32 a, a, b; mul.rn.f16x2 $3, a, $5;
+}
+""")
+_MMA_DECODE_BF16_PTX = tl.constexpr("""
+{
+.reg .b32 a, b;
+shl.b32 a, $4, 12; and.b32 a, a, 0x80008000; shl.b32 b, $4, 6; and.b32 b, b, 0x01C001C0;
+or.b32 a, a, b; mul.rn.bf16x2 $0, a, $5;
+shl.b32 a, $4, 8; and.b32 a, a, 0x80008000; shl.b32 b, $4, 2; and.b32 b, b, 0x01C001C0;
+or.b32 a, a, b; mul.rn.bf16x2 $1, a, $5;
+shl.b32 a, $4, 4; and.b32 a, a, 0x80008000; shr.b32 b, $4, 2; and.b32 b, b, 0x01C001C0;
+or.b32 a, a, b; mul.rn.bf16x2 $2, a, $5;
+and.b32 a, $4, 0x80008000; shr.b32 b, $4, 6; and.b32 b, b, 0x01C001C0;
+or.b32 a, a, b; mul.rn.bf16x2 $3, a, $5;
+}
+""")
+
+# One chunk: row r0 pairs $4-$7, row r1 pairs $8-$11, the x word's 16 bytes $12-$15, accumulators
+# $16-$19 -> accumulators.
+_MMA_CHUNK_BODY = """
+{
+.reg .b32 b0, b1;
+prmt.b32 b0, $12, $14, 0x5410;
+prmt.b32 b1, $12, $14, 0x7632;
+mma.sync.aligned.m16n8k16.row.col.f32.TY.TY.f32 {$0, $1, $2, $3}, {$4, $8, $5, $9}, {b0, b1}, {$16, $17, $18, $19};
+prmt.b32 b0, $13, $15, 0x5410;
+prmt.b32 b1, $13, $15, 0x7632;
+mma.sync.aligned.m16n8k16.row.col.f32.TY.TY.f32 {$0, $1, $2, $3}, {$6, $10, $7, $11}, {b0, b1}, {$0, $1, $2, $3};
+}
+"""
+_MMA_CHUNK_F16_PTX = tl.constexpr(_MMA_CHUNK_BODY.replace("TY", "f16"))
+_MMA_CHUNK_BF16_PTX = tl.constexpr(_MMA_CHUNK_BODY.replace("TY", "bf16"))
+
+
+@triton.jit
+def _mma_ld_words(addr, HINT: tl.constexpr):
+    if HINT:
+        return tl.inline_asm_elementwise(_MMA_LD_W_L2_PTX, "=r,=r,=r,=r,l", [addr], dtype=(tl.uint32,) * 4,
+                                         is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_MMA_LD_W_PTX, "=r,=r,=r,=r,l", [addr], dtype=(tl.uint32,) * 4,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_ld_scales(addr):
+    return tl.inline_asm_elementwise(_MMA_LD_S_PTX, "=h,l", [addr], dtype=tl.uint16, is_pure=True,
+                                     pack=1).to(tl.uint32)
+
+
+@triton.jit
+def _mma_ld_x(addr, pred):
+    return tl.inline_asm_elementwise(_MMA_LD_X_PTX, "=&r," * 16 + "l,r", [addr, pred], dtype=(tl.uint32,) * 16,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_scales(sb, BF16: tl.constexpr):
+    if BF16:
+        return tl.inline_asm_elementwise(_MMA_SCALE_BF16_PTX, "=&r,=&r,r", [sb], dtype=(tl.uint32, tl.uint32),
+                                         is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_MMA_SCALE_F16_PTX, "=&r,=&r,r", [sb], dtype=(tl.uint32, tl.uint32),
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_decode(word, scale, BF16: tl.constexpr):
+    if BF16:
+        return tl.inline_asm_elementwise(_MMA_DECODE_BF16_PTX, "=&r,=&r,=&r,=&r,r,r", [word, scale],
+                                         dtype=(tl.uint32,) * 4, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_MMA_DECODE_F16_PTX, "=&r,=&r,=&r,=&r,r,r", [word, scale],
+                                     dtype=(tl.uint32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3, BF16: tl.constexpr):
+    if BF16:
+        return tl.inline_asm_elementwise(
+            _MMA_CHUNK_BF16_PTX, "=&r,=&r,=&r,=&r," + "r," * 15 + "r",
+            [p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3],
+            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(
+        _MMA_CHUNK_F16_PTX, "=&r,=&r,=&r,=&r," + "r," * 15 + "r",
+        [p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3],
+        dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_group(acc, acc2, w0, w1, s0, s1, xv, xv2, BF16: tl.constexpr, TWO_N: tl.constexpr):
+    """One row group's K tile: decode the 4 + 4 words of rows r0 and r1 and run the chunks."""
+    a0, a1, a2, a3 = acc
+    e0, e1, e2, e3 = acc2
+    s0a, s0b = _mma_scales(s0, BF16)
+    s1a, s1b = _mma_scales(s1, BF16)
+    sc0 = (s0a, s0a, s0b, s0b)
+    sc1 = (s1a, s1a, s1b, s1b)
+    for t in tl.static_range(4):
+        p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16)
+        q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16)
+        a0, a1, a2, a3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, xv[4 * t], xv[4 * t + 1], xv[4 * t + 2],
+                                    xv[4 * t + 3], a0, a1, a2, a3, BF16)
+        if TWO_N:
+            e0, e1, e2, e3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, xv2[4 * t], xv2[4 * t + 1],
+                                        xv2[4 * t + 2], xv2[4 * t + 3], e0, e1, e2, e3, BF16)
+    return (a0, a1, a2, a3), (e0, e1, e2, e3)
+
+
+@triton.jit
+def _mma_store(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k,
+               HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr):
+    """Accumulators (rows_a: c0, c1 at columns col, col + 1; rows_b: c2, c3) to the output."""
+    c0, c1, c2, c3 = acc
+    for i in tl.static_range(4):
+        v = (c0, c1, c2, c3)[i]
+        row = (rows_a, rows_a, rows_b, rows_b)[i]
+        m = col + (i % 2)
+        mask = (row < N) & (m < M)
+        if USE_WS:
+            tl.store(ws_ptr + (pid_k * M + m).to(tl.int64) * N + row, v, mask=mask)
+        else:
+            y = v * gscale
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + row, mask=row < N, other=0.0).to(tl.float32)
+            tl.store(out_ptr + m.to(tl.int64) * stride_om + row, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2, tile,
+                    GROUPS: tl.constexpr, TWO_N: tl.constexpr, HINT: tl.constexpr):
+    """Loads of one K tile (tile index ``tile``): words, scale pairs and x for each row group."""
+    ow = tile.to(tl.int64) * 64
+    os = tile.to(tl.int64) * 8
+    ox = tile.to(tl.int64) * 256
+    w0 = _mma_ld_words(wa0 + ow, HINT)
+    w1 = _mma_ld_words(wa1 + ow, HINT)
+    s0 = _mma_ld_scales(sa0 + os)
+    s1 = _mma_ld_scales(sa1 + os)
+    if GROUPS == 2:
+        w2 = _mma_ld_words(wa2 + ow, HINT)
+        w3 = _mma_ld_words(wa3 + ow, HINT)
+        s2 = _mma_ld_scales(sa2 + os)
+        s3 = _mma_ld_scales(sa3 + os)
+    else:
+        w2 = w0
+        w3 = w1
+        s2 = s0
+        s3 = s1
+    xv = _mma_ld_x(xa + ox, xp)
+    if TWO_N:
+        xv2 = _mma_ld_x(xa2 + ox, xp2)
+    else:
+        xv2 = xv
+    return w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2
+
+
+@triton.jit(do_not_specialize=["M"])
+def _nvfp4_mma_kernel(
+    x_ptr, words_ptr, scales_ptr, gscale_ptr, bias_ptr, out_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_om, tiles_per_split,
+    HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
+    NUM_WARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 0,
+):
+    """``out = x @ W.T`` for M <= 8 (TWO_N: M <= 16) with warp MMAs; see the comment above.
+    Grid ``(cdiv(N, 16 * GROUPS * NUM_WARPS), splits)``; needs K % 128 == 0, 16-byte aligned x rows
+    and compute capability 8.9+. A program's warps each own 16 * GROUPS weight rows."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    tid = tl.arange(0, NUM_WARPS * 32)
+    c, g, w = tl.inline_asm_elementwise(_MMA_SETUP_PTX, "=r,=r,=r,r", [tid], dtype=(tl.int32,) * 3,
+                                        is_pure=True, pack=1)
+    base = pid_n * (16 * GROUPS * NUM_WARPS) + w * (16 * GROUPS) + g
+    r0 = base
+    r1 = base + 8
+    r2 = base + 16
+    r3 = base + 24
+    wb = words_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 16
+    sbase = scales_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 2
+    wa0 = wb + tl.minimum(r0, N - 1).to(tl.int64) * (stride_wn * 4)
+    wa1 = wb + tl.minimum(r1, N - 1).to(tl.int64) * (stride_wn * 4)
+    wa2 = wb + tl.minimum(r2, N - 1).to(tl.int64) * (stride_wn * 4)
+    wa3 = wb + tl.minimum(r3, N - 1).to(tl.int64) * (stride_wn * 4)
+    sa0 = sbase + tl.minimum(r0, N - 1).to(tl.int64) * stride_sn
+    sa1 = sbase + tl.minimum(r1, N - 1).to(tl.int64) * stride_sn
+    sa2 = sbase + tl.minimum(r2, N - 1).to(tl.int64) * stride_sn
+    sa3 = sbase + tl.minimum(r3, N - 1).to(tl.int64) * stride_sn
+    xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 64
+    xa = xb + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm * 2)
+    xa2 = xb + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm * 2)
+    xp = (g < M).to(tl.int32)
+    xp2 = (g + 8 < M).to(tl.int32)
+
+    zero = tl.zeros((NUM_WARPS * 32,), dtype=tl.float32)
+    acc_a = (zero, zero, zero, zero)
+    acc_a2 = (zero, zero, zero, zero)
+    acc_b = (zero, zero, zero, zero)
+    acc_b2 = (zero, zero, zero, zero)
+
+    first = pid_k * tiles_per_split
+    last = tiles_per_split - 1
+    # Loads run AHEAD tiles ahead of the MMAs (1 or 2); past the end the last tile is re-read.
+    cur = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2, first, GROUPS, TWO_N, HINT)
+    nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2,
+                          first + tl.minimum(1, last), GROUPS, TWO_N, HINT)
+    for t in range(0, tiles_per_split):
+        if AHEAD == 2:
+            new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2,
+                                  first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT)
+        w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = cur
+        acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N)
+        if GROUPS == 2:
+            acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N)
+        if AHEAD == 2:
+            cur = nxt
+            nxt = new
+        else:
+            cur = nxt
+            nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2,
+                                  first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT)
+
+    # bf16 values carried 2**-26, fp16 values 2**-14.
+    if BF16:
+        gscale = tl.load(gscale_ptr) * 67108864.0
+    else:
+        gscale = tl.load(gscale_ptr) * 16384.0
+    col = 2 * c
+    _mma_store(acc_a, r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, HAS_BIAS, USE_WS)
+    if TWO_N:
+        _mma_store(acc_a2, r0, r1, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, HAS_BIAS,
+                   USE_WS)
+    if GROUPS == 2:
+        _mma_store(acc_b, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, HAS_BIAS,
+                   USE_WS)
+        if TWO_N:
+            _mma_store(acc_b2, r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k,
+                       HAS_BIAS, USE_WS)
+
+
 @dataclass(frozen=True)
 class NVFP4GemmConfig:
     """Launch parameters of :func:`_nvfp4_gemm_kernel`."""
@@ -750,6 +1083,8 @@ class NVFP4GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     mode: str = "dot"
+    ahead: int = 1  # mma: tiles loaded ahead of the MMAs (1 or 2)
+    hint: int = 0  # mma: 1 = 256-byte L2 fetches for the packed words
 
 
 def _interpreting() -> bool:
@@ -767,7 +1102,7 @@ def _m_bucket(m: int) -> int:
     return 16 if m <= 16 else min(1 << (m - 1).bit_length(), 512)
 
 
-def _candidates(bucket: int, k: int) -> list[NVFP4GemmConfig]:
+def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]:
     """Configurations timed on first use of a (M bucket, N, K) on a GPU; the first is the default
     when timing is impossible (during CUDA graph capture) or not worth it (small weights).
 
@@ -782,17 +1117,20 @@ def _candidates(bucket: int, k: int) -> list[NVFP4GemmConfig]:
     256x128x64 on K=4096, N=14336.
     """
     C = NVFP4GemmConfig
+    cands = []
+    if mma and bucket <= 16 and k % 128 == 0:
+        bm = 8 if bucket <= 8 else 16
+        cands += [C(bm, 64, 128, 4, 2, 1, "mma"), C(bm, 64, 128, 8, 4, 1, "mma"), C(bm, 128, 128, 4, 4, 1, "mma"),
+                  C(bm, 32, 128, 8, 1, 1, "mma")]
     if bucket <= 4:
-        cands = [
-            C(bucket, 64, 128, 1, 4, 1, mode="gemv"),
-            C(bucket, 128, 128, 1, 4, 1, mode="gemv"),
-            C(bucket, 32, 256, 1, 2, 1, mode="gemv"),
-            C(bucket, 64, 128, 2, 4, 1, mode="gemv"),
+        cands += [
+            C(bucket, 64, 256, 4, 4, 1, mode="gemv"),
+            C(bucket, 32, 256, 2, 2, 1, mode="gemv"),
             C(16, 32, 256, 2, 4, 3),
         ]
         return [c for c in cands if c.split_k == 1 or k >= c.split_k * c.block_k]
     if bucket <= 16:
-        cands = [
+        cands += [
             C(16, 32, 256, 2, 4, 3),
             C(16, 64, 256, 1, 4, 4),
             C(16, 32, 256, 1, 4, 3),
@@ -823,7 +1161,28 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
     tiles_per_split = k_tiles // split
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     bias_arg = bias if bias is not None else out
-    if cfg.mode in _GEMV_DECODES:
+    # The power of two carried by each kernel's dequantized values, removed with the global scale.
+    undo = 16384.0 if (cfg.mode in _GEMV_DECODES or x.dtype == torch.float16) else 256.0
+    if cfg.mode == "mma":
+        if _interpreting() or not x.is_cuda or torch.cuda.get_device_capability(x.device) < (9, 0):
+            raise ValueError("the MMA kernel is inline PTX for compute capability 9.0+ (no interpreter)")
+        if m > cfg.block_m or cfg.block_m not in (8, 16) or k % 128 or cfg.block_k != 128:
+            raise ValueError(f"the MMA kernel takes M <= block_m (8 or 16) rows, K % 128 == 0 and "
+                             f"block_k 128; got M={m}, K={k} with {cfg}")
+        groups = cfg.block_n // (16 * cfg.num_warps)
+        if groups not in (1, 2) or cfg.block_n != 16 * groups * cfg.num_warps:
+            raise ValueError(f"the MMA kernel needs block_n = 16 * num_warps * (1 or 2), got {cfg}")
+        if x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+            x = x.clone(memory_format=torch.contiguous_format)
+        if x.dtype == torch.bfloat16:
+            undo = 67108864.0  # 2**26
+        _nvfp4_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
+            x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
+            m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
+            HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
+            NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint, num_warps=cfg.num_warps, num_stages=1,
+        )
+    elif cfg.mode in _GEMV_DECODES:
         if m > cfg.block_m or cfg.block_m > 4:
             raise ValueError(f"the GEMV kernel takes at most block_m <= 4 rows, got M={m} with {cfg}")
         decode = 0 if _interpreting() else _GEMV_DECODES[cfg.mode]
@@ -847,7 +1206,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         block = 1024
         _nvfp4_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
             ws, w.global_scale, bias_arg, out, m, n, out.stride(0),
-            SPLITS=split, HAS_BIAS=bias is not None, BLOCK=block, GEMV=cfg.mode in _GEMV_DECODES, num_warps=4,
+            SPLITS=split, HAS_BIAS=bias is not None, BLOCK=block, undo=undo, num_warps=4,
         )
 
 
@@ -910,7 +1269,7 @@ def _select_config(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tenso
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    cands = _candidates(bucket, k)
+    cands = _candidates(bucket, k, mma=x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0))
     # Timing needs a synchronizing benchmark, impossible during graph capture; and a weight under
     # 2**20 elements (under 0.6 MB packed) takes a few microseconds whatever the configuration.
     if torch.cuda.is_current_stream_capturing() or n * k < 2**20:

@@ -547,6 +547,65 @@ def test_gpu_gemv_configs(mode, split, block):
     assert float((y.float() - ref).norm() / ref.norm()) < 4e-3
 
 
+def test_mma_kernel_needs_a_gpu():
+    x = torch.randn(1, 128).to(torch.bfloat16).to(DEVICE)
+    with pytest.raises(ValueError, match="9.0"):
+        nvfp4_gemm(x, pack_nvfp4(torch.randn(16, 128).to(DEVICE)), config=NVFP4GemmConfig(8, 64, 128, mode="mma"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [(8, 64, 128, 1, 4), (16, 128, 128, 4, 4), (8, 32, 128, 2, 1),
+                                   (16, 64, 128, 8, 2)])
+def test_gpu_mma_configs(block):
+    bm, bn, bk, split, warps = block
+    cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma")
+    torch.manual_seed(18)
+    for k, n in ((4096, 1000), (1024, 14336)):
+        w = pack_nvfp4(torch.randn(n, k, device="cuda"))
+        for m in sorted({1, 2, 3, 8, bm}):
+            for dtype in (torch.bfloat16, torch.float16):
+                x = torch.randn(m, k, device="cuda").to(dtype)
+                bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
+                y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                from rewriter.kernels.nvfp4 import _launch
+                _launch(x, w, bias, y, cfg)
+                ref = nvfp4_linear_reference(x.float(), w, None if bias is None else bias.float())
+                assert torch.isfinite(y).all()
+                err = float((y.float() - ref).norm() / ref.norm())
+                assert err < (4e-3 if dtype == torch.bfloat16 else 1e-3), (m, k, n, dtype, err)
+
+
+@pytest.mark.gpu
+def test_gpu_mma_exact_on_exact_data():
+    # Representable weights (subnormal scales included) and small-integer activations: exact sums.
+    gen = torch.Generator().manual_seed(21)
+    wt, _ = representable_weight(48, 256, 2.0**-12, gen, scale_bits=(0x38, 0x57))
+    w = pack_nvfp4(wt.cuda())
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randint(-3, 4, (5, 256), generator=gen).to(dtype).cuda()
+        y = nvfp4_gemm(x, w, config=NVFP4GemmConfig(8, 64, 128, 1, 4, 1, "mma"))
+        assert torch.equal(y, nvfp4_linear_reference(x, w)), dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["mma", "gemv"])
+def test_gpu_small_blocks_with_subnormal_scales(mode):
+    # Rows 1e-5 times smaller than the largest get E4M3 subnormal block scales (and E2M1 code 1
+    # values, the subnormal patterns of the decode): every row must still match the reference.
+    torch.manual_seed(22)
+    wt = torch.randn(64, 512, device="cuda")
+    wt[::3] *= 1e-5
+    w = pack_nvfp4(wt)
+    assert (w.scales.view(torch.uint8)[::3] < 8).any()  # subnormal E4M3 scales are present
+    cfg = NVFP4GemmConfig(8, 64, 128, 1, 4, 1, "mma") if mode == "mma" else NVFP4GemmConfig(4, 32, 128, 1, 2, 1, "gemv")
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(3, 512, device="cuda").to(dtype)
+        y = nvfp4_gemm(x, w, config=cfg).float()
+        ref = nvfp4_linear_reference(x.float(), w)
+        row_err = (y - ref).norm(dim=0) / ref.norm(dim=0)
+        assert float(row_err.max()) < (4e-3 if dtype == torch.bfloat16 else 2e-3), (dtype, float(row_err.max()))
+
+
 @pytest.mark.gpu
 def test_gpu_pack_matches_cpu_pack():
     torch.manual_seed(15)

@@ -28,7 +28,7 @@ class Documents(M._QKV):
         q, k, v = self.split(x)
         S = x.shape[1]
         same = self.doc[:S, None] == self.doc[None, :S]
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
         s = q @ k.transpose(-2, -1) * self.hd ** -0.5
         if self.cap:
             s = self.cap * torch.tanh(s / self.cap)
