@@ -19,6 +19,10 @@ for stage in "$@"; do
       python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/kernels/test_nvfp4.py tests/kernels/test_flex.py \
         tests/passes/test_attention_flex.py > "$OUT/tests_nvfp4_flex.log" 2>&1
       grep -E "^E  |^FAILED|passed|failed|Error" "$OUT/tests_nvfp4_flex.log" | grep -v DEBUG | head -60 ;;
+    tests-mma)  # GPU tests of the NVFP4 MMA kernel only
+      python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -k "mma or subnormal" tests/kernels/test_nvfp4.py \
+        > "$OUT/tests_mma.log" 2>&1
+      grep -E "^E  |^FAILED|passed|failed" "$OUT/tests_mma.log" | head -30 ;;
     tests-flex)  # GPU tests of the Flex path only
       python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/kernels/test_flex.py \
         tests/passes/test_attention_flex.py > "$OUT/tests_flex.log" 2>&1

@@ -248,9 +248,10 @@ def sweep_configs(m: int) -> list[nv.NVFP4GemmConfig]:
     C = nv.NVFP4GemmConfig
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        cfgs = [C(bm, 16 * groups * warps, 128, split, warps, 1, "mma", ahead, hint)
-                for warps in (1, 4) for groups in (1, 2) for split in (2, 4, 8) for ahead in (1, 2)
-                for hint in (0, 1)]
+        cfgs = [C(bm, 16 * groups * warps, 128, split, warps, 1, "mma", 2, 1, reduce)
+                for warps in (1, 2, 4) for groups in (1, 2) for split in (2, 4, 8, 16)
+                for reduce in ("kernel", "atomic")]
+        cfgs += [C(bm, 16 * groups, 128, 1, 1, 1, "mma", 2, 1) for groups in (1, 2)]
         if m <= 4:
             bg = nv._m_bucket(m)
             cfgs += [C(bg, 64, 256, 4, 4, 1, "gemv"), C(bg, 32, 256, 2, 2, 1, "gemv")]

@@ -960,6 +960,27 @@ def _mma_store(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr
             tl.store(out_ptr + m.to(tl.int64) * stride_om + row, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_FENCE_PTX = tl.constexpr("fence.acq_rel.gpu; mov.b32 $0, $1;")
+
+
+@triton.jit
+def _mma_finish(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, splits,
+                HAS_BIAS: tl.constexpr):
+    """In the last program of a row block: sum every split's partials for this thread's entries
+    (read from L2, ``.cg``: other SMs wrote them) and store the output."""
+    for i in tl.static_range(4):
+        row = (rows_a, rows_a, rows_b, rows_b)[i]
+        m = col + (i % 2)
+        mask = (row < N) & (m < M)
+        total = tl.zeros(row.shape, dtype=tl.float32)
+        for sp in range(0, splits):
+            total += tl.load(ws_ptr + (sp * M + m).to(tl.int64) * N + row, mask=mask, other=0.0, cache_modifier=".cg")
+        y = total * gscale
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + row, mask=row < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m.to(tl.int64) * stride_om + row, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2, tile,
                     GROUPS: tl.constexpr, TWO_N: tl.constexpr, HINT: tl.constexpr):
@@ -995,6 +1016,7 @@ def _nvfp4_mma_kernel(
     M, N, K, stride_xm, stride_wn, stride_sn, stride_om, tiles_per_split,
     HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
     NUM_WARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 0,
+    counter_ptr=None, IN_KERNEL_REDUCE: tl.constexpr = False,
 ):
     """``out = x @ W.T`` for M <= 8 (TWO_N: M <= 16) with warp MMAs; see the comment above.
     Grid ``(cdiv(N, 16 * GROUPS * NUM_WARPS), splits)``; needs K % 128 == 0, 16-byte aligned x rows
@@ -1070,6 +1092,27 @@ def _nvfp4_mma_kernel(
         if TWO_N:
             _mma_store(acc_b2, r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k,
                        HAS_BIAS, USE_WS)
+    if USE_WS and IN_KERNEL_REDUCE:
+        # Split-K without a second kernel: each thread makes its partials visible device-wide, the
+        # program counts itself in with one atomic on its row block's counter, and the last one to
+        # arrive sums the partials and resets the counter to zero for the next call.
+        tl.inline_asm_elementwise(_FENCE_PTX, "=r,r", [tid], dtype=tl.int32, is_pure=False, pack=1)
+        tl.debug_barrier()
+        splits = tl.num_programs(1)
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            _mma_finish(acc_a, r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, splits, HAS_BIAS)
+            if TWO_N:
+                _mma_finish(acc_a2, r0, r1, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, splits,
+                            HAS_BIAS)
+            if GROUPS == 2:
+                _mma_finish(acc_b, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, splits,
+                            HAS_BIAS)
+                if TWO_N:
+                    _mma_finish(acc_b2, r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om,
+                                splits, HAS_BIAS)
+            tl.debug_barrier()
+            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
 @dataclass(frozen=True)
@@ -1085,6 +1128,7 @@ class NVFP4GemmConfig:
     mode: str = "dot"
     ahead: int = 1  # mma: tiles loaded ahead of the MMAs (1 or 2)
     hint: int = 0  # mma: 1 = 256-byte L2 fetches for the packed words
+    reduce: str = "kernel"  # mma split-K: "kernel" (a second kernel) or "atomic" (the last program)
 
 
 def _interpreting() -> bool:
@@ -1151,6 +1195,21 @@ def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]
 
 _TUNED: dict[tuple, NVFP4GemmConfig] = {}
 
+# Split-K counters of the MMA kernel's in-kernel reduction, one zeroed int32 per row block, per
+# (device, stream): kernels queued on one stream run one after another, and every kernel leaves its
+# counters at zero. (Two kernels running at once on different streams get different counters.)
+_COUNTERS: dict[tuple, Tensor] = {}
+
+
+def _split_counters(device: torch.device, blocks: int) -> Tensor:
+    key = (device.index if device.index is not None else torch.cuda.current_device(),
+           torch.cuda.current_stream(device).cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < blocks:
+        buf = torch.zeros(max(blocks, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
 
 def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg: NVFP4GemmConfig) -> None:
     m, k = x.shape
@@ -1176,12 +1235,18 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             x = x.clone(memory_format=torch.contiguous_format)
         if x.dtype == torch.bfloat16:
             undo = 67108864.0  # 2**26
-        _nvfp4_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        grid_n = triton.cdiv(n, cfg.block_n)
+        in_kernel = split > 1 and cfg.reduce == "atomic"
+        _nvfp4_mma_kernel[(grid_n, split)](
             x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
             m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
             HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
-            NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint, num_warps=cfg.num_warps, num_stages=1,
+            NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
+            counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws, IN_KERNEL_REDUCE=in_kernel,
+            num_warps=cfg.num_warps, num_stages=1,
         )
+        if in_kernel:
+            return
     elif cfg.mode in _GEMV_DECODES:
         if m > cfg.block_m or cfg.block_m > 4:
             raise ValueError(f"the GEMV kernel takes at most block_m <= 4 rows, got M={m} with {cfg}")

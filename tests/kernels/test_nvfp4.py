@@ -554,11 +554,12 @@ def test_mma_kernel_needs_a_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block", [(8, 64, 128, 1, 4), (16, 128, 128, 4, 4), (8, 32, 128, 2, 1),
-                                   (16, 64, 128, 8, 2)])
+@pytest.mark.parametrize("block", [(8, 64, 128, 1, 4, 1, 0, "kernel"), (16, 128, 128, 4, 4, 2, 1, "kernel"),
+                                   (8, 32, 128, 2, 1, 2, 0, "atomic"), (16, 64, 128, 8, 2, 1, 1, "atomic"),
+                                   (8, 128, 128, 4, 4, 2, 1, "atomic")])
 def test_gpu_mma_configs(block):
-    bm, bn, bk, split, warps = block
-    cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma")
+    bm, bn, bk, split, warps, ahead, hint, reduce = block
+    cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, hint, reduce)
     torch.manual_seed(18)
     for k, n in ((4096, 1000), (1024, 14336)):
         w = pack_nvfp4(torch.randn(n, k, device="cuda"))
@@ -573,6 +574,10 @@ def test_gpu_mma_configs(block):
                 assert torch.isfinite(y).all()
                 err = float((y.float() - ref).norm() / ref.norm())
                 assert err < (4e-3 if dtype == torch.bfloat16 else 1e-3), (m, k, n, dtype, err)
+                # Again (the in-kernel reduction's counters must have been left at zero).
+                y2 = torch.full_like(y, float("nan"))
+                _launch(x, w, bias, y2, cfg)
+                assert torch.equal(y2, y)
 
 
 @pytest.mark.gpu
