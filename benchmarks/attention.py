@@ -292,6 +292,8 @@ def run(args, save):
                     row = dict(D=d, S=s, B=b, H=HEADS, variant=variant, mode=mode, impl=impl)
                     if impl not in impls:
                         continue
+                    if impl == "eager" and args.eager_max_s and s > args.eager_max_s:
+                        continue
                     flops = flops_fwd * (3.5 if mode == "fwd+bwd" else 1.0)
                     try:
                         ms = bench(impls[impl], q, k, v, do, mode, graph=False)
@@ -361,6 +363,8 @@ def main():
     parser.add_argument("--shapes", default="",
                         help="comma-separated D:S pairs instead of the full sweep, e.g. 128:4096,64:1024")
     parser.add_argument("--rep", type=float, default=100.0, help="ms of timing per measurement")
+    parser.add_argument("--eager-max-s", type=int, default=0,
+                        help="skip the eager baseline above this sequence length (0: never skip)")
     parser.add_argument("--suffix", default="", help="added to the output file names")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()

@@ -39,11 +39,11 @@ for stage in "$@"; do
       python3 benchmarks/attention.py --variants docs8+causal --shapes 128:4096,128:16384,64:4096 --rep 50 \
         --suffix _docs --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -16 ;;
     attn-d128)  # full sweep, D = 128
-      python3 benchmarks/attention.py --shapes 128:1024,128:2048,128:4096,128:8192,128:16384 --rep 40 \
-        --suffix _d128 --budget "${ATTN_S:-500}" --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -5 ;;
+      python3 benchmarks/attention.py --shapes 128:1024,128:2048,128:4096,128:8192,128:16384 --rep 30 \
+        --eager-max-s 4096 --suffix _d128 --budget "${ATTN_S:-500}" --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -5 ;;
     attn-d64)  # full sweep, D = 64
-      python3 benchmarks/attention.py --shapes 64:1024,64:2048,64:4096,64:8192,64:16384 --rep 40 \
-        --suffix _d64 --budget "${ATTN_S:-500}" --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -5 ;;
+      python3 benchmarks/attention.py --shapes 64:1024,64:2048,64:4096,64:8192,64:16384 --rep 30 \
+        --eager-max-s 4096 --suffix _d64 --budget "${ATTN_S:-500}" --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -5 ;;
     models)  # whole models against torch.compile
       python3 benchmarks/models.py --out "$OUT" 2>&1 | tail -20 ;;
     *) echo "unknown stage $stage"; exit 2 ;;

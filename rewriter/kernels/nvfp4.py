@@ -1150,9 +1150,12 @@ def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]
     """Configurations timed on first use of a (M bucket, N, K) on a GPU; the first is the default
     when timing is impossible (during CUDA graph capture) or not worth it (small weights).
 
-    Chosen from a sweep of 52 small-M and 10 large-M configurations on H200 (benchmarks/nvfp4.py
-    --sweep; numbers in benchmarks/NOTES_nvfp4.md), then confirmed by the tuning log of the final
-    benchmark run: no single one wins every shape. A 16-row tile (one MMA row block) covers
+    M <= 16 on compute capability 9.0+ (K % 128 == 0): the warp-MMA kernel, then the two best
+    tensor-core tiles as a fallback; without it: the GEMV kernel for M <= 4, the tensor-core tiles
+    otherwise. The tensor-core tiles were chosen from a sweep of 52 small-M and 10 large-M
+    configurations on H200 (benchmarks/nvfp4.py --sweep; numbers in benchmarks/NOTES_nvfp4.md),
+    then confirmed by the tuning log of the final benchmark run: no single one wins every shape.
+    Measured before the MMA kernel existed, with do_bench's L2 flush: a 16-row tile covers
     M <= 16 with the weight read once. Measured best (GPU time): K=4096, N=14336: 32-wide N tiles
     with split-K 2 (27.5 us; split 8 with 128-wide tiles 28.0); K=14336, N=4096, only 32-128 N
     tiles: split-K 8 with 128-wide tiles (26.5 us; split 1: 40.5); 4096 x 4096: split 2 with 32-wide
@@ -1163,10 +1166,16 @@ def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]
     C = NVFP4GemmConfig
     cands = []
     if mma and bucket <= 16 and k % 128 == 0:
+        # The MMA kernel's winners in the H200 sweeps (benchmarks/NOTES_nvfp4.md): loads two tiles
+        # ahead with the 256-byte L2 hint, split-K 2 for K = 4096 with N = 14336, 4 for 4096 x 4096,
+        # 8 for K = 14336; within 3% of each other elsewhere.
         bm = 8 if bucket <= 8 else 16
-        cands += [C(bm, 64, 128, 4, 2, 1, "mma"), C(bm, 64, 128, 8, 4, 1, "mma"), C(bm, 128, 128, 4, 4, 1, "mma"),
-                  C(bm, 32, 128, 8, 1, 1, "mma")]
+        cands += [C(bm, 32, 128, 2, 1, 1, "mma", 2, 1), C(bm, 64, 128, 4, 4, 1, "mma", 2, 1),
+                  C(bm, 128, 128, 8, 4, 1, "mma", 2, 1), C(bm, 64, 128, 2, 2, 1, "mma", 2, 1)]
+        cands += [C(16, 32, 256, 2, 4, 3), C(16, 128, 256, 8, 4, 3)]
+        return [c for c in cands if k >= c.split_k * c.block_k]
     if bucket <= 4:
+        # Without the MMA kernel (compute capability < 9.0 or K % 128 != 0).
         cands += [
             C(bucket, 64, 256, 4, 4, 1, mode="gemv"),
             C(bucket, 32, 256, 2, 2, 1, mode="gemv"),
