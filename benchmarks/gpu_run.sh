@@ -35,6 +35,8 @@ for stage in "$@"; do
         | grep -v Warning | tail -20 ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
+    nvfp4-decode)  # only the decode benchmark
+      python3 benchmarks/nvfp4.py --decode-only --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
     attn-docs)  # the FlexAttention route on document masks
       python3 benchmarks/attention.py --variants docs8+causal --shapes 128:4096,128:16384,64:4096 --rep 50 \
         --suffix _docs --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -16 ;;

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from rewriter.kernels import nvfp4 as nv  # noqa: E402
 from rewriter.passes.nvfp4 import convert_linears  # noqa: E402
+from rewriter.validate import sqnr_db  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
 M_VALUES = [1, 4, 16, 64, 256]
@@ -363,7 +364,7 @@ def decode_step_ms(model, cfg, prompt, token, replays, notes, label) -> dict:
         for _ in range(3):
             logits = step()
         full = model(input_ids=torch.cat([prompt, token], dim=1)).logits[:, -1:]
-        step_vs_full_sqnr = nv.sqnr_db(full.float(), logits.float())
+        step_vs_full_sqnr = sqnr_db(full.float(), logits.float())
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         eager = []
@@ -437,7 +438,7 @@ def decode_benchmark(quick, notes) -> dict:
         for c in done:
             lin, x = originals[c.path], captured[c.path]
             ref = F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
-            sqnrs[c.path] = nv.sqnr_db(ref, c.module(x))
+            sqnrs[c.path] = sqnr_db(ref, c.module(x))
     bytes_bf16 = sum(c.dense_bytes for c in done)
     bytes_nvfp4 = sum(c.packed_bytes for c in done)
     del originals
@@ -470,7 +471,7 @@ def decode_benchmark(quick, notes) -> dict:
         "decoder_weight_bytes_nvfp4": bytes_nvfp4,
         "lm_head_bytes_bf16": lm_bytes_bf16,
         "lm_head_bytes_nvfp4": lm_bytes_nvfp4,
-        "next_token_logits_sqnr_db_nvfp4": nv.sqnr_db(bf16["logits"], nvfp4["logits"]),
+        "next_token_logits_sqnr_db_nvfp4": sqnr_db(bf16["logits"], nvfp4["logits"]),
         "next_token_top1_agrees_nvfp4": bool(bf16["logits"].argmax() == nvfp4["logits"].argmax()),
     })
     return out
