@@ -1141,8 +1141,8 @@ _INTERPRETER_CONFIG = NVFP4GemmConfig(block_m=16, block_n=32, block_k=32, num_wa
 
 
 def _m_bucket(m: int) -> int:
-    if m <= 4:
-        return 1 << (m - 1).bit_length()  # 1, 2, 4: the GEMV kernel's row blocks
+    if m <= 8:
+        return 1 << (m - 1).bit_length()  # 1, 2, 4 (the GEMV kernel's row blocks), 8 (one MMA column block)
     return 16 if m <= 16 else min(1 << (m - 1).bit_length(), 512)
 
 
@@ -1173,7 +1173,7 @@ def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]
         cands += [C(bm, 32, 128, 2, 1, 1, "mma", 2, 1), C(bm, 64, 128, 4, 4, 1, "mma", 2, 1),
                   C(bm, 128, 128, 8, 4, 1, "mma", 2, 1), C(bm, 64, 128, 2, 2, 1, "mma", 2, 1)]
         cands += [C(16, 32, 256, 2, 4, 3), C(16, 128, 256, 8, 4, 3)]
-        return [c for c in cands if k >= c.split_k * c.block_k]
+        return _runnable(cands, k)
     if bucket <= 4:
         # Without the MMA kernel (compute capability < 9.0 or K % 128 != 0).
         cands += [
@@ -1181,7 +1181,7 @@ def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]
             C(bucket, 32, 256, 2, 2, 1, mode="gemv"),
             C(16, 32, 256, 2, 4, 3),
         ]
-        return [c for c in cands if c.split_k == 1 or k >= c.split_k * c.block_k]
+        return _runnable(cands, k)
     if bucket <= 16:
         cands += [
             C(16, 32, 256, 2, 4, 3),
@@ -1191,7 +1191,7 @@ def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]
             C(16, 64, 128, 4, 4, 3),
             C(16, 128, 256, 8, 4, 3),
         ]
-        return [c for c in cands if c.split_k == 1 or k >= c.split_k * c.block_k]
+        return _runnable(cands, k)
     if bucket <= 64:
         return [C(64, 64, 128, 1, 4, 3), C(64, 128, 128, 1, 4, 3, mode="dot_swap")]
     return [
@@ -1200,6 +1200,14 @@ def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]
         C(128, 64, 128, 1, 4, 3),
         C(256, 128, 64, 1, 8, 3, mode="dot_swap"),
     ]
+
+
+def _runnable(cands: list[NVFP4GemmConfig], k: int) -> list[NVFP4GemmConfig]:
+    """The candidates whose split-K fits K (a split needs a K tile of its own), never empty: an
+    unsplit 16-row tensor-core tile closes every list (it runs any M <= 16, any K)."""
+    fallback = NVFP4GemmConfig(16, 32, 256, 1, 4, 3)
+    kept = [c for c in cands if c.split_k == 1 or k >= c.split_k * c.block_k]
+    return kept + ([fallback] if fallback not in kept else [])
 
 
 _TUNED: dict[tuple, NVFP4GemmConfig] = {}

@@ -547,6 +547,20 @@ def test_gpu_gemv_configs(mode, split, block):
     assert float((y.float() - ref).norm() / ref.norm()) < 4e-3
 
 
+@pytest.mark.parametrize("mma", [False, True])
+@pytest.mark.parametrize("k", [16, 64, 128, 4096, 14336])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 64, 300])
+def test_candidates_never_empty_and_fit(m, k, mma):
+    from rewriter.kernels.nvfp4 import _candidates, _m_bucket
+
+    cands = _candidates(_m_bucket(m), k, mma=mma)
+    assert cands
+    for c in cands:
+        assert c.block_m >= min(m, 16) or c.block_m >= _m_bucket(m)
+        assert c.split_k == 1 or k >= c.split_k * c.block_k
+        assert c.mode != "mma" or (mma and k % 128 == 0)
+
+
 def test_mma_kernel_needs_a_gpu():
     x = torch.randn(1, 128).to(torch.bfloat16).to(DEVICE)
     with pytest.raises(ValueError, match="9.0"):
