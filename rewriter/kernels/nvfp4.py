@@ -16,13 +16,18 @@ Layout of :class:`NVFP4Weight` for a weight of shape ``(N, K)``:
 
 The weight element is ``e2m1 * float(scale) * global_scale``.
 
-Measured on one H200 (bf16 activations, GPU time per call, L2 emptied before each call; full table
-in ``benchmarks/results/nvfp4_nvidia-h200.md``): for M = 1..16 the kernel takes 27 us where bf16
-``F.linear`` takes 41-42 us on a 4096 x 14336 or 14336 x 4096 weight (1.5-1.6x), and 15 us against
-19.5 us on 4096 x 4096 (1.3x). That is ~1.2 TB/s of packed weight, a third of the memory's
-bandwidth: the kernel is limited by its in-register decode and MMA issue, not by bytes. From M = 64
-on it is slower than bf16 (0.47-0.94x), so the format pays in decode and small batches, and always
-in memory (0.28x the bytes of bf16).
+Three kernels: for M <= 16 on compute capability 9.0 a warp-level MMA kernel in inline PTX
+(:func:`_nvfp4_mma_kernel`), for M <= 4 elsewhere an FMA kernel (:func:`_nvfp4_gemv_kernel`), and
+a tensor-core tile kernel for everything else (:func:`_nvfp4_gemm_kernel`); the first call per
+shape times the candidates of :func:`_candidates`.
+
+Measured on one H200 (bf16 activations, back-to-back calls on rotating weight copies from a CUDA
+graph; full table in ``benchmarks/results/nvfp4_nvidia-h200.md``): M = 1..4 on a 4096 x 14336 or
+14336 x 4096 weight takes 17-18 us where bf16 ``F.linear`` takes 32-33 us (1.8-1.9x, ~1.9 TB/s
+of packed weight); M = 16: 22-24 us (1.4-1.5x); 4096 x 4096, M = 1: 8.4 us against 13.1 us. The
+MMA kernel is limited by the integer instructions of its nibble decode (benchmarks/NOTES_nvfp4.md).
+From M = 64 on it is slower than bf16 (0.4-0.9x), so the format pays in decode and small batches,
+and always in memory (0.28x the bytes of bf16).
 """
 
 from __future__ import annotations
