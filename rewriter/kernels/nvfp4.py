@@ -437,7 +437,7 @@ def _nvfp4_splitk_reduce_kernel(
 # GEMV kernel for a few rows (decode)
 # --------------------------------------------------------------------------------------------------
 #
-# For M up to 8 the tensor-core kernel above spends most of its time rearranging the dequantized
+# For M up to 4 the tensor-core kernel above spends most of its time rearranging the dequantized
 # values into MMA operands (joins, permutes, a reshape, a shared-memory round trip). This kernel
 # keeps the weight in the order it was loaded and uses plain fp32 FMAs instead: a dot product may
 # visit K in any order as long as x is visited in the same order, so the tile of packed words
