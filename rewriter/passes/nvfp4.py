@@ -14,6 +14,8 @@ inputs (:func:`nvfp4_cost`):
 
 * weights on the CPU (or any non-CUDA device): skipped. NVFP4 kernels need a CUDA GPU; on the CPU
   a converted layer would dequantize its whole weight on every call and then run the same matmul.
+* compute capability 10.0+ (FP4 tensor cores): skipped with that reason; NVFP4 there is the
+  hardware path (torchao / ``torch._scaled_mm``), which this pass does not emit yet.
 * CUDA without a measured table (``rewriter/data/linear_<device>.json``): skipped. The kernel
   beats bf16 only at decode-sized M (1.5x at M <= 16 on an H200, 0.5-0.9x from M = 64 on:
   ``benchmarks/results/nvfp4_nvidia-h200.md``), so without measurements it is not assumed to pay.
@@ -169,12 +171,16 @@ class CostDecision:
     note: str = ""  # how the table answered (nearest measured shape), when it did
 
 
-def nvfp4_cost(device_type: str, table: LinearTable | None, rows: Sequence[int], k: int, n: int) -> CostDecision:
+def nvfp4_cost(device_type: str, table: LinearTable | None, rows: Sequence[int], k: int, n: int,
+               capability: tuple[int, int] | None = None) -> CostDecision:
     """Whether an NVFP4 linear of shape (K=``k``, N=``n``) pays for calls with ``rows`` rows (M) each.
 
     A pure function of where the weight lives, the device's measured table and the shape:
 
     * ``device_type`` not ``"cuda"``: no (the kernels need a CUDA GPU).
+    * compute ``capability`` 10.0 or newer: no. Those GPUs have FP4 tensor cores, where NVFP4
+      belongs to the hardware path (torchao's NVFP4 GEMMs, ``torch._scaled_mm``), not to this
+      weight-only kernel; the pass does not emit the hardware path (no such GPU to measure it on).
     * no table: no (the kernel wins only at small M; without measurements that is not assumed).
     * otherwise: yes when ``sum time(bf16) / sum time(nvfp4)`` over the calls is above 1. The table's
       ``bf16_ms`` column stands for fp16 too (same bytes, same tensor cores).
@@ -186,6 +192,10 @@ def nvfp4_cost(device_type: str, table: LinearTable | None, rows: Sequence[int],
     if device_type != "cuda":
         on = "CPU" if device_type == "cpu" else device_type
         return CostDecision(False, f"NVFP4 kernels need a CUDA GPU; on {on} it would only dequantize")
+    if capability is not None and tuple(capability) >= (10, 0):
+        return CostDecision(False, f"compute capability {capability[0]}.{capability[1]} has FP4 tensor cores: "
+                                   "NVFP4 there is the hardware path (torchao NVFP4 / torch._scaled_mm), "
+                                   "which this pass does not emit; the weight-only kernel is for GPUs without them")
     if table is None:
         return CostDecision(False, "no measured table for this device: NVFP4 beats bf16 only at small M, "
                                    "so it is not assumed to pay without measurements")
@@ -208,6 +218,10 @@ def nvfp4_cost(device_type: str, table: LinearTable | None, rows: Sequence[int],
     ms = ", ".join(str(m) for m in dict.fromkeys(rows))
     return CostDecision(False, f"the measured table gives {speedup:.2f}x against bf16 at M={ms} "
                                f"(NVFP4 pays only where reading the weight dominates)", speedup, saved, note)
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
 def _mb(nbytes: int) -> str:
@@ -243,8 +257,9 @@ class NVFP4Pass(ModulePass):
                 self.skip(ctx, where, reason, self._shape(calls))
                 continue
             site = calls[0][1]
-            decision = nvfp4_cost(ctx.module(where).weight.device.type, table, [s.rows for _, s in calls],
-                                  site.in_features, site.out_features)
+            weight = ctx.module(where).weight
+            decision = nvfp4_cost(weight.device.type, table, [s.rows for _, s in calls],
+                                  site.in_features, site.out_features, _capability(weight.device))
             if not decision.convert:
                 self.skip(ctx, where, decision.reason, self._shape(calls), target="nvfp4",
                           est_speedup=decision.est_speedup, est_saved_ms=decision.est_saved_ms)

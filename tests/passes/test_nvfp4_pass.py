@@ -63,7 +63,7 @@ def on_cuda_with(monkeypatch):
     real = nvfp4_pass.nvfp4_cost
 
     def install(t):
-        monkeypatch.setattr(nvfp4_pass, "nvfp4_cost", lambda device_type, *args: real("cuda", *args))
+        monkeypatch.setattr(nvfp4_pass, "nvfp4_cost", lambda device_type, *args: real("cuda", *args[:4]))
         monkeypatch.setattr(nvfp4_pass, "linear_table", lambda spec: t)
 
     return install
@@ -166,6 +166,10 @@ def test_cost_decision_rules():
     other = nvfp4_cost("cuda", pays, [1], 128, 256)
     assert other.convert and "nearest measured shape K=64 N=128" in other.note
     assert other.est_saved_ms == pytest.approx(4.0)
+    # GPUs with FP4 tensor cores: not this kernel's job, said so.
+    blackwell = nvfp4_cost("cuda", pays, [1], 64, 128, (10, 0))
+    assert not blackwell.convert and "FP4 tensor cores" in blackwell.reason
+    assert nvfp4_cost("cuda", pays, [1], 64, 128, (9, 0)).convert
     no_column = LinearTable("synthetic", [{"M": 1, "K": 64, "N": 128, "bf16_ms": 1.0}])
     missing = nvfp4_cost("cuda", no_column, [1], 64, 128)
     assert not missing.convert and "no nvfp4/bf16 times" in missing.reason
