@@ -46,6 +46,9 @@ for stage in "$@"; do
     attn-d64)  # full sweep, D = 64
       python3 benchmarks/attention.py --shapes 64:1024,64:2048,64:4096,64:8192,64:16384 --rep 30 \
         --eager-max-s 4096 --suffix _d64 --budget "${ATTN_S:-500}" --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -5 ;;
+    linear-table)  # re-measure the linear table the cost model reads (writes rewriter/data/, copied to $OUT)
+      python3 benchmarks/linear.py --table --out "$OUT" 2>&1 | grep -v Warning | tail -8
+      cp rewriter/data/linear_*.json "$OUT"/ ;;
     models)  # whole models against torch.compile
       python3 benchmarks/models.py --out "$OUT" 2>&1 | tail -20 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
