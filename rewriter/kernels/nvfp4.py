@@ -32,6 +32,7 @@ and always in memory (0.28x the bytes of bf16).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -1136,6 +1137,16 @@ class NVFP4GemmConfig:
     reduce: str = "kernel"  # mma split-K: "kernel" (a second kernel) or "atomic" (the last program)
 
 
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, looked up once per device (it is read on every launch)."""
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -1245,7 +1256,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
     # The power of two carried by each kernel's dequantized values, removed with the global scale.
     undo = 16384.0 if (cfg.mode in _GEMV_DECODES or x.dtype == torch.float16) else 256.0
     if cfg.mode == "mma":
-        if _interpreting() or not x.is_cuda or torch.cuda.get_device_capability(x.device) < (9, 0):
+        if _interpreting() or not x.is_cuda or _capability(x.device) < (9, 0):
             raise ValueError("the MMA kernel is inline PTX for compute capability 9.0+ (no interpreter)")
         if m > cfg.block_m or cfg.block_m not in (8, 16) or k % 128 or cfg.block_k != 128:
             raise ValueError(f"the MMA kernel takes M <= block_m (8 or 16) rows, K % 128 == 0 and "
@@ -1273,7 +1284,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         if m > cfg.block_m or cfg.block_m > 4:
             raise ValueError(f"the GEMV kernel takes at most block_m <= 4 rows, got M={m} with {cfg}")
         decode = 0 if _interpreting() else _GEMV_DECODES[cfg.mode]
-        if decode == 1 and torch.cuda.get_device_capability(x.device) < (8, 9):
+        if decode == 1 and _capability(x.device) < (8, 9):
             decode = 0  # cvt.rn.f16x2.e4m3x2 needs sm_89
         if decode == 1 and (x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16):
             x = x.clone(memory_format=torch.contiguous_format)  # its 16-byte loads need aligned rows
@@ -1356,7 +1367,7 @@ def _select_config(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tenso
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    cands = _candidates(bucket, k, mma=x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    cands = _candidates(bucket, k, mma=x.is_cuda and _capability(x.device) >= (9, 0))
     # Timing needs a synchronizing benchmark, impossible during graph capture; and a weight under
     # 2**20 elements (under 0.6 MB packed) takes a few microseconds whatever the configuration.
     if torch.cuda.is_current_stream_capturing() or n * k < 2**20:
@@ -1436,7 +1447,7 @@ def supports(x: Tensor, w: NVFP4Weight) -> tuple[bool, str]:
     if x.device != w.packed.device:
         return False, f"x is on {x.device} but the weight is on {w.packed.device}"
     if x.is_cuda:
-        major, _ = torch.cuda.get_device_capability(x.device)
+        major, _ = _capability(x.device)
         if major < 8:
             return False, "the kernel needs bf16/fp16 tensor cores (compute capability 8.0 or newer)"
         return True, ""
