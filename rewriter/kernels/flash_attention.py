@@ -1063,7 +1063,6 @@ class _FlashAttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, alibi_slopes, key_padding_mask, seed = ctx.saved_tensors
         scale, causal, causal_align, window_left, window_right, softcap, dropout_p = ctx.variant
@@ -1073,6 +1072,31 @@ class _FlashAttentionFunction(torch.autograd.Function):
             grad_out, grad_lse, q, k, v, out, lse, scale, causal, causal_align, window_left,
             window_right, alibi_slopes, softcap, key_padding_mask, dropout_p, seed)
         return (dq, dk, dv) + (None,) * 10
+
+
+class _FlashAttentionBackwardFunction(torch.autograd.Function):
+    """The backward op under autograd (a backward taken with ``create_graph=True``): it runs, and
+    differentiating through it again raises a clear error instead of silently returning zeros."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.rewriter.flash_attention_backward(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("rewriter::flash_attention has no double backward: its backward "
+                           "(rewriter::flash_attention_backward) is not differentiable")
+
+
+def _flash_attention_backward_autograd(*args):
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return _FlashAttentionBackwardFunction.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.rewriter.flash_attention_backward(*args)
+
+
+_LIB.impl("flash_attention_backward", _flash_attention_backward_autograd, "Autograd")
 
 
 def _flash_attention_autograd(q, k, v, *variant):

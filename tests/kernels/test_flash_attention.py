@@ -434,6 +434,34 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.rewriter.flash_attention_backward.default, bwd_args)
 
 
+def test_autograd_kernel_records_only_when_needed():
+    q, k, v = _inputs(1, 2, 2, 12, 12, 16)
+    with torch.no_grad():
+        out, lse = torch.ops.rewriter.flash_attention(q, k, v, 0.25, True, "top_left", None, None, None,
+                                                      None, None, 0.0, None)
+    assert out.grad_fn is None and not out.requires_grad
+    out, lse = torch.ops.rewriter.flash_attention(q.detach(), k.detach(), v.detach(), 0.25, True,
+                                                  "top_left", None, None, None, None, None, 0.0, None)
+    assert out.grad_fn is None
+    # Only k needs a gradient: the backward still runs and returns None for the others.
+    kk = k.detach().requires_grad_()
+    out, _ = torch.ops.rewriter.flash_attention(q.detach(), kk, v.detach(), 0.25, True, "top_left", None,
+                                                None, None, None, None, 0.0, None)
+    (gk,) = torch.autograd.grad(out.sum(), (kk,))
+    k64 = kk.detach().double().requires_grad_()
+    ref, _ = attention_reference(q.detach().double(), k64, v.detach().double(), scale=0.25, causal=True)
+    (gk_ref,) = torch.autograd.grad(ref.sum(), (k64,))
+    assert torch.allclose(gk.double(), gk_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_double_backward_is_refused_clearly():
+    q, k, v = _inputs(1, 2, 2, 12, 12, 16)
+    out = flash_attention(q, k, v, causal=True)
+    (gq,) = torch.autograd.grad(out.square().sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(gq.sum(), (q,))
+
+
 # ------------------------------------------------------------------------------------------
 # Real sizes on the GPU.
 # ------------------------------------------------------------------------------------------
