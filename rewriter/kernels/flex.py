@@ -15,7 +15,8 @@ shared by many shapes and mods hits Dynamo's recompile limit and silently runs u
 Flex), and the block mask is built once per device and shape. On CPU (where FlexAttention has no
 backward) the op computes the same function from the materialized tables.
 
-The backward recomputes the forward under autograd (one extra forward per backward).
+Gradients: eagerly the forward keeps FlexAttention's autograd graph (no recompute); under
+torch.compile / torch.export tracing the backward recomputes the forward (see ``_flex_autograd``).
 
 Example::
 
@@ -174,40 +175,123 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.T
             t._level = level
 
 
-@torch.library.custom_op("rewriter::flex_attention_static", mutates_args=())
-def _flex_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.Tensor:
+# The op and its autograd. Eagerly, a call that needs gradients keeps Flex's own autograd graph
+# from the forward (as flex_attention itself does) and the backward only runs Flex's backward. While
+# torch.compile / torch.export trace it (fake or functional tensors), the forward is the opaque op
+# and the backward recomputes the forward under autograd, since a compiled Flex call cannot run on
+# traced tensors. (The recompute costs one extra forward: measured on H200 with the recompute
+# everywhere, forward+backward ran at 0.71-0.77x hand-written Flex.)
+_LIB = torch.library.Library("rewriter", "FRAGMENT")
+_LIB.define("flex_attention_static(Tensor q, Tensor k, Tensor v, int key) -> Tensor")
+
+
+def _flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.Tensor:
     with torch.no_grad():
         return _run(q, k, v, key).contiguous()
 
 
-@_flex_op.register_fake
+_LIB.impl("flex_attention_static", _flex_forward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("rewriter::flex_attention_static", lib=_LIB)
 def _(q, k, v, key):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, key = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.key = key
+def _retry_level(t: FlexTables, device: torch.device, exc: Exception) -> bool:
+    """After a failed (lazily compiled) backward: move the site to smaller kernel options if the
+    failure was a shared-memory one and a smaller option is left."""
+    if device.type != "cuda" or not _out_of_resources(exc) or t._level >= len(_SMALLER_KERNEL_OPTIONS):
+        return False
+    t._level += 1
+    return True
 
 
-def _backward(ctx, grad):
-    q, k, v = ctx.saved_tensors
-    t = tables(ctx.key)
+def _recompute_backward(q, k, v, key, grad):
+    t = tables(key)
     while True:
         try:
             with torch.enable_grad():
                 qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
-                out = _run(qq, kk, vv, ctx.key)
-                dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), grad)
-            return dq, dk, dv, None
-        except Exception as exc:  # noqa: BLE001 - the backward compiles lazily: retry as in _run
-            if q.device.type != "cuda" or not _out_of_resources(exc) or t._level >= len(_SMALLER_KERNEL_OPTIONS):
+                out = _run(qq, kk, vv, key)
+                return torch.autograd.grad(out, (qq, kk, vv), grad)
+        except Exception as exc:  # noqa: BLE001 - only resource failures are retried
+            if not _retry_level(t, q.device, exc):
                 raise
-            t._level += 1
 
 
-_flex_op.register_autograd(_backward, setup_context=_setup)
+# The traced backward is an opaque op too: inside a traced graph the recompute cannot run on the
+# traced tensors (the tables are real tensors), so the graph holds this op and it recomputes when run.
+_LIB.define("flex_attention_static_backward(Tensor grad, Tensor q, Tensor k, Tensor v, int key) "
+            "-> (Tensor, Tensor, Tensor)")
+_LIB.impl("flex_attention_static_backward",
+          lambda grad, q, k, v, key: tuple(_recompute_backward(q, k, v, key, grad)), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("rewriter::flex_attention_static_backward", lib=_LIB)
+def _(grad, q, k, v, key):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class _FlexRecompute(torch.autograd.Function):
+    """The traced form: the opaque op forward, the opaque recomputing backward op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = torch.ops.rewriter.flex_attention_static(q, k, v, key)
+        ctx.save_for_backward(q, k, v)
+        ctx.key = key
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors
+        return (*torch.ops.rewriter.flex_attention_static_backward(grad.contiguous(), q, k, v, ctx.key), None)
+
+
+class _FlexKeepGraph(torch.autograd.Function):
+    """The eager form: Flex's autograd graph kept from the forward, no recompute."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key):
+        with torch.enable_grad():
+            qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
+            out = _run(qq, kk, vv, key)
+        ctx.graph = (out, qq, kk, vv)
+        ctx.key = key
+        return out.detach().contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, qq, kk, vv = ctx.graph
+        ctx.graph = None
+        try:
+            grads = torch.autograd.grad(out, (qq, kk, vv), grad)
+        except Exception as exc:  # noqa: BLE001 - Flex's backward compiles lazily; see _recompute_backward
+            if not _retry_level(tables(ctx.key), qq.device, exc):
+                raise
+            grads = _recompute_backward(qq, kk, vv, ctx.key, grad)
+        return (*grads, None)
+
+
+def _traced(*tensors: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or any(isinstance(t, (FakeTensor, FunctionalTensor)) for t in tensors)
+
+
+def _flex_autograd(q, k, v, key):
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.rewriter.flex_attention_static(q, k, v, key)
+    if _traced(q, k, v):
+        return _FlexRecompute.apply(q, k, v, key)
+    return _FlexKeepGraph.apply(q, k, v, key)
+
+
+_LIB.impl("flex_attention_static", _flex_autograd, "Autograd")
 
 
 def flex_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key: int) -> torch.Tensor:

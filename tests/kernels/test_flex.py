@@ -83,6 +83,72 @@ def test_derived_mods_and_block_mask_equal_the_tables(per_head, cap):
     assert (out.double() - want).norm() / want.norm() < 1e-5
 
 
+def _counting_run(monkeypatch):
+    import rewriter.kernels.flex as flex
+
+    calls = []
+    real = flex._run
+
+    def run(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(flex, "_run", run)
+    return calls
+
+
+def test_eager_backward_does_not_recompute_the_forward(monkeypatch):
+    calls = _counting_run(monkeypatch)
+    torch.manual_seed(6)
+    s = 24
+    keep = doc_keep(s) & (torch.arange(s)[None, :] <= torch.arange(s)[:, None])
+    key = register(keep, None, 0.25)
+    q, k, v = (torch.randn(1, 2, s, 16, requires_grad=True) for _ in range(3))
+    out = flex_attention_static(q, k, v, key=key)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert len(calls) == 1  # one forward, its graph reused by the backward
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = fp64(q64, k64, v64, keep, None, 0.25)
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (q64, k64, v64))):
+        assert (g.double() - w).norm() / w.norm() < 1e-5
+    # No gradient needed: no graph kept.
+    with torch.no_grad():
+        assert flex_attention_static(q, k, v, key=key).grad_fn is None
+
+
+def test_traced_forward_and_backward_match_eager():
+    # Under torch.compile (aot_eager traces forward and backward through the fake kernel and the
+    # recomputing backward) the gradients equal the eager ones.
+    torch.manual_seed(7)
+    s = 20
+    keep = doc_keep(s, 2) & (torch.arange(s)[None, :] <= torch.arange(s)[:, None])
+    key = register(keep, torch.randn(s, s), 0.3, 4.0)
+    q, k, v = (torch.randn(2, 2, s, 8, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        return flex_attention_static(q, k, v, key=key).square().sum()
+
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v), (q, k, v))
+    want = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_export_keeps_the_op():
+    s = 16
+    key = register(doc_keep(s), None, 0.25)
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return flex_attention_static(q, k, v, key=key)
+
+    q, k, v = (torch.randn(1, 2, s, 8) for _ in range(3))
+    ep = torch.export.export(M(), (q, k, v))
+    assert torch.ops.rewriter.flex_attention_static.default in [n.target for n in ep.graph.nodes]
+    assert torch.equal(ep.module()(q, k, v), M()(q, k, v))
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU: the compiled FlexAttention path at real sizes
 # --------------------------------------------------------------------------------------------------
