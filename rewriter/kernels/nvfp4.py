@@ -455,50 +455,30 @@ def _nvfp4_splitk_reduce_kernel(
 # values with Triton integer ops on fp32 bit patterns (no fp8 conversion instruction needed: Ampere,
 # the interpreter).
 
-_GEMV_DECODE_PTX = tl.constexpr("""
-{
-.reg .b32 sc, a, b, q;
-.reg .b16 sl, sh, lo, hi;
-prmt.b32 sc, $9, 0, 0;
-mov.b32 {sl, sh}, sc;
-cvt.rn.f16x2.e4m3x2 sc, sl;
-shl.b32 a, $8, 12;
-shl.b32 b, $8, 9;
-and.b32 a, a, 0x80008000;
-and.b32 b, b, 0x0E000E00;
-or.b32 q, a, b;
-mul.rn.f16x2 q, q, sc;
-mov.b32 {lo, hi}, q;
-cvt.f32.f16 $0, lo;
-cvt.f32.f16 $4, hi;
-shl.b32 a, $8, 8;
-shl.b32 b, $8, 5;
-and.b32 a, a, 0x80008000;
-and.b32 b, b, 0x0E000E00;
-or.b32 q, a, b;
-mul.rn.f16x2 q, q, sc;
-mov.b32 {lo, hi}, q;
-cvt.f32.f16 $1, lo;
-cvt.f32.f16 $5, hi;
-shl.b32 a, $8, 4;
-shl.b32 b, $8, 1;
-and.b32 a, a, 0x80008000;
-and.b32 b, b, 0x0E000E00;
-or.b32 q, a, b;
-mul.rn.f16x2 q, q, sc;
-mov.b32 {lo, hi}, q;
-cvt.f32.f16 $2, lo;
-cvt.f32.f16 $6, hi;
-shr.b32 b, $8, 3;
-and.b32 a, $8, 0x80008000;
-and.b32 b, b, 0x0E000E00;
-or.b32 q, a, b;
-mul.rn.f16x2 q, q, sc;
-mov.b32 {lo, hi}, q;
-cvt.f32.f16 $3, lo;
-cvt.f32.f16 $7, hi;
-}
-""")
+# Inline-PTX decode of one uint32 word's nibble pairs (p, p + 4), shared by the GEMV and MMA
+# kernels: for pair p the sign bits move to bits 15 and 31 by a left shift and the 3-bit codes
+# under the format's exponent/mantissa boundary by a second shift (negative: right), as in
+# _e2m1_pair_bits; one packed multiply by the scale pair follows (registers ``a``, ``b`` are
+# scratch). fp16 patterns read as ``e2m1 * 2**-14``, bf16 ones as ``e2m1 * 2**-126``.
+_PAIR_SHIFTS = {"f16": ((12, 9), (8, 5), (4, 1), (0, -3)), "bf16": ((12, 6), (8, 2), (4, -2), (0, -6))}
+_PAIR_MASKS = {"f16": "0x0E000E00", "bf16": "0x01C001C0"}
+
+
+def _pair_ptx(word: str, scale: str, dst: str, p: int, fmt: str) -> str:
+    sign_shift, mag_shift = _PAIR_SHIFTS[fmt][p]
+    sign = (f"shl.b32 a, {word}, {sign_shift}; and.b32 a, a, 0x80008000;" if sign_shift
+            else f"and.b32 a, {word}, 0x80008000;")
+    mag = f"shl.b32 b, {word}, {mag_shift};" if mag_shift > 0 else f"shr.b32 b, {word}, {-mag_shift};"
+    return (f"{sign} {mag} and.b32 b, b, {_PAIR_MASKS[fmt]}; or.b32 a, a, b; "
+            f"mul.rn.{fmt}x2 {dst}, a, {scale};\n")
+
+
+_GEMV_DECODE_PTX = tl.constexpr(
+    "{\n.reg .b32 sc, a, b, q;\n.reg .b16 sl, sh, lo, hi;\n"
+    "prmt.b32 sc, $9, 0, 0;\nmov.b32 {sl, sh}, sc;\ncvt.rn.f16x2.e4m3x2 sc, sl;\n"
+    + "".join(_pair_ptx("$8", "sc", "q", p, "f16")
+              + f"mov.b32 {{lo, hi}}, q;\ncvt.f32.f16 ${p}, lo;\ncvt.f32.f16 ${p + 4}, hi;\n" for p in range(4))
+    + "}\n")
 
 
 @triton.jit
@@ -831,32 +811,10 @@ cvt.rn.bf16x2.f32 $1, f, f;
 """)
 
 # One word ($4) and its scale pair ($5) -> four pairs (elements p, p + 4) for p = 0..3.
-_MMA_DECODE_F16_PTX = tl.constexpr("""
-{
-.reg .b32 a, b;
-shl.b32 a, $4, 12; and.b32 a, a, 0x80008000; shl.b32 b, $4, 9; and.b32 b, b, 0x0E000E00;
-or.b32 a, a, b; mul.rn.f16x2 $0, a, $5;
-shl.b32 a, $4, 8; and.b32 a, a, 0x80008000; shl.b32 b, $4, 5; and.b32 b, b, 0x0E000E00;
-or.b32 a, a, b; mul.rn.f16x2 $1, a, $5;
-shl.b32 a, $4, 4; and.b32 a, a, 0x80008000; shl.b32 b, $4, 1; and.b32 b, b, 0x0E000E00;
-or.b32 a, a, b; mul.rn.f16x2 $2, a, $5;
-and.b32 a, $4, 0x80008000; shr.b32 b, $4, 3; and.b32 b, b, 0x0E000E00;
-or.b32 a, a, b; mul.rn.f16x2 $3, a, $5;
-}
-""")
-_MMA_DECODE_BF16_PTX = tl.constexpr("""
-{
-.reg .b32 a, b;
-shl.b32 a, $4, 12; and.b32 a, a, 0x80008000; shl.b32 b, $4, 6; and.b32 b, b, 0x01C001C0;
-or.b32 a, a, b; mul.rn.bf16x2 $0, a, $5;
-shl.b32 a, $4, 8; and.b32 a, a, 0x80008000; shl.b32 b, $4, 2; and.b32 b, b, 0x01C001C0;
-or.b32 a, a, b; mul.rn.bf16x2 $1, a, $5;
-shl.b32 a, $4, 4; and.b32 a, a, 0x80008000; shr.b32 b, $4, 2; and.b32 b, b, 0x01C001C0;
-or.b32 a, a, b; mul.rn.bf16x2 $2, a, $5;
-and.b32 a, $4, 0x80008000; shr.b32 b, $4, 6; and.b32 b, b, 0x01C001C0;
-or.b32 a, a, b; mul.rn.bf16x2 $3, a, $5;
-}
-""")
+_MMA_DECODE_F16_PTX = tl.constexpr(
+    "{\n.reg .b32 a, b;\n" + "".join(_pair_ptx("$4", "$5", f"${p}", p, "f16") for p in range(4)) + "}\n")
+_MMA_DECODE_BF16_PTX = tl.constexpr(
+    "{\n.reg .b32 a, b;\n" + "".join(_pair_ptx("$4", "$5", f"${p}", p, "bf16") for p in range(4)) + "}\n")
 
 # One chunk: row r0 pairs $4-$7, row r1 pairs $8-$11, the x word's 16 bytes $12-$15, accumulators
 # $16-$19 -> accumulators.
