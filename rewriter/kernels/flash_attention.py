@@ -411,15 +411,20 @@ def _pruner(table):
     return prune
 
 
-@triton.autotune(
-    configs=_configs("fwd", _FWD_CONFIGS),
-    key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner(_FWD_CONFIGS)},
-)
-@triton.heuristics({
-    "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
-    "EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0,
-})
+def _tuned(kernel, table):
+    """Autotuning over ``table``'s block shapes (see above) and the EVEN_M / EVEN_N heuristics,
+    the decorators every kernel of this module carries."""
+    def wrap(fn):
+        fn = triton.heuristics({
+            "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
+            "EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0,
+        })(fn)
+        return triton.autotune(configs=_configs(kernel, table), key=_TUNE_KEY,
+                               prune_configs_by={"early_config_prune": _pruner(table)})(fn)
+    return wrap
+
+
+@_tuned("fwd", _FWD_CONFIGS)
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, ALIBI, PAD, SEED,
@@ -598,15 +603,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride
     return dk, dv
 
 
-@triton.autotune(
-    configs=_configs("dkdv", _DKDV_CONFIGS),
-    key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS)},
-)
-@triton.heuristics({
-    "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
-    "EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0,
-})
+@_tuned("dkdv", _DKDV_CONFIGS)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE2, DELTA, ALIBI, PAD, SEED,
@@ -760,15 +757,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, 
     return dq
 
 
-@triton.autotune(
-    configs=_configs("dq", _DQ_CONFIGS),
-    key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS)},
-)
-@triton.heuristics({
-    "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
-    "EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0,
-})
+@_tuned("dq", _DQ_CONFIGS)
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DLSE, LSE2, DELTA, ALIBI, PAD, SEED,
