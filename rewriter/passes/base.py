@@ -124,6 +124,66 @@ class ModulePass(Pass):
     def run(self, ctx: ModuleContext) -> None:
         raise NotImplementedError
 
+    def linear_candidates(self, ctx: ModuleContext, table: Any, guard: Callable[[Any], str | None]):
+        """The linear modules of the captured graphs that a table-gated linear pass may convert,
+        each with its description; the others are reported skipped: outside ``Config.modules``,
+        refused by ``guard`` (a reason string), or on a device without a measured table."""
+        from ..patterns.linear import linear_modules
+
+        for lin in linear_modules(ctx.graphs, ctx.module):
+            detail = lin.describe()
+            if not ctx.config.selects(lin.path):
+                self.skip(ctx, lin.path, "outside Config.modules", detail=detail)
+                continue
+            reason = guard(lin)
+            if reason is None and table is None:
+                reason = (f"no measured throughput table for {ctx.device_name(lin.module.weight)}: "
+                          "run benchmarks/linear.py --table")
+            if reason is not None:
+                self.skip(ctx, lin.path, reason, detail=detail)
+                continue
+            yield lin, detail
+
+
+# Bytes of example activations a linear pass evaluates at once (see linear_inputs).
+ACTIVATION_BUDGET = 2 << 30
+
+
+def linear_inputs(items: list, calls_of: Callable[[Any], list], budget: int = ACTIVATION_BUDGET):
+    """Each item with the example values of its calls' inputs, ``{x node: value}``, where
+    ``calls_of(item)`` gives the ``(graph, LinearSite)`` calls to evaluate. Items are evaluated graph
+    by graph in batches of at most ``budget`` bytes (each batch replays its graph up to those
+    nodes); an item whose calls span several graphs is evaluated on its own, graph by graph, last."""
+    from ..patterns.ops import meta
+
+    by_graph: dict[int, tuple[Any, list]] = {}
+    spread = []
+    for item in items:
+        calls = calls_of(item)
+        graphs = {id(g): g for g, _ in calls}
+        if len(graphs) > 1:
+            spread.append(item)
+            continue
+        by_graph.setdefault(id(calls[0][0]), (calls[0][0], []))[1].append(item)
+    for g, group in by_graph.values():
+        batch: list = []
+        size = 0
+        for i, item in enumerate(group):
+            batch.append(item)
+            size += sum(meta(s.x).numel() * meta(s.x).element_size() for _, s in calls_of(item))
+            if size >= budget or i == len(group) - 1:
+                values = g.evaluate([s.x for b in batch for _, s in calls_of(b)])
+                for b in batch:
+                    yield b, {s.x: values[s.x] for _, s in calls_of(b)}
+                batch, size = [], 0
+                del values
+    for item in spread:
+        values = {}
+        calls = calls_of(item)
+        for g in {id(g): g for g, _ in calls}.values():
+            values.update(g.evaluate([s.x for h, s in calls if h is g]))
+        yield item, values
+
 
 class GraphPass(Pass):
     """Rewrites one captured graph; subclasses implement :meth:`run`."""

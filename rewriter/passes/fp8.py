@@ -64,17 +64,15 @@ Forcing the conversion, with no cost model and no accuracy floor (accuracy studi
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
-from ..context import GraphContext
 from ..cost import LinearTable, linear_table
-from ..patterns.linear import LinearModule, linear_modules, swap_blocker
-from ..patterns.ops import meta
+from ..patterns.linear import LinearModule, swap_blocker
 from ..validate import sample_rows, sqnr_db
-from .base import ModuleContext, ModulePass
+from .base import ModuleContext, ModulePass, linear_inputs
 
 __all__ = ["FP8Pass", "to_fp8", "convert_linears", "fp8_device_support", "MIN_SPEEDUP", "SQNR_ROWS"]
 
@@ -85,7 +83,6 @@ MIN_SPEEDUP = 1.02
 # (benchmarks/results/llama8b_h200.md, first run). A conversion must be predicted to save more.
 MIN_SAVING_MS = 0.045
 SQNR_ROWS = 2048  # rows of the example activation the SQNR is measured on (evenly spaced)
-_ACTIVATION_BUDGET = 2 << 30  # bytes of example activations evaluated at once
 _DYNAMIC, _WEIGHT_ONLY = "fp8", "fp8_wo"  # table variants (columns fp8_ms, fp8_wo_ms)
 _CHOICE = {_DYNAMIC: "fp8 row-wise dynamic", _WEIGHT_ONLY: "fp8 weight-only (row-wise scales)"}
 
@@ -153,31 +150,6 @@ def _guard(lin: LinearModule) -> str | None:
     return fp8_device_support(m.weight.device)
 
 
-def _activations(chosen: list[tuple[LinearModule, str]]) -> Iterator[tuple[LinearModule, str, torch.Tensor]]:
-    """Each chosen linear with the example activation of its largest call, evaluated graph by graph
-    in batches of at most ``_ACTIVATION_BUDGET`` bytes (each batch replays the graph up to it)."""
-    by_graph: dict[int, list[tuple[LinearModule, str]]] = {}
-    graphs: dict[int, GraphContext] = {}
-    for lin, variant in chosen:
-        g = lin.main[0]
-        graphs[id(g)] = g
-        by_graph.setdefault(id(g), []).append((lin, variant))
-    for key, items in by_graph.items():
-        g = graphs[key]
-        batch: list[tuple[LinearModule, str]] = []
-        size = 0
-        for i, (lin, variant) in enumerate(items):
-            x = meta(lin.main[1].x)
-            batch.append((lin, variant))
-            size += x.numel() * x.element_size()
-            if size >= _ACTIVATION_BUDGET or i == len(items) - 1:
-                values = g.evaluate([b[0].main[1].x for b in batch])
-                for b_lin, b_variant in batch:
-                    yield b_lin, b_variant, values[b_lin.main[1].x]
-                batch, size = [], 0
-                del values
-
-
 class FP8Pass(ModulePass):
     """``nn.Linear`` -> torchao FP8 linear where the measured table says it pays and SQNR allows."""
 
@@ -191,24 +163,15 @@ class FP8Pass(ModulePass):
         table = linear_table(ctx.device_spec)
         rival = "sparse24" in ctx.config.active_passes()
         chosen: list[tuple[LinearModule, str]] = []
-        for lin in linear_modules(ctx.graphs, ctx.module):
-            detail = lin.describe()
-            if not ctx.config.selects(lin.path):
-                self.skip(ctx, lin.path, "outside Config.modules", detail=detail)
-                continue
-            reason = _guard(lin)
-            if reason is None and table is None:
-                reason = f"no measured throughput table for {ctx.device_name(lin.module.weight)}: run benchmarks/linear.py --table"
-            if reason is not None:
-                self.skip(ctx, lin.path, reason, detail=detail)
-                continue
+        for lin, detail in self.linear_candidates(ctx, table, _guard):
             variant, why, speedup = self._decide(table, lin, rival)
             if variant is None:
                 self.skip(ctx, lin.path, why, detail=detail, est_speedup=speedup)
                 continue
             chosen.append((lin, variant))
-        for lin, variant, x in _activations(chosen):
-            self._convert(ctx, table, lin, variant, x)
+        # Each chosen linear with the example activation of its largest call.
+        for (lin, variant), xs in linear_inputs(chosen, lambda item: [item[0].main]):
+            self._convert(ctx, table, lin, variant, xs[lin.main[1].x])
         if chosen and not ctx.config.inductor:
             ctx.report.note("fp8: the measured table times FP8 linears compiled by Inductor; with "
                             "Config(inductor=False) the activation quantization runs unfused and the "

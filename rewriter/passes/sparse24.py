@@ -50,25 +50,22 @@ Forcing it, with no cost model and no accuracy floor: :func:`convert_linears` (m
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..context import GraphContext
 from ..cost import LinearTable, linear_table
-from ..patterns.linear import LinearModule, linear_modules, swap_blocker
-from ..patterns.ops import meta
+from ..patterns.linear import LinearModule, swap_blocker
 from ..validate import sample_rows, sqnr_db
-from .base import ModuleContext, ModulePass
+from .base import ModuleContext, ModulePass, linear_inputs
 
 __all__ = ["Sparse24Pass", "Sparse24Linear", "prune_2_4", "is_2_4", "to_sparse24", "convert_linears",
            "sparse24_device_support", "MIN_SPEEDUP", "SQNR_ROWS"]
 
 MIN_SPEEDUP = 1.02
 SQNR_ROWS = 2048  # rows of the example activation the SQNR is measured on (evenly spaced)
-_ACTIVATION_BUDGET = 2 << 30  # bytes of example activations evaluated at once
 
 
 def prune_2_4(weight: Tensor, method: str = "magnitude", act_norm: Tensor | None = None) -> Tensor:
@@ -227,38 +224,6 @@ def _guard(lin: LinearModule) -> str | None:
     return None
 
 
-def _activations(chosen: list[LinearModule]) -> Iterator[tuple[LinearModule, dict]]:
-    """Each chosen linear with the example activations of all its calls ({x node: value}),
-    evaluated graph by graph in batches of at most ``_ACTIVATION_BUDGET`` bytes (each batch replays
-    the graph up to it). A module called from several graphs is evaluated graph by graph."""
-    by_graph: dict[int, tuple[GraphContext, list[LinearModule]]] = {}
-    spread: list[LinearModule] = []
-    for lin in chosen:
-        graphs = {id(g): g for g, _ in lin.calls}
-        if len(graphs) > 1:
-            spread.append(lin)
-            continue
-        g = lin.calls[0][0]
-        by_graph.setdefault(id(g), (g, []))[1].append(lin)
-    for g, lins in by_graph.values():
-        batch: list[LinearModule] = []
-        size = 0
-        for i, lin in enumerate(lins):
-            batch.append(lin)
-            size += sum(meta(s.x).numel() * meta(s.x).element_size() for _, s in lin.calls)
-            if size >= _ACTIVATION_BUDGET or i == len(lins) - 1:
-                values = g.evaluate([s.x for b in batch for _, s in b.calls])
-                for b in batch:
-                    yield b, {s.x: values[s.x] for _, s in b.calls}
-                batch, size = [], 0
-                del values
-    for lin in spread:
-        values = {}
-        for g in {id(g): g for g, _ in lin.calls}.values():
-            values.update(g.evaluate([s.x for h, s in lin.calls if h is g]))
-        yield lin, values
-
-
 def _act_norm(xs) -> Tensor:
     """L2 norm of each input feature over every example row of every call."""
     return torch.sqrt(sum((x.reshape(-1, x.shape[-1]).float() ** 2).sum(0) for x in xs))
@@ -276,17 +241,7 @@ class Sparse24Pass(ModulePass):
     def run(self, ctx: ModuleContext) -> None:
         table = linear_table(ctx.device_spec)
         chosen: list[LinearModule] = []
-        for lin in linear_modules(ctx.graphs, ctx.module):
-            detail = lin.describe()
-            if not ctx.config.selects(lin.path):
-                self.skip(ctx, lin.path, "outside Config.modules", detail=detail)
-                continue
-            reason = _guard(lin)
-            if reason is None and table is None:
-                reason = f"no measured throughput table for {ctx.device_name(lin.module.weight)}: run benchmarks/linear.py --table"
-            if reason is not None:
-                self.skip(ctx, lin.path, reason, detail=detail)
-                continue
+        for lin, detail in self.linear_candidates(ctx, table, _guard):
             speedup, _, note = table.predict(self.name, lin.shapes)
             where = f"at {detail}" + (f" ({note})" if note else "")
             if speedup is None:
@@ -296,7 +251,8 @@ class Sparse24Pass(ModulePass):
                           detail=detail, est_speedup=round(speedup, 2))
             else:
                 chosen.append(lin)
-        for lin, xs in _activations(chosen):
+        # Each chosen linear with the example activations of all its calls.
+        for lin, xs in linear_inputs(chosen, lambda lin: lin.calls):
             self._convert(ctx, table, lin, xs)
 
     def _convert(self, ctx: ModuleContext, table: LinearTable, lin: LinearModule, xs: dict) -> None:
