@@ -130,6 +130,14 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(64, -(-3 * l2_bytes() // nbytes)))
 
 
+def rotating_copies(weight: torch.Tensor, w: nv.NVFP4Weight) -> tuple[list, list]:
+    """Copies of the bf16 weight and of its NVFP4 form for :func:`rotating_us` (the originals first)."""
+    dense = [weight] + [weight.clone() for _ in range(copies_for(weight.numel() * weight.element_size()) - 1)]
+    packed = [w] + [nv.NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale.clone(), w.shape)
+                    for _ in range(copies_for(w.nbytes()) - 1)]
+    return dense, packed
+
+
 def checked_run(x, w, cfg=None) -> tuple[torch.Tensor, bool]:
     """Run the kernel into a NaN-poisoned output; report whether every element was written."""
     out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
@@ -187,9 +195,7 @@ def kernel_table(m_values, notes) -> list[dict]:
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         w = nv.pack_nvfp4(weight)
-        weight_copies = [weight] + [weight.clone() for _ in range(copies_for(2 * n * k) - 1)]
-        w_copies = [w] + [nv.NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale.clone(), w.shape)
-                          for _ in range(copies_for(w.nbytes()) - 1)]
+        weight_copies, w_copies = rotating_copies(weight, w)
         int4 = make_int4(weight, notes)
         if int4 is not None and not int4_note_done:
             notes.append(f"int4 baseline: torchao {int4[0]}")
@@ -284,9 +290,7 @@ def run_sweep(m_values, deadline, save) -> list[dict]:
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         w = nv.pack_nvfp4(weight)
-        weight_copies = [weight] + [weight.clone() for _ in range(copies_for(2 * n * k) - 1)]
-        w_copies = [w] + [nv.NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale.clone(), w.shape)
-                          for _ in range(copies_for(w.nbytes()) - 1)]
+        weight_copies, w_copies = rotating_copies(weight, w)
         for m in m_values:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = nv.nvfp4_linear_reference(x.float(), w)

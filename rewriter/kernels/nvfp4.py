@@ -592,6 +592,16 @@ def _gemv_row(acc, x_row, x_addr, kx, kmask, e0, e1, e2, e3, e4, e5, e6, e7, EVE
 
 
 @triton.jit
+def _store_rows(acc, cols, m, mask, gscale, bias_ptr, out_ptr, stride_om, N, HAS_BIAS: tl.constexpr):
+    """``out[m, cols] = acc * gscale (+ bias[cols])`` where ``mask`` (the GEMV and MMA kernels'
+    final store)."""
+    y = acc * gscale
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gemv_store(acc, m: tl.constexpr, M, offs_n, n_mask, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, N,
                 HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr):
     """Row sums of ``acc`` into row ``m`` of the output (or of split ``pid_k``'s partials)."""
@@ -601,10 +611,7 @@ def _gemv_store(acc, m: tl.constexpr, M, offs_n, n_mask, gscale, bias_ptr, out_p
     if USE_WS:
         tl.store(ws_ptr + (pid_k * M + row) * N + offs_n, res, mask=mask)
     else:
-        y = res * gscale
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_rows(res, offs_n, row, mask, gscale, bias_ptr, out_ptr, stride_om, N, HAS_BIAS)
 
 
 @triton.jit
@@ -918,10 +925,7 @@ def _mma_store(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr
         if USE_WS:
             tl.store(ws_ptr + (pid_k * M + m).to(tl.int64) * N + row, v, mask=mask)
         else:
-            y = v * gscale
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + row, mask=row < N, other=0.0).to(tl.float32)
-            tl.store(out_ptr + m.to(tl.int64) * stride_om + row, y.to(out_ptr.dtype.element_ty), mask=mask)
+            _store_rows(v, row, m, mask, gscale, bias_ptr, out_ptr, stride_om, N, HAS_BIAS)
 
 
 _FENCE_PTX = tl.constexpr("fence.acq_rel.gpu; mov.b32 $0, $1;")
@@ -939,10 +943,7 @@ def _mma_finish(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_pt
         total = tl.zeros(row.shape, dtype=tl.float32)
         for sp in range(0, splits):
             total += tl.load(ws_ptr + (sp * M + m).to(tl.int64) * N + row, mask=mask, other=0.0, cache_modifier=".cg")
-        y = total * gscale
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + row, mask=row < N, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m.to(tl.int64) * stride_om + row, y.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_rows(total, row, m, mask, gscale, bias_ptr, out_ptr, stride_om, N, HAS_BIAS)
 
 
 @triton.jit

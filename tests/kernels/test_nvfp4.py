@@ -266,6 +266,10 @@ def _check_kernel(m, k, n, dtype, with_bias, config=None, seed=0):
     return y, ref
 
 
+def _config_id(c: NVFP4GemmConfig) -> str:
+    return f"{c.mode}-m{c.block_m}-n{c.block_n}-k{c.block_k}-s{c.split_k}"
+
+
 _KERNEL_CASES = list(itertools.product([1, 3, 17], [16, 48, 256], [1, 5, 64, 130]))
 
 
@@ -284,7 +288,7 @@ def test_kernel_matches_reference(m, k, n):
         NVFP4GemmConfig(32, 16, 64, split_k=4, num_warps=1, num_stages=1, mode="dot_swap"),
         NVFP4GemmConfig(32, 16, 128, split_k=1, num_warps=1, num_stages=1, mode="dot"),
     ],
-    ids=lambda c: f"{c.mode}-m{c.block_m}-n{c.block_n}-k{c.block_k}-s{c.split_k}",
+    ids=_config_id,
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_configs_and_split_k(config, dtype):
@@ -300,7 +304,7 @@ def test_kernel_configs_and_split_k(config, dtype):
         NVFP4GemmConfig(4, 8, 16, split_k=3, num_warps=1, num_stages=1, mode="gemv_portable"),
         NVFP4GemmConfig(4, 64, 128, split_k=1, num_warps=2, num_stages=1, mode="gemv"),
     ],
-    ids=lambda c: f"{c.mode}-m{c.block_m}-n{c.block_n}-k{c.block_k}-s{c.split_k}",
+    ids=_config_id,
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_kernel_configs(config, dtype):
