@@ -524,42 +524,47 @@ _LD_V4_PTX = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
 
 
 @triton.jit
-def _x_pair(v, BF16: tl.constexpr):
-    """The two 16-bit floats of each uint32 ``v`` (low half first) as fp32."""
+def _x_pair(v, kmask, BF16: tl.constexpr, EVEN_K: tl.constexpr):
+    """The two 16-bit floats of each uint32 ``v`` (low half first) as fp32; zero past K."""
     if BF16:
-        return (v << 16).to(tl.float32, bitcast=True), (v & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return (v.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32),
-            (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32))
+        lo, hi = (v << 16).to(tl.float32, bitcast=True), (v & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        lo = v.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    if not EVEN_K:
+        lo = tl.where(kmask, lo, 0.0)
+        hi = tl.where(kmask, hi, 0.0)
+    return lo, hi
 
 
 @triton.jit
-def _x_planes_asm(addr, BF16: tl.constexpr):
-    """x[8j .. 8j + 7] as eight fp32 tensors, from one 16-byte load at each ``addr`` (int64)."""
+def _x_planes_asm(addr, kmask, BF16: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[8j .. 8j + 7] as eight fp32 tensors, from one 16-byte load at each ``addr`` (int64); words
+    past K (re-read from the last one) give zeros."""
     a, b, c, d = tl.inline_asm_elementwise(_LD_V4_PTX, "=r,=r,=r,=r,l", [addr], dtype=(tl.uint32,) * 4,
                                            is_pure=True, pack=1)
-    x0, x1 = _x_pair(a, BF16)
-    x2, x3 = _x_pair(b, BF16)
-    x4, x5 = _x_pair(c, BF16)
-    x6, x7 = _x_pair(d, BF16)
+    x0, x1 = _x_pair(a, kmask, BF16, EVEN_K)
+    x2, x3 = _x_pair(b, kmask, BF16, EVEN_K)
+    x4, x5 = _x_pair(c, kmask, BF16, EVEN_K)
+    x6, x7 = _x_pair(d, kmask, BF16, EVEN_K)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
-def _x_planes_load(x_row, kx, kmask, EVEN_K: tl.constexpr):
-    """The same eight planes with tl.load (portable path)."""
+def _x_plane(x_row, kx, kmask, I: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[8j + I] for the tile's words j, as fp32, with tl.load (portable path)."""
     if EVEN_K:
-        return (tl.load(x_row + kx + 0).to(tl.float32), tl.load(x_row + kx + 1).to(tl.float32),
-                tl.load(x_row + kx + 2).to(tl.float32), tl.load(x_row + kx + 3).to(tl.float32),
-                tl.load(x_row + kx + 4).to(tl.float32), tl.load(x_row + kx + 5).to(tl.float32),
-                tl.load(x_row + kx + 6).to(tl.float32), tl.load(x_row + kx + 7).to(tl.float32))
-    return (tl.load(x_row + kx + 0, mask=kmask, other=0.0).to(tl.float32),
-            tl.load(x_row + kx + 1, mask=kmask, other=0.0).to(tl.float32),
-            tl.load(x_row + kx + 2, mask=kmask, other=0.0).to(tl.float32),
-            tl.load(x_row + kx + 3, mask=kmask, other=0.0).to(tl.float32),
-            tl.load(x_row + kx + 4, mask=kmask, other=0.0).to(tl.float32),
-            tl.load(x_row + kx + 5, mask=kmask, other=0.0).to(tl.float32),
-            tl.load(x_row + kx + 6, mask=kmask, other=0.0).to(tl.float32),
-            tl.load(x_row + kx + 7, mask=kmask, other=0.0).to(tl.float32))
+        return tl.load(x_row + kx + I).to(tl.float32)
+    return tl.load(x_row + kx + I, mask=kmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _x_planes_load(x_row, kx, kmask, EVEN_K: tl.constexpr):
+    """The same eight planes as _x_planes_asm with tl.load (portable path)."""
+    return (_x_plane(x_row, kx, kmask, 0, EVEN_K), _x_plane(x_row, kx, kmask, 1, EVEN_K),
+            _x_plane(x_row, kx, kmask, 2, EVEN_K), _x_plane(x_row, kx, kmask, 3, EVEN_K),
+            _x_plane(x_row, kx, kmask, 4, EVEN_K), _x_plane(x_row, kx, kmask, 5, EVEN_K),
+            _x_plane(x_row, kx, kmask, 6, EVEN_K), _x_plane(x_row, kx, kmask, 7, EVEN_K))
 
 
 @triton.jit
@@ -568,16 +573,7 @@ def _gemv_row(acc, x_row, x_addr, kx, kmask, e0, e1, e2, e3, e4, e5, e6, e7, EVE
     """acc[n, j] += sum_i plane_i[n, j] * x[8j + i] for one row of x (the tile's element 8j is at
     ``x_row + kx``, or at byte address ``x_addr`` for DECODE=1)."""
     if DECODE == 1:
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes_asm(x_addr, BF16)
-        if not EVEN_K:
-            x0 = tl.where(kmask, x0, 0.0)
-            x1 = tl.where(kmask, x1, 0.0)
-            x2 = tl.where(kmask, x2, 0.0)
-            x3 = tl.where(kmask, x3, 0.0)
-            x4 = tl.where(kmask, x4, 0.0)
-            x5 = tl.where(kmask, x5, 0.0)
-            x6 = tl.where(kmask, x6, 0.0)
-            x7 = tl.where(kmask, x7, 0.0)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes_asm(x_addr, kmask, BF16, EVEN_K)
     else:
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes_load(x_row, kx, kmask, EVEN_K)
     acc += e0 * x0[None, :]
