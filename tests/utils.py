@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 
@@ -88,3 +89,9 @@ def check_grads(model, args, kwargs=None, n=1):
         err = torch.linalg.vector_norm((a - b).double()).item()
         assert err <= 1e-5 * max(torch.linalg.vector_norm(b.double()).item(), floor), (err, b.norm())
     model.zero_grad(set_to_none=True)
+
+
+def write_linear_table(directory, rows):
+    """A synthetic measured linear table for the H200 in ``directory``: rows of (M, K, N, {variant: ms})."""
+    data = [{"M": m, "K": k, "N": n, **{f"{v}_ms": t for v, t in times.items()}} for m, k, n, times in rows]
+    (directory / "linear_h200.json").write_text(json.dumps({"device": "H200", "rows": data}))

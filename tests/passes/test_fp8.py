@@ -9,7 +9,6 @@ GPU tests at the end run it where it belongs.
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 import torch
@@ -17,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import rewriter
-import rewriter.cost as cost
 import rewriter.passes.fp8 as fp8
+from utils import write_linear_table
 from rewriter.validate import sqnr_db
 
 BF16 = torch.bfloat16
@@ -34,21 +33,9 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
-def write_table(directory, rows):
-    """A synthetic measured table for the H200 in ``directory``: rows of (M, K, N, {variant: ms})."""
-    data = [{"M": m, "K": k, "N": n, **{f"{v}_ms": t for v, t in times.items()}} for m, k, n, times in rows]
-    (directory / "linear_h200.json").write_text(json.dumps({"device": "H200", "rows": data}))
-
-
 def table_for(shapes, fp8_at=lambda m: 0.5, others=None):
     """bf16 takes 1 ms everywhere; FP8 takes ``fp8_at(M)`` ms; M in 1, 16, 1024."""
     return [(m, k, n, {"bf16": 1.0, "fp8": fp8_at(m), **(others or {})}) for k, n in shapes for m in (1, 16, 1024)]
-
-
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(cost, "_DATA", tmp_path)
-    return tmp_path
 
 
 @pytest.fixture
@@ -83,7 +70,7 @@ X_SMALL = lambda: torch.randn(1, 16, 64, dtype=BF16)  # M = 16
 def test_converts_where_the_table_says_it_pays(data_dir, fp8_on_cpu):
     from torchao.quantization import Float8Tensor
 
-    write_table(data_dir, table_for([(64, 128), (128, 64)], fp8_at=lambda m: 0.5 if m >= 1024 else 2.0))
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)], fp8_at=lambda m: 0.5 if m >= 1024 else 2.0))
     model, x = mlp(), X_BIG()
     original = model.up.weight.detach().clone()
     opt = run(model, x)
@@ -101,7 +88,7 @@ def test_converts_where_the_table_says_it_pays(data_dir, fp8_on_cpu):
 
 
 def test_left_alone_where_the_table_says_slower(data_dir, fp8_on_cpu):
-    write_table(data_dir, table_for([(64, 128), (128, 64)], fp8_at=lambda m: 0.5 if m >= 1024 else 2.0))
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)], fp8_at=lambda m: 0.5 if m >= 1024 else 2.0))
     opt = run(mlp(), X_SMALL())
     skipped = sites(opt, "skipped")
     assert set(skipped) == {"up", "down"} and not sites(opt, "rewritten")
@@ -111,7 +98,7 @@ def test_left_alone_where_the_table_says_slower(data_dir, fp8_on_cpu):
 
 
 def test_needs_more_than_the_margin(data_dir, fp8_on_cpu):
-    write_table(data_dir, table_for([(64, 128), (128, 64)], fp8_at=lambda m: 1.0 / 1.01))  # 1.01x
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)], fp8_at=lambda m: 1.0 / 1.01))  # 1.01x
     opt = run(mlp(), X_BIG())
     assert not sites(opt, "rewritten")
     assert f"converts above {fp8.MIN_SPEEDUP}x" in sites(opt)["up"].reason
@@ -124,7 +111,7 @@ def test_skipped_without_a_table(data_dir, fp8_on_cpu):
 
 
 def test_skipped_on_cpu(data_dir):
-    write_table(data_dir, table_for([(64, 128), (128, 64)]))
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)]))
     opt = run(mlp(), X_BIG())
     assert not sites(opt, "rewritten")
     assert "needs a CUDA GPU of compute capability 8.9" in sites(opt)["up"].reason
@@ -142,7 +129,7 @@ def test_compute_capability(monkeypatch, capability, ok):
 
 
 def test_sqnr_floor_rolls_back_a_bad_conversion(data_dir, fp8_on_cpu, monkeypatch):
-    write_table(data_dir, table_for([(64, 128), (128, 64)]))
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)]))
 
     def garbage(linear, weight_only=False):
         bad = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None).to(BF16)
@@ -158,7 +145,7 @@ def test_sqnr_floor_rolls_back_a_bad_conversion(data_dir, fp8_on_cpu, monkeypatc
 
 
 def test_sqnr_floor_is_the_configs(data_dir, fp8_on_cpu):
-    write_table(data_dir, table_for([(64, 128), (128, 64)]))
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)]))
     opt = run(mlp(), X_BIG(), min_sqnr_db={"fp8": 80.0})  # real FP8 reaches ~30 dB: rolled back
     assert not sites(opt, "rewritten")
     assert "under the 80 dB floor" in sites(opt)["up"].reason
@@ -167,7 +154,7 @@ def test_sqnr_floor_is_the_configs(data_dir, fp8_on_cpu):
 def test_weight_only_where_it_is_the_faster_variant(data_dir, fp8_on_cpu):
     from torchao.quantization import Float8Tensor
 
-    write_table(data_dir, table_for([(64, 128), (128, 64)], fp8_at=lambda m: 3.0, others={"fp8_wo": 0.8}))
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)], fp8_at=lambda m: 3.0, others={"fp8_wo": 0.8}))
     opt = run(mlp(), X_SMALL())
     done = sites(opt, "rewritten")
     assert set(done) == {"up", "down"}
@@ -177,7 +164,7 @@ def test_weight_only_where_it_is_the_faster_variant(data_dir, fp8_on_cpu):
 
 
 def test_fp16_weights_only_consider_weight_only(data_dir, fp8_on_cpu):
-    write_table(data_dir, table_for([(64, 128), (128, 64)]))  # dynamic FP8 pays, no weight-only column
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)]))  # dynamic FP8 pays, no weight-only column
     torch.manual_seed(0)
     model = MLP().half().eval()
     opt = run(model, torch.randn(4, 256, 64, dtype=torch.float16))
@@ -198,7 +185,7 @@ class Twice(nn.Module):
 
 @pytest.mark.parametrize("big, small, converts", [(0.5, 2.0, False), (0.2, 1.5, True)])
 def test_one_site_per_module_judged_on_all_its_calls(data_dir, fp8_on_cpu, big, small, converts):
-    write_table(data_dir, table_for([(64, 64)], fp8_at=lambda m: big if m >= 1024 else small))
+    write_linear_table(data_dir, table_for([(64, 64)], fp8_at=lambda m: big if m >= 1024 else small))
     torch.manual_seed(0)
     opt = run(Twice().to(BF16).eval(), X_BIG())
     (site,) = sites(opt).values()
@@ -212,7 +199,7 @@ def test_one_site_per_module_judged_on_all_its_calls(data_dir, fp8_on_cpu, big, 
 
 
 def test_left_to_sparse24_where_2_4_is_predicted_faster(data_dir, fp8_on_cpu):
-    write_table(data_dir, table_for([(64, 128), (128, 64)], others={"sparse24": 0.4}))
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)], others={"sparse24": 0.4}))
     opt = run(mlp(), X_BIG(), mode="max")
     assert "left to pass sparse24" in sites(opt)["up"].reason
     opt = run(mlp(), X_BIG(), mode="fast")  # sparse24 does not run in "fast": FP8 takes it
@@ -240,7 +227,7 @@ class LookAlikes(nn.Module):
 
 
 def test_look_alikes_left_alone(data_dir, fp8_on_cpu):
-    write_table(data_dir, table_for([(64, 64), (64, 40)]))
+    write_linear_table(data_dir, table_for([(64, 64), (64, 40)]))
     torch.manual_seed(0)
     opt = run(LookAlikes().to(BF16).eval(), X_BIG())
     found = sites(opt)
@@ -253,7 +240,7 @@ def test_look_alikes_left_alone(data_dir, fp8_on_cpu):
 
 
 def test_fp32_and_training_mode_left_alone(data_dir, fp8_on_cpu):
-    write_table(data_dir, table_for([(64, 128), (128, 64)]))
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)]))
     torch.manual_seed(0)
     opt = run(MLP().eval(), torch.randn(4, 256, 64))
     assert "weights are torch.float32" in sites(opt)["up"].reason
@@ -262,7 +249,7 @@ def test_fp32_and_training_mode_left_alone(data_dir, fp8_on_cpu):
 
 
 def test_not_run_in_exact_mode(data_dir, fp8_on_cpu):
-    write_table(data_dir, table_for([(64, 128), (128, 64)]))
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)]))
     assert "fp8" not in rewriter.Config(mode="exact").active_passes()
     assert "fp8" in rewriter.Config(mode="fast").active_passes()
     assert "fp8" in rewriter.Config(mode="max").active_passes()
@@ -274,14 +261,14 @@ def test_not_run_in_exact_mode(data_dir, fp8_on_cpu):
 
 
 def test_outside_config_modules(data_dir, fp8_on_cpu):
-    write_table(data_dir, table_for([(64, 128), (128, 64)]))
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)]))
     opt = run(mlp(), X_BIG(), modules=r"^down$")
     assert set(sites(opt, "rewritten")) == {"down"}
     assert sites(opt)["up"].reason == "outside Config.modules"
 
 
 def test_state_dict_round_trip(data_dir, fp8_on_cpu):
-    write_table(data_dir, table_for([(64, 128), (128, 64)]))
+    write_linear_table(data_dir, table_for([(64, 128), (128, 64)]))
     x = X_BIG()
     a = run(mlp(0), x)
     buf = io.BytesIO()
@@ -320,7 +307,7 @@ def test_gpu_converts_and_matches(data_dir, inductor):
     _fp8_gpu()
     from torchao.quantization import Float8Tensor
 
-    write_table(data_dir, table_for([(256, 512), (512, 256)]))
+    write_linear_table(data_dir, table_for([(256, 512), (512, 256)]))
     torch.manual_seed(0)
     model = MLP(256, 512).to("cuda", BF16).eval()
     x = torch.randn(4, 256, 256, device="cuda", dtype=BF16)
@@ -337,7 +324,7 @@ def test_gpu_converts_and_matches(data_dir, inductor):
 @pytest.mark.gpu
 def test_gpu_state_dict_round_trip(data_dir):
     _fp8_gpu()
-    write_table(data_dir, table_for([(256, 512), (512, 256)]))
+    write_linear_table(data_dir, table_for([(256, 512), (512, 256)]))
     x = torch.randn(4, 256, 256, device="cuda", dtype=BF16)
     make = lambda seed: (torch.manual_seed(seed), MLP(256, 512).to("cuda", BF16).eval())[1]
     a = run(make(0), x, inductor=True)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import rewriter
-import rewriter.cost as cost
 import rewriter.passes.sparse24 as sp
+from utils import write_linear_table
 from rewriter.passes.sparse24 import Sparse24Linear, is_2_4, prune_2_4
 from rewriter.validate import sqnr_db
 
@@ -85,15 +85,7 @@ class MLP(nn.Module):
 
 def write_table(directory, shapes, sparse_at=lambda m: 0.5):
     """A synthetic H200 table: bf16 1 ms everywhere, 2:4 ``sparse_at(M)`` ms, M in 1, 16, 1024."""
-    rows = [{"M": m, "K": k, "N": n, "bf16_ms": 1.0, "sparse24_ms": sparse_at(m)}
-            for k, n in shapes for m in (1, 16, 1024)]
-    (directory / "linear_h200.json").write_text(json.dumps({"device": "H200", "rows": rows}))
-
-
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(cost, "_DATA", tmp_path)
-    return tmp_path
+    write_linear_table(directory, [(m, k, n, {"bf16": 1.0, "sparse24": sparse_at(m)}) for k, n in shapes for m in (1, 16, 1024)])
 
 
 @pytest.fixture
