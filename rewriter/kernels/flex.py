@@ -29,7 +29,6 @@ from __future__ import annotations
 import itertools
 import types
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -45,7 +44,7 @@ class FlexTables:
     scale: float
     softcap: float | None = None
     _block_masks: dict = field(default_factory=dict, repr=False)
-    _compiled: Any = field(default=None, repr=False)
+    _compiled: dict = field(default_factory=dict, repr=False)  # kernel-option level -> compiled wrapper
     _moved: dict = field(default_factory=dict, repr=False)
     _mod_cache: dict = field(default_factory=dict, repr=False)
     _level: int = field(default=0, repr=False)
@@ -134,8 +133,7 @@ _SMALLER_KERNEL_OPTIONS = (
 def _compiled(t: FlexTables, level: int = 0):
     """This site's own compiled flex_attention (own code object, so its own Dynamo cache); ``level``
     > 0 picks the smaller kernel options after a compile failure."""
-    cache = t._compiled if isinstance(t._compiled, dict) else {}
-    t._compiled = cache
+    cache = t._compiled
     if level not in cache:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -164,15 +162,12 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.T
     t = tables(key)
     _, score_mod, _ = _mods(t, q.device)
     args = (q, k, v, score_mod, _block_mask(t, q, k), t.scale, q.shape[1] != k.shape[1])
-    level = t._level
     while True:
         try:
-            return _compiled(t, level)(*args)
+            return _compiled(t, t._level)(*args)
         except Exception as exc:  # noqa: BLE001 - only resource failures are retried
-            if not _out_of_resources(exc) or level >= len(_SMALLER_KERNEL_OPTIONS):
+            if not _retry_level(t, q.device, exc):
                 raise
-            level += 1
-            t._level = level
 
 
 # The op and its autograd. Eagerly, a call that needs gradients keeps Flex's own autograd graph
@@ -199,8 +194,8 @@ def _(q, k, v, key):
 
 
 def _retry_level(t: FlexTables, device: torch.device, exc: Exception) -> bool:
-    """After a failed (lazily compiled) backward: move the site to smaller kernel options if the
-    failure was a shared-memory one and a smaller option is left."""
+    """After a failed compile (forward, or the lazily compiled backward): move the site to smaller
+    kernel options if the failure was a shared-memory one and a smaller option is left."""
     if device.type != "cuda" or not _out_of_resources(exc) or t._level >= len(_SMALLER_KERNEL_OPTIONS):
         return False
     t._level += 1

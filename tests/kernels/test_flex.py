@@ -192,3 +192,16 @@ def test_gpu_flex_shapes_do_not_exhaust_the_compile_cache():
         out = flex_attention_static(q, k, v, key=sub)
         ref = flex_reference(q.double(), k.double(), v.double(), sub)
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_retry_only_on_shared_memory_failures_and_only_while_options_remain():
+    from rewriter.kernels.flex import _SMALLER_KERNEL_OPTIONS, _retry_level, tables
+
+    t = tables(register(doc_keep(8), None, 0.25))
+    cuda = torch.device("cuda")
+    oom = RuntimeError("No valid triton configs. OutOfMemoryError: out of resource: triton_tem_fused_flex_attention_0")
+    assert not _retry_level(t, cuda, ValueError("something else")) and t._level == 0
+    assert not _retry_level(t, torch.device("cpu"), oom) and t._level == 0
+    for level in range(1, len(_SMALLER_KERNEL_OPTIONS) + 1):
+        assert _retry_level(t, cuda, oom) and t._level == level
+    assert not _retry_level(t, cuda, oom) and t._level == len(_SMALLER_KERNEL_OPTIONS)
