@@ -1199,6 +1199,16 @@ def _split_counters(device: torch.device, blocks: int) -> Tensor:
     return buf
 
 
+def _rows_aligned(x: Tensor) -> bool:
+    return x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+
+
+def _with_aligned_rows(x: Tensor) -> Tensor:
+    """``x``, or a contiguous copy of it, so that its rows start on 16-byte boundaries (the inline-PTX
+    kernels load x 16 bytes at a time)."""
+    return x if _rows_aligned(x) else x.clone(memory_format=torch.contiguous_format)
+
+
 def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg: NVFP4GemmConfig) -> None:
     m, k = x.shape
     n = w.shape[0]
@@ -1219,8 +1229,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         groups = cfg.block_n // (16 * cfg.num_warps)
         if groups not in (1, 2) or cfg.block_n != 16 * groups * cfg.num_warps:
             raise ValueError(f"the MMA kernel needs block_n = 16 * num_warps * (1 or 2), got {cfg}")
-        if x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
-            x = x.clone(memory_format=torch.contiguous_format)
+        x = _with_aligned_rows(x)
         if x.dtype == torch.bfloat16:
             undo = 67108864.0  # 2**26
         grid_n = triton.cdiv(n, cfg.block_n)
@@ -1241,9 +1250,9 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         decode = 0 if _interpreting() else _GEMV_DECODES[cfg.mode]
         if decode == 1 and _capability(x.device) < (8, 9):
             decode = 0  # cvt.rn.f16x2.e4m3x2 needs sm_89
-        if decode == 1 and (x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16):
-            x = x.clone(memory_format=torch.contiguous_format)  # its 16-byte loads need aligned rows
-            if x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+        if decode == 1:
+            x = _with_aligned_rows(x)
+            if not _rows_aligned(x):
                 decode = 0
         _nvfp4_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
             x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
