@@ -104,7 +104,6 @@ def materialized_bias(variant, h, s, device, dtype):
 def flex_mods(variant, h, device, s=None):
     """(score_mod, mask_mod) of FlexAttention for a variant (``s``: the sequence length)."""
     slopes = alibi_slopes(h, device)
-    s_len = [s]
 
     def causal(b, hh, qi, kv):
         return kv <= qi
@@ -119,7 +118,7 @@ def flex_mods(variant, h, device, s=None):
         return SOFTCAP * torch.tanh(score / SOFTCAP)
 
     def documents(b, hh, qi, kv):
-        return (kv <= qi) & (qi * DOCS // s_len[0] == kv * DOCS // s_len[0])
+        return (kv <= qi) & (qi * DOCS // s == kv * DOCS // s)
 
     return {
         "plain": (None, None),
