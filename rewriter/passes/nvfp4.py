@@ -19,7 +19,7 @@ inputs (:func:`nvfp4_cost`):
 * CUDA without a measured table (``rewriter/data/linear_<device>.json``): skipped. The kernel
   beats bf16 only at decode-sized M (1.4-1.9x at M <= 16 on an H200, 0.4-0.9x from M = 64 on:
   ``benchmarks/results/nvfp4_nvidia-h200.md``), so without measurements it is not assumed to pay.
-  (The committed H200 table's NVFP4 times predate the current kernel: 1.3-1.6x at M <= 16.)
+  (The committed H200 table's NVFP4 times predate the current kernel: 0.96-1.57x at M <= 16.)
 * with a table: converted when ``time(bf16) / time(nvfp4)``, summed over the calls, is above 1.
 
 fp32 models are skipped: the Triton kernel takes bf16/fp16 activations, so an fp32 layer would run
