@@ -33,10 +33,36 @@ for stage in "$@"; do
     nvfp4-sweep)  # kernel configurations for M = 1, 2, 4
       python3 benchmarks/nvfp4.py --sweep --sweep-m 1,4,8,16 --budget-s "${SWEEP_S:-200}" --out "$OUT" 2>&1 \
         | grep -v Warning | tail -20 ;;
+    nvfp4-lut)  # the MMA kernel's table decode and unrolled loop against its bit decode and rolled loop
+      python3 benchmarks/nvfp4.py --sweep --sweep-focus lut --sweep-m "${SWEEP_M:-1,16}" --sweep-shapes 4096:14336 \
+        --suffix 6_lut --budget-s "${SWEEP_S:-240}" --out "$OUT" 2>&1 | grep -v Warning | tail -8
+      python3 - "$OUT" <<'PY'
+import glob, json, sys
+for path in glob.glob(sys.argv[1] + "/nvfp4_sweep6_lut_*.json"):
+    rows = [r for r in json.load(open(path))["results"] if "us" in r]
+    for m in sorted({r["M"] for r in rows}):
+        best = {}
+        for r in rows:
+            if r["M"] == m and r.get("all_written") and r["rel_err"] < 1e-2:
+                key = (r["lut"], r["unroll3"])
+                if key not in best or r["us"] < best[key]["us"]:
+                    best[key] = r
+        for (lut, un), r in sorted(best.items()):
+            print(f"M={m} lut={lut} unroll3={un}: {r['us']:.1f} us ({r['speedup']:.2f}x bf16 {r['bf16_us']:.1f}) "
+                  f"w{r['num_warps']} bn{r['block_n']} s{r['split_k']} err {r['rel_err']:.1e}")
+PY
+      ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
     nvfp4-decode)  # only the decode benchmark
       python3 benchmarks/nvfp4.py --decode-only --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
+    tests-attn)  # GPU tests of the attention kernel and pass
+      python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/kernels/test_flash_attention.py \
+        tests/passes/test_attention_kernels.py tests/passes/test_attention.py > "$OUT/tests_attn.log" 2>&1
+      grep -E "^E  |^FAILED|passed|failed" "$OUT/tests_attn.log" | grep -v DEBUG | head -30 ;;
+    attn-ab)  # D = 128, S = 4096, every variant, descriptor loads against pointer loads
+      python3 benchmarks/attention.py --shapes 128:4096 --ab-loads --rep 50 --suffix _ab --out "$OUT" 2>&1 \
+        | grep -v "^ *(\|autotune" | tail -16 ;;
     attn-docs)  # the FlexAttention route on document masks
       python3 benchmarks/attention.py --variants docs8+causal --shapes 128:4096,128:16384,64:4096 --rep 50 \
         --suffix _docs --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -16 ;;

@@ -251,8 +251,15 @@ def kernel_table(m_values, notes) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-def sweep_configs(m: int) -> list[nv.NVFP4GemmConfig]:
+def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
     C = nv.NVFP4GemmConfig
+    if focus == "lut" and m <= 16:
+        # The MMA kernel's decodes (bit ops / table) and loops (rolled / unrolled by three), two
+        # tiles ahead with the L2 hint, over warps, row groups and splits.
+        bm = 8 if m <= 8 else 16
+        return [C(bm, 16 * groups * warps, 128, split, warps, 1, "mma", 2, 1, "kernel", lut, unroll3)
+                for lut in (1, 0) for unroll3 in (1, 0) for warps in (2, 4) for groups in (1, 2)
+                for split in (2, 4, 8)]
     if m <= 16:
         bm = 8 if m <= 8 else 16
         cfgs = [C(bm, 16 * groups * warps, 128, split, warps, 1, "mma", 2, 1, reduce)
@@ -283,10 +290,10 @@ def sweep_configs(m: int) -> list[nv.NVFP4GemmConfig]:
             (256, 128, 64, 8, 3), (256, 64, 128, 8, 3))]
 
 
-def run_sweep(m_values, deadline, save) -> list[dict]:
+def run_sweep(m_values, deadline, save, focus="", shapes=None) -> list[dict]:
     """Time sweep_configs(m) for every shape; ``save(results)`` after each (shape, M)."""
     results = []
-    for k, n in sorted(SHAPES, key=lambda s: s != (4096, 14336)):
+    for k, n in sorted(shapes or SHAPES, key=lambda s: s != (4096, 14336)):
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         w = nv.pack_nvfp4(weight)
@@ -297,7 +304,7 @@ def run_sweep(m_values, deadline, save) -> list[dict]:
             with torch.no_grad():
                 t_bf16 = rotating_us([lambda wt=wt: F.linear(x, wt) for wt in weight_copies]) / 1e3
             best = None
-            for cfg in sweep_configs(m):
+            for cfg in sweep_configs(m, focus):
                 if time.time() > deadline:
                     print("sweep: out of time", flush=True)
                     return results
@@ -569,6 +576,9 @@ def main() -> None:
                         help="only the decode measurement, written to nvfp4_decode_<device>.md/.json")
     parser.add_argument("--sweep-m", default="1,16,256,64", help="M values of the sweep")
     parser.add_argument("--budget-s", type=float, default=240.0, help="time limit for the sweep")
+    parser.add_argument("--sweep-focus", default="", help="'lut': only the MMA kernel's decode/loop variants")
+    parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
+    parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -581,10 +591,11 @@ def main() -> None:
 
     if args.sweep:
         def save(results):
-            with open(os.path.join(args.out, f"nvfp4_sweep_{name}.json"), "w") as f:
+            with open(os.path.join(args.out, f"nvfp4_sweep{args.suffix}_{name}.json"), "w") as f:
                 json.dump({"info": info, "results": results}, f, indent=1)
 
-        run_sweep([int(v) for v in args.sweep_m.split(",")], time.time() + args.budget_s, save)
+        shapes = [tuple(int(v) for v in p.split(":")) for p in args.sweep_shapes.split(",")] if args.sweep_shapes else None
+        run_sweep([int(v) for v in args.sweep_m.split(",")], time.time() + args.budget_s, save, args.sweep_focus, shapes)
         return
 
     notes: list[str] = []
