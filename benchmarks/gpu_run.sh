@@ -33,22 +33,22 @@ for stage in "$@"; do
     nvfp4-sweep)  # kernel configurations for M = 1, 2, 4
       python3 benchmarks/nvfp4.py --sweep --sweep-m 1,4,8,16 --budget-s "${SWEEP_S:-200}" --out "$OUT" 2>&1 \
         | grep -v Warning | tail -20 ;;
-    nvfp4-lut)  # the MMA kernel's table decode and unrolled loop against its bit decode and rolled loop
-      python3 benchmarks/nvfp4.py --sweep --sweep-focus lut --sweep-m "${SWEEP_M:-1,16}" --sweep-shapes 4096:14336 \
-        --suffix 6_lut --budget-s "${SWEEP_S:-240}" --out "$OUT" 2>&1 | grep -v Warning | tail -8
+    nvfp4-xlate)  # the MMA kernel with x read late (fewer registers) against x read with the words
+      python3 benchmarks/nvfp4.py --sweep --sweep-focus xlate --sweep-m "${SWEEP_M:-1,16}" --sweep-shapes 4096:14336 \
+        --suffix 7_xlate --budget-s "${SWEEP_S:-240}" --out "$OUT" 2>&1 | grep -v Warning | tail -4
       python3 - "$OUT" <<'PY'
 import glob, json, sys
-for path in glob.glob(sys.argv[1] + "/nvfp4_sweep6_lut_*.json"):
+for path in glob.glob(sys.argv[1] + "/nvfp4_sweep7_xlate_*.json"):
     rows = [r for r in json.load(open(path))["results"] if "us" in r]
     for m in sorted({r["M"] for r in rows}):
         best = {}
         for r in rows:
             if r["M"] == m and r.get("all_written") and r["rel_err"] < 1e-2:
-                key = (r["lut"], r["unroll3"])
+                key = (r["x_late"], r["ahead"])
                 if key not in best or r["us"] < best[key]["us"]:
                     best[key] = r
-        for (lut, un), r in sorted(best.items()):
-            print(f"M={m} lut={lut} unroll3={un}: {r['us']:.1f} us ({r['speedup']:.2f}x bf16 {r['bf16_us']:.1f}) "
+        for (xl, ah), r in sorted(best.items()):
+            print(f"M={m} x_late={xl} ahead={ah}: {r['us']:.1f} us ({r['speedup']:.2f}x bf16 {r['bf16_us']:.1f}) "
                   f"w{r['num_warps']} bn{r['block_n']} s{r['split_k']} err {r['rel_err']:.1e}")
 PY
       ;;
@@ -60,9 +60,6 @@ PY
       python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/kernels/test_flash_attention.py \
         tests/passes/test_attention_kernels.py tests/passes/test_attention.py > "$OUT/tests_attn.log" 2>&1
       grep -E "^E  |^FAILED|passed|failed" "$OUT/tests_attn.log" | grep -v DEBUG | head -30 ;;
-    attn-ab)  # D = 128, S = 4096, every variant, descriptor loads against pointer loads
-      python3 benchmarks/attention.py --shapes 128:4096 --ab-loads --rep 50 --suffix _ab --out "$OUT" 2>&1 \
-        | grep -v "^ *(\|autotune" | tail -16 ;;
     attn-docs)  # the FlexAttention route on document masks
       python3 benchmarks/attention.py --variants docs8+causal --shapes 128:4096,128:16384,64:4096 --rep 50 \
         --suffix _docs --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -16 ;;
@@ -74,7 +71,7 @@ PY
         --eager-max-s 4096 --suffix _d64 --budget "${ATTN_S:-500}" --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -5 ;;
     linear-table)  # re-measure the linear table the cost model reads (writes rewriter/data/, copied to $OUT)
       python3 benchmarks/linear.py --table --out "$OUT" 2>&1 | grep -v Warning | tail -8
-      cp rewriter/data/linear_*.json "$OUT"/ ;;
+      for f in rewriter/data/linear_*.json; do cp "$f" "$OUT/table_$(basename "$f")"; done ;;
     models)  # whole models against torch.compile
       python3 benchmarks/models.py --out "$OUT" 2>&1 | tail -20 ;;
     *) echo "unknown stage $stage"; exit 2 ;;

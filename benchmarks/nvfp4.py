@@ -253,12 +253,11 @@ def kernel_table(m_values, notes) -> list[dict]:
 
 def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
     C = nv.NVFP4GemmConfig
-    if focus == "lut" and m <= 16:
-        # The MMA kernel's decodes (bit ops / table) and loops (rolled / unrolled by three), two
-        # tiles ahead with the L2 hint, over warps, row groups and splits.
+    if focus == "xlate" and m <= 16:
+        # x read two tiles ahead with the words (x_late 0) or when used (x_late 1).
         bm = 8 if m <= 8 else 16
-        return [C(bm, 16 * groups * warps, 128, split, warps, 1, "mma", 2, 1, "kernel", lut, unroll3)
-                for lut in (1, 0) for unroll3 in (1, 0) for warps in (2, 4) for groups in (1, 2)
+        return [C(bm, 16 * groups * warps, 128, split, warps, 1, "mma", ahead, 1, "kernel", x_late)
+                for x_late in (1, 0) for ahead in (2, 1) for warps in (1, 2, 4) for groups in (1, 2)
                 for split in (2, 4, 8)]
     if m <= 16:
         bm = 8 if m <= 8 else 16
@@ -576,7 +575,7 @@ def main() -> None:
                         help="only the decode measurement, written to nvfp4_decode_<device>.md/.json")
     parser.add_argument("--sweep-m", default="1,16,256,64", help="M values of the sweep")
     parser.add_argument("--budget-s", type=float, default=240.0, help="time limit for the sweep")
-    parser.add_argument("--sweep-focus", default="", help="'lut': only the MMA kernel's decode/loop variants")
+    parser.add_argument("--sweep-focus", default="", help="'xlate': only the MMA kernel with x read late or with the words")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

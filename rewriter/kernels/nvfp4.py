@@ -788,7 +788,7 @@ mov.b32 {h, u}, t;
 cvt.rn.f16x2.e4m3x2 $1, h;
 }
 """)
-_MMA_SCALE_BF16_PTX_TEXT = """
+_MMA_SCALE_BF16_PTX = tl.constexpr("""
 {
 .reg .b32 t;
 .reg .f32 f;
@@ -805,8 +805,7 @@ mul.rn.f32 f, f, 0f76800000;
 mul.rn.f32 f, f, 0f76800000;
 cvt.rn.bf16x2.f32 $1, f, f;
 }
-"""
-_MMA_SCALE_BF16_PTX = tl.constexpr(_MMA_SCALE_BF16_PTX_TEXT)
+""")
 
 # One word ($4) and its scale pair ($5) -> four pairs (elements p, p + 4) for p = 0..3.
 _MMA_DECODE_F16_PTX = tl.constexpr(
@@ -830,72 +829,6 @@ mma.sync.aligned.m16n8k16.row.col.f32.TY.TY.f32 {$0, $1, $2, $3}, {$6, $10, $7, 
 _MMA_CHUNK_F16_PTX = tl.constexpr(_MMA_CHUNK_BODY.replace("TY", "f16"))
 _MMA_CHUNK_BF16_PTX = tl.constexpr(_MMA_CHUNK_BODY.replace("TY", "bf16"))
 
-# Table decode (LUT=1). A byte holds elements (2j, 2j + 1) of its word (low nibble first), so one
-# lookup per byte gives a finished register pair ``(e2m1[lo], e2m1[hi])`` as bf16x2 / f16x2 (the
-# values are exact in both), and the pair order is x's natural order: x words go into the B
-# fragment as loaded, without prmt. The table (256 entries) sits in shared memory 32 times over,
-# entry-major with one copy per lane (entry e, lane l at byte ``128 e + 4 l``), so a warp's 32
-# lookups hit 32 different banks whatever bytes they read. Each program fills it once from a global
-# copy (``_lut_table``). Per word: 4 x (shift, and-or, ld.shared, multiply by the scale pair)
-# against 4 x (two shifts, two and, or, multiply) for the bit decode above.
-_MMA_LUT_INIT_PTX = tl.constexpr("""
-{
-.shared .align 16 .b32 nvfp4_lut[8192];
-.reg .u32 t, nt, e, a, v;
-.reg .u64 p;
-.reg .pred q;
-mov.u32 t, %tid.x;
-mov.u32 nt, %ntid.x;
-mov.u32 e, t;
-nvfp4_lut_fill:
-setp.ge.u32 q, e, 256;
-@q bra nvfp4_lut_done;
-mul.wide.u32 p, e, 4;
-add.u64 p, p, $2;
-ld.global.nc.b32 v, [p];
-mov.u32 a, nvfp4_lut;
-mad.lo.u32 a, e, 128, a;
-st.shared.v4.b32 [a], {v, v, v, v};
-st.shared.v4.b32 [a+16], {v, v, v, v};
-st.shared.v4.b32 [a+32], {v, v, v, v};
-st.shared.v4.b32 [a+48], {v, v, v, v};
-st.shared.v4.b32 [a+64], {v, v, v, v};
-st.shared.v4.b32 [a+80], {v, v, v, v};
-st.shared.v4.b32 [a+96], {v, v, v, v};
-st.shared.v4.b32 [a+112], {v, v, v, v};
-add.u32 e, e, nt;
-bra.uni nvfp4_lut_fill;
-nvfp4_lut_done:
-bar.sync 0;
-mov.u32 $0, nvfp4_lut;
-and.b32 $1, t, 31;
-shl.b32 $1, $1, 2;
-}
-""")
-
-
-def _lut_ptx(fmt: str) -> str:
-    # One word ($4), its scale pair ($5), the table ($6) and this lane's copy offset ($7) -> the
-    # four pairs of bytes 0..3 ($0..$3).
-    shifts = ("shl.b32 a, $4, 7;", "shr.b32 a, $4, 1;", "shr.b32 a, $4, 9;", "shr.b32 a, $4, 17;")
-    return ("{\n.reg .b32 a;\n" + "".join(
-        f"{sh} and.b32 a, a, 0x7F80; or.b32 a, a, $7; add.u32 a, a, $6; ld.shared.b32 ${j}, [a]; "
-        f"mul.rn.{fmt}x2 ${j}, ${j}, $5;\n" for j, sh in enumerate(shifts)) + "}\n")
-
-
-_MMA_LUT_DECODE_F16_PTX = tl.constexpr(_lut_ptx("f16"))
-_MMA_LUT_DECODE_BF16_PTX = tl.constexpr(_lut_ptx("bf16"))
-# Row r0 pairs $4-$7, row r1 pairs $8-$11, the x words $12-$15 (natural order), accumulators $16-$19.
-_MMA_LUT_CHUNK_BODY = """
-mma.sync.aligned.m16n8k16.row.col.f32.TY.TY.f32 {$0, $1, $2, $3}, {$4, $8, $5, $9}, {$12, $13}, {$16, $17, $18, $19};
-mma.sync.aligned.m16n8k16.row.col.f32.TY.TY.f32 {$0, $1, $2, $3}, {$6, $10, $7, $11}, {$14, $15}, {$0, $1, $2, $3};
-"""
-_MMA_LUT_CHUNK_F16_PTX = tl.constexpr(_MMA_LUT_CHUNK_BODY.replace("TY", "f16"))
-_MMA_LUT_CHUNK_BF16_PTX = tl.constexpr(_MMA_LUT_CHUNK_BODY.replace("TY", "bf16"))
-# The exact scale pair for the table decode, bf16: the E4M3 bits as an fp32 pattern read as
-# ``scale * 2**-120`` (as above), times 2**60 twice.
-_MMA_LUT_SCALE_BF16_PTX = tl.constexpr(_MMA_SCALE_BF16_PTX_TEXT.replace("0f76800000", "0f5D800000"))
-
 
 @triton.jit
 def _mma_ld_words(addr, HINT: tl.constexpr):
@@ -913,16 +846,13 @@ def _mma_ld_scales(addr):
 
 
 @triton.jit
-def _mma_ld_x(addr, pred):
+def _mma_ld_x(addr):
     return tl.inline_asm_elementwise(_MMA_LD_X_PTX, "=&r," * 16 + "l", [addr], dtype=(tl.uint32,) * 16,
                                      is_pure=True, pack=1)
 
 
 @triton.jit
-def _mma_scales(sb, BF16: tl.constexpr, LUT: tl.constexpr = 0):
-    if BF16 and LUT:
-        return tl.inline_asm_elementwise(_MMA_LUT_SCALE_BF16_PTX, "=&r,=&r,r", [sb], dtype=(tl.uint32, tl.uint32),
-                                         is_pure=True, pack=1)
+def _mma_scales(sb, BF16: tl.constexpr):
     if BF16:
         return tl.inline_asm_elementwise(_MMA_SCALE_BF16_PTX, "=&r,=&r,r", [sb], dtype=(tl.uint32, tl.uint32),
                                          is_pure=True, pack=1)
@@ -940,35 +870,6 @@ def _mma_decode(word, scale, BF16: tl.constexpr):
 
 
 @triton.jit
-def _mma_lut_init(lut_ptr, tid):
-    """Fill this program's shared-memory table; returns (table address, this lane's copy offset)."""
-    return tl.inline_asm_elementwise(_MMA_LUT_INIT_PTX, "=r,=r,l", [lut_ptr.to(tl.int64, bitcast=True) + tid * 0],
-                                     dtype=(tl.int32, tl.int32), is_pure=False, pack=1)
-
-
-@triton.jit
-def _mma_lut_decode(word, scale, tbl, lane4, BF16: tl.constexpr):
-    if BF16:
-        return tl.inline_asm_elementwise(_MMA_LUT_DECODE_BF16_PTX, "=&r,=&r,=&r,=&r,r,r,r,r",
-                                         [word, scale, tbl, lane4], dtype=(tl.uint32,) * 4, is_pure=True, pack=1)
-    return tl.inline_asm_elementwise(_MMA_LUT_DECODE_F16_PTX, "=&r,=&r,=&r,=&r,r,r,r,r",
-                                     [word, scale, tbl, lane4], dtype=(tl.uint32,) * 4, is_pure=True, pack=1)
-
-
-@triton.jit
-def _mma_lut_chunk(p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3, BF16: tl.constexpr):
-    if BF16:
-        return tl.inline_asm_elementwise(
-            _MMA_LUT_CHUNK_BF16_PTX, "=&r,=&r,=&r,=&r," + "r," * 15 + "r",
-            [p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3],
-            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-    return tl.inline_asm_elementwise(
-        _MMA_LUT_CHUNK_F16_PTX, "=&r,=&r,=&r,=&r," + "r," * 15 + "r",
-        [p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3],
-        dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-
-
-@triton.jit
 def _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3, BF16: tl.constexpr):
     if BF16:
         return tl.inline_asm_elementwise(
@@ -982,44 +883,23 @@ def _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3, B
 
 
 @triton.jit
-def _mma_group(acc, acc2, w0, w1, s0, s1, xv, xv2, tbl, lane4, BF16: tl.constexpr, TWO_N: tl.constexpr,
-               LUT: tl.constexpr):
+def _mma_group(acc, acc2, w0, w1, s0, s1, xv, xv2, BF16: tl.constexpr, TWO_N: tl.constexpr):
     """One row group's K tile: decode the 4 + 4 words of rows r0 and r1 and run the chunks."""
     a0, a1, a2, a3 = acc
     e0, e1, e2, e3 = acc2
-    s0a, s0b = _mma_scales(s0, BF16, LUT)
-    s1a, s1b = _mma_scales(s1, BF16, LUT)
+    s0a, s0b = _mma_scales(s0, BF16)
+    s1a, s1b = _mma_scales(s1, BF16)
     sc0 = (s0a, s0a, s0b, s0b)
     sc1 = (s1a, s1a, s1b, s1b)
     for t in tl.static_range(4):
-        if LUT:
-            p0, p1, p2, p3 = _mma_lut_decode(w0[t], sc0[t], tbl, lane4, BF16)
-            q0, q1, q2, q3 = _mma_lut_decode(w1[t], sc1[t], tbl, lane4, BF16)
-            a0, a1, a2, a3 = _mma_lut_chunk(p0, p1, p2, p3, q0, q1, q2, q3, xv[4 * t], xv[4 * t + 1],
-                                            xv[4 * t + 2], xv[4 * t + 3], a0, a1, a2, a3, BF16)
-            if TWO_N:
-                e0, e1, e2, e3 = _mma_lut_chunk(p0, p1, p2, p3, q0, q1, q2, q3, xv2[4 * t], xv2[4 * t + 1],
-                                                xv2[4 * t + 2], xv2[4 * t + 3], e0, e1, e2, e3, BF16)
-        else:
-            p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16)
-            q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16)
-            a0, a1, a2, a3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, xv[4 * t], xv[4 * t + 1], xv[4 * t + 2],
-                                        xv[4 * t + 3], a0, a1, a2, a3, BF16)
-            if TWO_N:
-                e0, e1, e2, e3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, xv2[4 * t], xv2[4 * t + 1],
-                                            xv2[4 * t + 2], xv2[4 * t + 3], e0, e1, e2, e3, BF16)
+        p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16)
+        q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16)
+        a0, a1, a2, a3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, xv[4 * t], xv[4 * t + 1], xv[4 * t + 2],
+                                    xv[4 * t + 3], a0, a1, a2, a3, BF16)
+        if TWO_N:
+            e0, e1, e2, e3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, xv2[4 * t], xv2[4 * t + 1],
+                                        xv2[4 * t + 2], xv2[4 * t + 3], e0, e1, e2, e3, BF16)
     return (a0, a1, a2, a3), (e0, e1, e2, e3)
-
-
-@triton.jit
-def _mma_tile(acc_a, acc_a2, acc_b, acc_b2, tile, tbl, lane4, BF16: tl.constexpr, TWO_N: tl.constexpr,
-              GROUPS: tl.constexpr, LUT: tl.constexpr):
-    """Both row groups' products of one loaded K tile."""
-    w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = tile
-    acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, tbl, lane4, BF16, TWO_N, LUT)
-    if GROUPS == 2:
-        acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, tbl, lane4, BF16, TWO_N, LUT)
-    return acc_a, acc_a2, acc_b, acc_b2
 
 
 @triton.jit
@@ -1057,8 +937,8 @@ def _mma_finish(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_pt
 
 
 @triton.jit
-def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2, tile,
-                    GROUPS: tl.constexpr, TWO_N: tl.constexpr, HINT: tl.constexpr):
+def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, tile,
+                    GROUPS: tl.constexpr, TWO_N: tl.constexpr, HINT: tl.constexpr, X_LATE: tl.constexpr = 0):
     """Loads of one K tile (tile index ``tile``): words, scale pairs and x for each row group."""
     ow = tile.to(tl.int64) * 64
     os = tile.to(tl.int64) * 8
@@ -1077,11 +957,16 @@ def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2, ti
         w3 = w1
         s2 = s0
         s3 = s1
-    xv = _mma_ld_x(xa + ox, xp)
-    if TWO_N:
-        xv2 = _mma_ld_x(xa2 + ox, xp2)
+    if X_LATE:
+        # x is read when its tile is consumed (see X_LATE in the kernel): placeholders here.
+        xv = ox
+        xv2 = ox
     else:
-        xv2 = xv
+        xv = _mma_ld_x(xa + ox)
+        if TWO_N:
+            xv2 = _mma_ld_x(xa2 + ox)
+        else:
+            xv2 = xv
     return w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2
 
 
@@ -1091,8 +976,7 @@ def _nvfp4_mma_kernel(
     M, N, K, stride_xm, stride_wn, stride_sn, stride_om, tiles_per_split,
     HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
     NUM_WARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 0,
-    counter_ptr=None, IN_KERNEL_REDUCE: tl.constexpr = False, lut_ptr=None, LUT: tl.constexpr = 0,
-    UNROLL3: tl.constexpr = 0,
+    counter_ptr=None, IN_KERNEL_REDUCE: tl.constexpr = False, X_LATE: tl.constexpr = 0,
 ):
     """``out = x @ W.T`` for M <= 8 (TWO_N: M <= 16) with warp MMAs; see the comment above.
     Grid ``(cdiv(N, 16 * GROUPS * NUM_WARPS), splits)``; needs K % 128 == 0, 16-byte aligned x rows
@@ -1121,13 +1005,6 @@ def _nvfp4_mma_kernel(
     xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 64
     xa = xb + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm * 2)
     xa2 = xb + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm * 2)
-    xp = (g < M).to(tl.int32)
-    xp2 = (g + 8 < M).to(tl.int32)
-    if LUT:
-        tbl, lane4 = _mma_lut_init(lut_ptr, tid)
-    else:
-        tbl = tid
-        lane4 = tid
 
     zero = tl.zeros((NUM_WARPS * 32,), dtype=tl.float32)
     acc_a = (zero, zero, zero, zero)
@@ -1138,48 +1015,37 @@ def _nvfp4_mma_kernel(
     first = pid_k * tiles_per_split
     last = tiles_per_split - 1
     # Loads run AHEAD tiles ahead of the MMAs (1 or 2); past the end the last tile is re-read.
-    cur = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2, first, GROUPS, TWO_N, HINT)
-    nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2,
-                          first + tl.minimum(1, last), GROUPS, TWO_N, HINT)
-    if UNROLL3:
-        # Two tiles in flight as with AHEAD == 2, unrolled three times so that each tile's
-        # registers are reloaded right after their own tile is consumed: the rolled loop moves the
-        # three register sets round each iteration (~80 register moves per tile in the SASS).
-        for t in range(0, tiles_per_split, 3):
-            third = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2,
-                                    first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT)
-            acc_a, acc_a2, acc_b, acc_b2 = _mma_tile(acc_a, acc_a2, acc_b, acc_b2, cur, tbl, lane4, BF16, TWO_N,
-                                                     GROUPS, LUT)
-            cur = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2,
-                                  first + tl.minimum(t + 3, last), GROUPS, TWO_N, HINT)
-            if t + 1 < tiles_per_split:
-                acc_a, acc_a2, acc_b, acc_b2 = _mma_tile(acc_a, acc_a2, acc_b, acc_b2, nxt, tbl, lane4, BF16,
-                                                         TWO_N, GROUPS, LUT)
-            nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2,
-                                  first + tl.minimum(t + 4, last), GROUPS, TWO_N, HINT)
-            if t + 2 < tiles_per_split:
-                acc_a, acc_a2, acc_b, acc_b2 = _mma_tile(acc_a, acc_a2, acc_b, acc_b2, third, tbl, lane4, BF16,
-                                                         TWO_N, GROUPS, LUT)
-    for t in range(0, tiles_per_split * (1 - UNROLL3)):
+    cur = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, first, GROUPS, TWO_N, HINT,
+                          X_LATE)
+    nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
+                          first + tl.minimum(1, last), GROUPS, TWO_N, HINT, X_LATE)
+    for t in range(0, tiles_per_split):
         if AHEAD == 2:
-            new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2,
-                                  first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT)
+            new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
+                                  first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE)
         w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = cur
-        acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, tbl, lane4, BF16, TWO_N, LUT)
+        if X_LATE:
+            # x (16 registers per row set) read from L1/L2 just before use instead of two tiles
+            # ahead: fewer registers, more warps per SM to keep the weight loads in flight.
+            ox = (first + t).to(tl.int64) * 256
+            xv = _mma_ld_x(xa + ox)
+            if TWO_N:
+                xv2 = _mma_ld_x(xa2 + ox)
+            else:
+                xv2 = xv
+        acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N)
         if GROUPS == 2:
-            acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, tbl, lane4, BF16, TWO_N, LUT)
+            acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N)
         if AHEAD == 2:
             cur = nxt
             nxt = new
         else:
             cur = nxt
-            nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, xp, xp2,
-                                  first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT)
+            nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
+                                  first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE)
 
-    # bf16 values carried 2**-26, fp16 values 2**-14 (the table decode's are exact).
-    if LUT:
-        gscale = tl.load(gscale_ptr)
-    elif BF16:
+    # bf16 values carried 2**-26, fp16 values 2**-14.
+    if BF16:
         gscale = tl.load(gscale_ptr) * 67108864.0
     else:
         gscale = tl.load(gscale_ptr) * 16384.0
@@ -1231,8 +1097,7 @@ class NVFP4GemmConfig:
     ahead: int = 1  # mma: tiles loaded ahead of the MMAs (1 or 2)
     hint: int = 0  # mma: 1 = 256-byte L2 fetches for the packed words
     reduce: str = "kernel"  # mma split-K: "kernel" (a second kernel) or "atomic" (the last program)
-    lut: int = 0  # mma: 1 = table decode from shared memory (see _MMA_LUT_INIT_PTX)
-    unroll3: int = 0  # mma: 1 = two tiles ahead, loop unrolled three times (no register rotation)
+    x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1280,12 +1145,15 @@ def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]
     C = NVFP4GemmConfig
     cands = []
     if mma and bucket <= 16 and k % 128 == 0:
-        # The MMA kernel's winners in the H200 sweeps (benchmarks/NOTES_nvfp4.md): loads two tiles
-        # ahead with the 256-byte L2 hint, split-K 2 for K = 4096 with N = 14336, 4 for 4096 x 4096,
-        # 8 for K = 14336; within 3% of each other elsewhere.
+        # The MMA kernel's winners in the H200 sweeps (benchmarks/NOTES_nvfp4.md): x read when its
+        # tile is used (64 registers instead of 106 at one row group: more warps per SM; sweep 7,
+        # K = 4096, N = 14336: M = 16 21.9 us against 26.7 with x loaded ahead, M = 1 17.8 against
+        # 18.7), the 256-byte L2 hint, split-K 4 with 4 warps for M = 1, 2 with one warp and two row
+        # groups for M = 16; split 8 was best for K = 14336 in the earlier sweeps.
         bm = 8 if bucket <= 8 else 16
-        cands += [C(bm, 32, 128, 2, 1, 1, "mma", 2, 1), C(bm, 64, 128, 4, 4, 1, "mma", 2, 1),
-                  C(bm, 128, 128, 8, 4, 1, "mma", 2, 1), C(bm, 64, 128, 2, 2, 1, "mma", 2, 1)]
+        cands += [C(bm, 64, 128, 4, 4, 1, "mma", 1, 1, x_late=1), C(bm, 32, 128, 2, 1, 1, "mma", 1, 1, x_late=1),
+                  C(bm, 128, 128, 8, 4, 1, "mma", 2, 1, x_late=1), C(bm, 32, 128, 4, 2, 1, "mma", 1, 1, x_late=1),
+                  C(bm, 128, 128, 8, 4, 1, "mma", 2, 1)]
         cands += [C(16, 32, 256, 2, 4, 3), C(16, 128, 256, 8, 4, 3)]
         return _runnable(cands, k)
     if bucket <= 4:
@@ -1342,28 +1210,6 @@ def _split_counters(device: torch.device, blocks: int) -> Tensor:
     return buf
 
 
-_LUTS: dict[tuple, Tensor] = {}
-
-
-def _lut_table(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The table decode's 256 entries for one device and activation dtype: entry ``b`` holds the
-    E2M1 values of byte ``b``'s low and high nibble as a 16-bit float pair (low half first)."""
-    key = (device, dtype)
-    table = _LUTS.get(key)
-    if table is None:
-        # Built with device arithmetic only (no host-to-device copy), so a first call inside CUDA
-        # graph capture works too.
-        code = torch.arange(16, device=device)
-        mag = code & 7
-        e, m = (mag >> 1).to(torch.float32), (mag & 1).to(torch.float32)
-        value = torch.where(e == 0, 0.5 * m, torch.exp2(e - 1) * (1 + 0.5 * m))
-        value = torch.where(code >= 8, -value, value)
-        bits = value.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
-        b = torch.arange(256, device=device)
-        table = _LUTS[key] = (bits[b & 0xF] | (bits[b >> 4] << 16)).to(torch.int32)
-    return table
-
-
 def _rows_aligned(x: Tensor) -> bool:
     return x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
 
@@ -1395,9 +1241,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         if groups not in (1, 2) or cfg.block_n != 16 * groups * cfg.num_warps:
             raise ValueError(f"the MMA kernel needs block_n = 16 * num_warps * (1 or 2), got {cfg}")
         x = _with_aligned_rows(x)
-        if cfg.lut:
-            undo = 1.0
-        elif x.dtype == torch.bfloat16:
+        if x.dtype == torch.bfloat16:
             undo = 67108864.0  # 2**26
         grid_n = triton.cdiv(n, cfg.block_n)
         in_kernel = split > 1 and cfg.reduce == "atomic"
@@ -1407,7 +1251,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
             NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
             counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws, IN_KERNEL_REDUCE=in_kernel,
-            lut_ptr=_lut_table(x.device, x.dtype) if cfg.lut else ws, LUT=cfg.lut, UNROLL3=cfg.unroll3,
+            X_LATE=cfg.x_late,
             num_warps=cfg.num_warps, num_stages=1,
         )
         if in_kernel:
@@ -1473,16 +1317,40 @@ def _launch_gemm(x, w, bias_arg, out, ws, cfg, split, tiles_per_split, has_bias)
     )
 
 
-def _time_config(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg: NVFP4GemmConfig) -> float:
-    """Median GPU time of one launch in ms, replayed from a CUDA graph (do_bench empties L2 before
-    each replay). In the H200 benchmark eager and graph timings of the tuned kernel agreed within
-    ~1 us, but one eager median came out at 151 us against 15 us replayed: the graph keeps such
-    host-side noise out of the choice."""
+def _time_config(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg: NVFP4GemmConfig,
+                 reps: int = 10) -> float:
+    """GPU time of one launch in ms as a decode step sees it: one CUDA graph holds a launch per
+    temporary copy of the weight (the copies together >= 3x L2), so every launch reads its weight
+    from memory and nothing else runs in between; median of ``reps`` replays over the copies.
+
+    Two other methods ranked the candidates wrongly on the H200: do_bench's memset flush leaves
+    dirty lines that the timed call pays to write back (the same absolute time for every
+    candidate, which favoured tensor-core tiles that are 10-30% slower back to back), and a
+    read flush before each call still picked a tile kernel at M = 16 (24.0 us back to back
+    against 21.9 for the MMA kernel). If the copies do not fit in memory, one launch on the
+    resident weight is timed from a graph instead."""
     _launch(x, w, bias, out, cfg)
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20)
+    copies = min(64, max(2, -(-3 * l2 // max(1, w.nbytes()))))
+    try:
+        weights = [NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale, w.shape) for _ in range(copies)]
+    except torch.OutOfMemoryError:
+        weights = [w]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _launch(x, w, bias, out, cfg)
-    return triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
+        for wc in weights:
+            _launch(x, wc, bias, out, cfg)
+    graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) / len(weights) for start, end in events)
+    del graph, weights
+    return times[len(times) // 2]
 
 
 # (device, M bucket, N, K, dtype) -> [(config, ms)] of every tuning done, for reports.

@@ -575,15 +575,13 @@ def test_mma_kernel_needs_a_gpu():
 @pytest.mark.parametrize("block", [(8, 64, 128, 1, 4, 1, 0, "kernel"), (16, 128, 128, 4, 4, 2, 1, "kernel"),
                                    (8, 32, 128, 2, 1, 2, 0, "atomic"), (16, 64, 128, 8, 2, 1, 1, "atomic"),
                                    (8, 128, 128, 4, 4, 2, 1, "atomic"),
-                                   # table decode and the unrolled loop (tile counts 32, 16, 8, 4, 1
-                                   # per split below: every remainder of the unrolling by three)
-                                   (8, 64, 128, 1, 4, 1, 0, "kernel", 1, 0), (16, 128, 128, 4, 4, 2, 1, "kernel", 1, 1),
-                                   (8, 32, 128, 2, 1, 2, 0, "atomic", 0, 1), (16, 64, 128, 8, 2, 2, 1, "kernel", 1, 1),
-                                   (8, 128, 128, 1, 4, 2, 1, "kernel", 0, 1)])
+                                   # x read when used (the candidates' choice)
+                                   (8, 32, 128, 2, 2, 2, 1, "kernel", 1), (16, 64, 128, 4, 2, 1, 1, "atomic", 1),
+                                   (16, 32, 128, 2, 1, 1, 1, "kernel", 1), (8, 128, 128, 8, 4, 2, 1, "kernel", 1)])
 def test_gpu_mma_configs(block):
     bm, bn, bk, split, warps, ahead, hint, reduce = block[:8]
-    lut, unroll3 = block[8:] or (0, 0)
-    cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, hint, reduce, lut, unroll3)
+    x_late = block[8] if len(block) > 8 else 0
+    cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, hint, reduce, x_late)
     torch.manual_seed(18)
     for k, n in ((4096, 1000), (1024, 14336)):
         w = pack_nvfp4(torch.randn(n, k, device="cuda"))
@@ -605,20 +603,20 @@ def test_gpu_mma_configs(block):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lut", [0, 1])
-def test_gpu_mma_exact_on_exact_data(lut):
+@pytest.mark.parametrize("x_late", [0, 1])
+def test_gpu_mma_exact_on_exact_data(x_late):
     # Representable weights (subnormal scales included) and small-integer activations: exact sums.
     gen = torch.Generator().manual_seed(21)
     wt, _ = representable_weight(48, 256, 2.0**-12, gen, scale_bits=(0x38, 0x57))
     w = pack_nvfp4(wt.cuda())
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randint(-3, 4, (5, 256), generator=gen).to(dtype).cuda()
-        y = nvfp4_gemm(x, w, config=NVFP4GemmConfig(8, 64, 128, 1, 4, 1, "mma", lut=lut, unroll3=lut))
+        y = nvfp4_gemm(x, w, config=NVFP4GemmConfig(8, 64, 128, 1, 4, 1, "mma", x_late=x_late))
         assert torch.equal(y, nvfp4_linear_reference(x, w)), dtype
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["mma", "mma_lut", "gemv"])
+@pytest.mark.parametrize("mode", ["mma", "mma_x_late", "gemv"])
 def test_gpu_small_blocks_with_subnormal_scales(mode):
     # Rows 1e-5 times smaller than the largest get E4M3 subnormal block scales (and E2M1 code 1
     # values, the subnormal patterns of the decode): every row must still match the reference.
@@ -628,7 +626,7 @@ def test_gpu_small_blocks_with_subnormal_scales(mode):
     w = pack_nvfp4(wt)
     assert (w.scales.view(torch.uint8)[::3] < 8).any()  # subnormal E4M3 scales are present
     cfg = {"mma": NVFP4GemmConfig(8, 64, 128, 1, 4, 1, "mma"),
-           "mma_lut": NVFP4GemmConfig(8, 64, 128, 1, 4, 1, "mma", lut=1, unroll3=1),
+           "mma_x_late": NVFP4GemmConfig(8, 64, 128, 1, 4, 1, "mma", x_late=1),
            "gemv": NVFP4GemmConfig(4, 32, 128, 1, 2, 1, "gemv")}[mode]
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(3, 512, device="cuda").to(dtype)
