@@ -2,7 +2,8 @@
 # Stall reasons and pipe utilizations from Nsight Compute for the kernels of benchmarks/profile_kernels.py
 # (GPU machine with ncu on PATH): bash benchmarks/ncu_stalls.sh; text reports go to $OUT. (The
 # reports in benchmarks/results/ncu/ came from a version that joined the metrics with '|', which
-# collected the stall ratios only; they are now separated by commas, as ncu expects.)
+# collected the stall ratios only; they are now separated by commas, ncu's list syntax, not yet run in
+# this form.)
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=.
 M='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum'
