@@ -53,7 +53,7 @@ VARIANTS = ["plain", "causal", "alibi+causal", "window512+causal", "softcap+caus
 # hand-written mask_mod over the document ids.
 DOCS = 8
 EXTRA_VARIANTS = ["docs8+causal"]
-IMPLS = ["ours", "ours_ptr", "sdpa", "sdpa_mask", "flex", "eager"]
+IMPLS = ["ours", "sdpa", "sdpa_mask", "flex", "eager"]
 
 
 def alibi_slopes(h, device):
@@ -154,8 +154,6 @@ def make_impls(variant, q, k, v, bias, flex_fn, flex_kw):
     else:
         kw = ours_kwargs(variant, h, q.device)
         impls = {"ours": lambda: fa.flash_attention(q, k, v, **kw)}
-        if AB_LOADS:
-            impls["ours_ptr"] = impls["ours"]  # run with fa.USE_TMA off (see run())
     impls["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=variant != "plain")
     if bias is not None:
         impls["sdpa_mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -165,8 +163,7 @@ def make_impls(variant, q, k, v, bias, flex_fn, flex_kw):
     return impls
 
 
-GRAPHED = ("ours", "ours_ptr", "sdpa", "flex")
-AB_LOADS = False  # --ab-loads
+GRAPHED = ("ours", "sdpa", "flex")
 REP_MS = 100  # timing window of each measurement (--rep)
 
 
@@ -297,7 +294,6 @@ def run(args, save):
                     if impl == "eager" and args.eager_max_s and s > args.eager_max_s:
                         continue
                     flops = flops_fwd * (3.5 if mode == "fwd+bwd" else 1.0)
-                    fa.USE_TMA = impl != "ours_ptr"
                     try:
                         ms = bench(impls[impl], q, k, v, do, mode, graph=False)
                         row.update(ms=ms, tflops=flops / ms * 1e-9)
@@ -308,11 +304,9 @@ def run(args, save):
                         row.update(ms=None, tflops=None, note="out of memory")
                     except Exception as exc:  # a baseline that cannot run this row
                         row.update(ms=None, tflops=None, note=f"{type(exc).__name__}: {exc}"[:200])
-                    finally:
-                        fa.USE_TMA = True
                     torch.cuda.empty_cache()
-                    if impl in ("ours", "ours_ptr"):
-                        tuning_log(tune_log, variant=variant, D=d, S=s, mode=mode, impl=impl)
+                    if impl == "ours":
+                        tuning_log(tune_log, variant=variant, D=d, S=s, mode=mode)
                     results.append(row)
                     tf, tfg = row.get("tflops"), row.get("tflops_graph")
                     print(f"D={d:3d} S={s:5d} {variant:18s} {mode:7s} {impl:9s} "
@@ -330,12 +324,10 @@ def table(results):
     by_key = {}
     for r in results:
         by_key.setdefault((r["D"], r["S"], r["variant"], r["mode"]), {})[r["impl"]] = r
-    ab = any(r["impl"] == "ours_ptr" for r in results)
     cols = ("| D | S | B | variant | mode | ours | sdpa | sdpa_mask | flex | eager | ours/sdpa "
             "| ours/sdpa_mask | ours/flex | graph: ours | graph: sdpa | graph: flex "
-            "| graph: ours/sdpa | graph: ours/flex |"
-            + (" graph: ours_ptr | graph: ours/ours_ptr |" if ab else ""))
-    lines = [cols, "|" + "---|" * (20 if ab else 18)]
+            "| graph: ours/sdpa | graph: ours/flex |")
+    lines = [cols, "|" + "---|" * 18]
     for (d, s, variant, mode), row in by_key.items():
         def tf(name, key="tflops"):
             r = row.get(name)
@@ -355,8 +347,7 @@ def table(results):
                      f"{tf('sdpa_mask')} | {tf('flex')} | {tf('eager')} | {ratio('sdpa')} | "
                      f"{ratio('sdpa_mask')} | {ratio('flex')} | {tf('ours', g)} | "
                      f"{tf('sdpa', g)} | {tf('flex', g)} | {ratio('sdpa', g)} | "
-                     f"{ratio('flex', g)} |"
-                     + (f" {tf('ours_ptr', g)} | {ratio('ours_ptr', g)} |" if ab else ""))
+                     f"{ratio('flex', g)} |")
     return "\n".join(lines)
 
 
@@ -374,13 +365,10 @@ def main():
     parser.add_argument("--eager-max-s", type=int, default=0,
                         help="skip the eager baseline above this sequence length (0: never skip)")
     parser.add_argument("--suffix", default="", help="added to the output file names")
-    parser.add_argument("--ab-loads", action="store_true",
-                        help="also time ours with pointer loads instead of tensor descriptors")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
-    global REP_MS, AB_LOADS
+    global REP_MS
     REP_MS = args.rep
-    AB_LOADS = args.ab_loads
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
     name = torch.cuda.get_device_name()

@@ -62,7 +62,6 @@ implementation and an autograd formula whose backward is the op
 graph break and exports with ``torch.export``.
 """
 
-import contextlib
 import math
 import os
 from typing import Optional
@@ -286,16 +285,12 @@ def _attn_fwd_step(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
                    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
-                   USE_TMA: tl.constexpr):
-    """One key block of the online softmax; K and V are tensor descriptors when ``USE_TMA``."""
+                   HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
+    """One key block of the online softmax."""
     CHECK_COLS: tl.constexpr = MASKED and not EVEN_N
     cols = start_n + tl.arange(0, BLOCK_N)
-    if USE_TMA:
-        k = K.load([start_n, 0])
-    else:
-        k = _load_tile(K + cols[:, None] * stride_kn + offs_d[None, :], cols, Skv, offs_d,
-                       CHECK_COLS, HEAD_DIM, EVEN_D)
+    k = _load_tile(K + cols[:, None] * stride_kn + offs_d[None, :], cols, Skv, offs_d,
+                   CHECK_COLS, HEAD_DIM, EVEN_D)
     qk = _dot(q, tl.trans(k))
     if MASKED or HAS_SOFTCAP or HAS_ALIBI or HAS_PAD:
         pad_log2 = 0.0
@@ -323,11 +318,8 @@ def _attn_fwd_step(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
         p = tl.where(_dropout_keep(seed, bh, rows, cols, Sq, Skv, dropout_p, False), p, 0.0)
-    if USE_TMA:
-        v = V.load([start_n, 0])
-    else:
-        v = _load_tile(V + cols[:, None] * stride_vn + offs_d[None, :], cols, Skv, offs_d,
-                       CHECK_COLS, HEAD_DIM, EVEN_D)
+    v = _load_tile(V + cols[:, None] * stride_vn + offs_d[None, :], cols, Skv, offs_d,
+                   CHECK_COLS, HEAD_DIM, EVEN_D)
     acc = _dot_acc(_cast(p, v.dtype), v, acc)
     m_i = m_new
     return acc, l_i, m_i
@@ -340,8 +332,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
                     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
-                    USE_TMA: tl.constexpr):
+                    HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
     if _IN_INTERPRETER:
         start_n = start
         while start_n < stop:
@@ -349,7 +340,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
                 acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
                 start_n, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
                 dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, USE_TMA)
+                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             start_n += BLOCK_N
     else:
         for start_n in range(start, stop, BLOCK_N):
@@ -357,8 +348,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
                 acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
                 tl.multiple_of(start_n, BLOCK_N), Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
                 slope_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                USE_TMA)
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     return acc, l_i, m_i
 
 
@@ -402,7 +392,7 @@ _INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 
 # new length rarely triggers a new tuning run), the padded head dim and the variant flags; Triton
 # adds the dtypes of the tensor arguments itself.
 _TUNE_KEY = ["SQ_KEY", "SKV_KEY", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
-             "HAS_PAD", "HAS_DROPOUT", "USE_TMA"]
+             "HAS_PAD", "HAS_DROPOUT"]
 
 
 def _configs(kernel, table):
@@ -448,7 +438,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # Query blocks run last-to-first: under a causal mask the last block has the most keys, and
@@ -467,11 +457,6 @@ def _attn_fwd_kernel(
     Vb = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     q = _load_tile(Qb + rows[:, None] * stride_qm + offs_d[None, :], rows, Sq, offs_d,
                    not EVEN_M, HEAD_DIM, EVEN_D)
-    if USE_TMA:
-        Kb = tl.make_tensor_descriptor(Kb, shape=[Skv, HEAD_DIM], strides=[stride_kn, 1],
-                                       block_shape=[BLOCK_N, BLOCK_D])
-        Vb = tl.make_tensor_descriptor(Vb, shape=[Skv, HEAD_DIM], strides=[stride_vn, 1],
-                                       block_shape=[BLOCK_N, BLOCK_D])
 
     slope_log2 = 0.0
     if HAS_ALIBI:
@@ -497,25 +482,25 @@ def _attn_fwd_kernel(
             acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
             lo, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
             dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, USE_TMA)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     else:
         if HAS_LEFT:
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
                 lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
                 hi_off, dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, USE_TMA)
+                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
             full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
             hi_off, dropout_p, False, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, USE_TMA)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         if HAS_RIGHT or not EVEN_N:
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
                 full_hi, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
                 dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, USE_TMA)
+                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
 
     visible = l_i > 0.0
     inv_l = tl.where(visible, 1.0 / tl.where(visible, l_i, 1.0), 0.0)
@@ -549,17 +534,13 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_
                          EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                          HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
-                         USE_TMA: tl.constexpr):
+                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
     # Works on transposed tiles (keys x queries) so per-query vectors broadcast along axis 0 and
     # dK, dV accumulate as plain (keys x D) products.
     CHECK_ROWS: tl.constexpr = MASKED and not EVEN_M
     rows = start_m + tl.arange(0, BLOCK_M)
-    if USE_TMA:
-        q = Qh.load([start_m, 0])
-    else:
-        q = _load_tile(Qh + rows[:, None] * stride_qm + offs_d[None, :], rows, Sq, offs_d,
-                       CHECK_ROWS, HEAD_DIM, EVEN_D)
+    q = _load_tile(Qh + rows[:, None] * stride_qm + offs_d[None, :], rows, Sq, offs_d,
+                   CHECK_ROWS, HEAD_DIM, EVEN_D)
     if CHECK_ROWS:
         lse2 = tl.load(LSE2h + rows, mask=rows < Sq, other=float("inf"))
     else:
@@ -571,11 +552,8 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_
     if MASKED and (HAS_LEFT or HAS_RIGHT):
         keep = _band_keep(rows, cols, Skv, lo_off, hi_off, HAS_LEFT, HAS_RIGHT, False, True)
         pT = tl.where(keep, pT, 0.0)
-    if USE_TMA:
-        do = DOh.load([start_m, 0])
-    else:
-        do = _load_tile(DOh + rows[:, None] * stride_dom + offs_d[None, :], rows, Sq, offs_d,
-                        CHECK_ROWS, HEAD_DIM, EVEN_D)
+    do = _load_tile(DOh + rows[:, None] * stride_dom + offs_d[None, :], rows, Sq, offs_d,
+                    CHECK_ROWS, HEAD_DIM, EVEN_D)
     dpT = _dot(v, tl.trans(do))
     if HAS_DROPOUT:
         zT = _dropout_keep(seed, bh, rows, cols, Sq, Skv, dropout_p, True)
@@ -604,8 +582,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride
                          EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                          HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
-                         USE_TMA: tl.constexpr):
+                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
     if _IN_INTERPRETER:
         start_m = start
         while start_m < stop:
@@ -613,8 +590,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride
                 dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
                 offs_d, start_m, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                 pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                USE_TMA)
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             start_m += BLOCK_M
     else:
         for start_m in range(start, stop, BLOCK_M):
@@ -623,7 +599,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride
                 offs_d, tl.multiple_of(start_m, BLOCK_M), Sq, Skv, qk_scale, cap_log2,
                 cap_inv_scale, slope_log2, pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM,
                 BLOCK_M, EVEN_M, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD,
-                HAS_DROPOUT, FAST_TANH, USE_TMA)
+                HAS_DROPOUT, FAST_TANH)
     return dk, dv
 
 
@@ -643,7 +619,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -677,11 +653,6 @@ def _attn_bwd_dkdv_kernel(
         bh = b * Hq + h
         Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        if USE_TMA:
-            Qh = tl.make_tensor_descriptor(Qh, shape=[Sq, HEAD_DIM], strides=[stride_qm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
-            DOh = tl.make_tensor_descriptor(DOh, shape=[Sq, HEAD_DIM], strides=[stride_dom, 1],
-                                            block_shape=[BLOCK_M, BLOCK_D])
         LSE2h = LSE2 + bh.to(tl.int64) * Sq
         DELTAh = DELTA + bh.to(tl.int64) * Sq
         slope_log2 = 0.0
@@ -692,29 +663,25 @@ def _attn_bwd_dkdv_kernel(
                 dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
                 offs_d, lo, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                 pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                USE_TMA)
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         else:
             if HAS_RIGHT:
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
                     offs_d, lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                     pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                    USE_TMA)
+                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
                 offs_d, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                 pad_log2, lo_off, hi_off, dropout_p, False, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                USE_TMA)
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             if HAS_LEFT or not EVEN_M:
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
                     offs_d, full_hi, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                     pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                    USE_TMA)
+                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         g += 1
     mask = (cols[:, None] < Skv) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
@@ -733,18 +700,13 @@ def _attn_bwd_dq_step(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, s
                        EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                        HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
-                       USE_TMA: tl.constexpr):
+                       HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
     CHECK_COLS: tl.constexpr = MASKED and not EVEN_N
     cols = start_n + tl.arange(0, BLOCK_N)
-    if USE_TMA:
-        k = K.load([start_n, 0])
-        v = V.load([start_n, 0])
-    else:
-        k = _load_tile(K + cols[:, None] * stride_kn + offs_d[None, :], cols, Skv, offs_d,
-                       CHECK_COLS, HEAD_DIM, EVEN_D)
-        v = _load_tile(V + cols[:, None] * stride_vn + offs_d[None, :], cols, Skv, offs_d,
-                       CHECK_COLS, HEAD_DIM, EVEN_D)
+    k = _load_tile(K + cols[:, None] * stride_kn + offs_d[None, :], cols, Skv, offs_d,
+                   CHECK_COLS, HEAD_DIM, EVEN_D)
+    v = _load_tile(V + cols[:, None] * stride_vn + offs_d[None, :], cols, Skv, offs_d,
+                   CHECK_COLS, HEAD_DIM, EVEN_D)
     qk = _dot(q, tl.trans(k))
     pad_log2 = 0.0
     if HAS_PAD:
@@ -775,8 +737,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, 
                        EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                        HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
-                       USE_TMA: tl.constexpr):
+                       HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
     if _IN_INTERPRETER:
         start_n = start
         while start_n < stop:
@@ -784,7 +745,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, 
                 dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
                 start_n, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
                 dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, USE_TMA)
+                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             start_n += BLOCK_N
     else:
         for start_n in range(start, stop, BLOCK_N):
@@ -792,8 +753,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, 
                 dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
                 tl.multiple_of(start_n, BLOCK_N), Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
                 slope_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                USE_TMA)
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     return dq
 
 
@@ -813,7 +773,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FAST_TANH: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr,
+    FAST_TANH: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -847,11 +807,6 @@ def _attn_bwd_dq_kernel(
     tl.store(LSE2 + row_offs, lse2, mask=rows < Sq)
     Kb = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     Vb = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    if USE_TMA:
-        Kb = tl.make_tensor_descriptor(Kb, shape=[Skv, HEAD_DIM], strides=[stride_kn, 1],
-                                       block_shape=[BLOCK_N, BLOCK_D])
-        Vb = tl.make_tensor_descriptor(Vb, shape=[Skv, HEAD_DIM], strides=[stride_vn, 1],
-                                       block_shape=[BLOCK_N, BLOCK_D])
     slope_log2 = 0.0
     if HAS_ALIBI:
         slope_log2 = tl.load(ALIBI + h).to(tl.float32) * _LOG2E_C
@@ -869,25 +824,25 @@ def _attn_bwd_dq_kernel(
             dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
             lo, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
             dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, USE_TMA)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     else:
         if HAS_LEFT:
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
                 lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
                 hi_off, dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, USE_TMA)
+                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
             full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
             hi_off, dropout_p, False, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, USE_TMA)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         if HAS_RIGHT or not EVEN_N:
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
                 full_hi, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
                 dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, USE_TMA)
+                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + rows[:, None] * stride_dqm + offs_d[None, :],
              _cast(dq * scale, DQ.dtype.element_ty),
@@ -911,48 +866,6 @@ def _dropout_mask_kernel(SEED, OUT, Sq, Skv, dropout_p, BLOCK: tl.constexpr):
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
-
-
-# Experiment: tile loads through device-side tensor descriptors (TMA) for the loop-loaded tiles of
-# every kernel. Measured slower on H200 (benchmarks/results/attention_nvidia-h200_ab.md).
-USE_TMA = True
-
-
-def _tma_ok(*tensors: torch.Tensor) -> bool:
-    if not USE_TMA:
-        return False
-    if not _INTERPRET:
-        dev = tensors[0].device
-        if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
-            return False
-    for t in tensors:
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or t.shape[-1] * size < 16:
-            return False
-        if any(st * size % 16 for st in t.stride()[:-1]):
-            return False
-    return True
-
-
-@contextlib.contextmanager
-def _scratch(device: torch.device, needed: bool):
-    try:
-        from triton.runtime import _allocation
-        var, null = _allocation._allocator, _allocation._NULL_ALLOCATOR
-    except (ImportError, AttributeError):  # pragma: no cover
-        var = null = None
-    if not needed or var is None or var.get() is not null:
-        yield
-        return
-
-    def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device=device)
-
-    token = var.set(alloc)
-    try:
-        yield
-    finally:
-        var.reset(token)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -1021,13 +934,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                                              key_padding_mask, dropout_p)
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
-    use_tma = _tma_ok(k, v)
 
     def grid(m):
         return (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)
 
-    with _scratch(q.device, use_tma):
-        _attn_fwd_kernel[grid](
+    _attn_fwd_kernel[grid](
         q, k, v, out, lse, alibi, pad, seed,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1037,7 +948,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         scalars["Hq"], scalars["GROUP"], Sq, scalars["Skv"], scalars["SQ_KEY"],
         scalars["SKV_KEY"], scalars["qk_scale"], scalars["cap_log2"], scalars["cap_inv_scale"],
         scalars["lo_off"], scalars["hi_off"], scalars["dropout_p"],
-        USE_TMA=use_tma, **meta,
+        **meta,
     )
     return out, lse
 
@@ -1066,9 +977,6 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
     pad_stride = 0 if pad is None else pad.stride(0)
     tail = (s["Hq"], s["GROUP"], Sq, Skv, s["SQ_KEY"], s["SKV_KEY"], scale, s["qk_scale"],
             s["cap_log2"], s["cap_inv_scale"], s["lo_off"], s["hi_off"], s["dropout_p"])
-    use_tma = _tma_ok(q, k, v, do)
-    scope = _scratch(q.device, use_tma)
-    scope.__enter__()
     # dQ first: it writes delta and lse2, which the dK/dV kernel reads.
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)](
         q, k, v, out, do, dq, lse.contiguous(), dlse, lse2, delta, alibi, pad, seed,
@@ -1078,7 +986,7 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        pad_stride, *tail, HAS_DLSE=dlse is not None, USE_TMA=use_tma, **meta,
+        pad_stride, *tail, HAS_DLSE=dlse is not None, **meta,
     )
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B)](
         q, k, v, do, dk, dv, lse2, delta, alibi, pad, seed,
@@ -1088,9 +996,8 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        pad_stride, *tail, USE_TMA=use_tma, **meta,
+        pad_stride, *tail, **meta,
     )
-    scope.__exit__(None, None, None)
     return dq, dk, dv
 
 
