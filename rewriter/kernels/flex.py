@@ -175,7 +175,8 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.T
 # torch.compile / torch.export trace it (fake or functional tensors), the forward is the opaque op
 # and the backward recomputes the forward under autograd, since a compiled Flex call cannot run on
 # traced tensors. (The recompute costs one extra forward: measured on H200 with the recompute
-# everywhere, forward+backward ran at 0.71-0.77x hand-written Flex.)
+# everywhere, forward+backward ran at 0.71-0.77x hand-written Flex; with the eager path as it is
+# now, 0.96-0.97x at D = 128 and 0.93x at D = 64: benchmarks/results/attention_nvidia-h200_docs.md.)
 _LIB = torch.library.Library("rewriter", "FRAGMENT")
 _LIB.define("flex_attention_static(Tensor q, Tensor k, Tensor v, int key) -> Tensor")
 

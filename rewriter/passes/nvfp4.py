@@ -17,9 +17,11 @@ inputs (:func:`nvfp4_cost`):
 * compute capability 10.0+ (FP4 tensor cores): skipped with that reason; NVFP4 there is the
   hardware path (torchao / ``torch._scaled_mm``), which this pass does not emit yet.
 * CUDA without a measured table (``rewriter/data/linear_<device>.json``): skipped. The kernel
-  beats bf16 only at decode-sized M (1.4-1.9x at M <= 16 on an H200, 0.4-0.9x from M = 64 on:
+  beats bf16 only at decode-sized M (1.3-1.8x at M <= 16 on an H200, 0.4-0.9x from M = 64 on:
   ``benchmarks/results/nvfp4_nvidia-h200.md``), so without measurements it is not assumed to pay.
-  (The committed H200 table's NVFP4 times predate the current kernel: 0.96-1.57x at M <= 16.)
+  (The committed H200 table times with L2 emptied by a memset before each call, which adds the
+  same few microseconds to both sides: it shows 0.92-1.63x at M <= 16, so its choices are
+  conservative for small layers.)
 * with a table: converted when ``time(bf16) / time(nvfp4)``, summed over the calls, is above 1.
 
 fp32 models are skipped: the Triton kernel takes bf16/fp16 activations, so an fp32 layer would run
