@@ -23,9 +23,10 @@ shape times the candidates of :func:`_candidates`.
 
 Measured on one H200 (bf16 activations, back-to-back calls on rotating weight copies from a CUDA
 graph; full table in ``benchmarks/results/nvfp4_nvidia-h200.md``): M = 1..4 on a 4096 x 14336 or
-14336 x 4096 weight takes 17-18 us where bf16 ``F.linear`` takes 32-33 us (1.8-1.9x, ~1.9 TB/s
-of packed weight); M = 16: 22-24 us (1.4-1.5x); 4096 x 4096, M = 1: 8.4 us against 13.1 us. The
-MMA kernel is limited by the integer instructions of its nibble decode (benchmarks/NOTES_nvfp4.md).
+14336 x 4096 weight takes 18-19 us where bf16 ``F.linear`` takes 32-33 us (1.7-1.8x, ~1.8 TB/s
+of packed weight); M = 16: 21-22 us (1.5-1.6x); 4096 x 4096, M = 1: 8.1 us against 13.1 us. The
+MMA kernel waits mostly on its weight loads, with part of the issue slots spent on the nibble
+decode (Nsight Compute profile in benchmarks/NOTES_nvfp4.md).
 From M = 64 on it is slower than bf16 (0.4-0.9x), so the format pays in decode and small batches,
 and always in memory (0.28x the bytes of bf16).
 """
