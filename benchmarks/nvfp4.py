@@ -93,49 +93,21 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm())
 
 
-def l2_bytes() -> int:
-    return torch.cuda.get_device_properties(0).L2_cache_size
-
-
 def rotating_us(fns, reps=20) -> float:
-    """GPU time per call of back-to-back calls, each on its own copy of the weight (``fns``: one
-    closure per copy, together several times the L2 size), replayed from one CUDA graph and timed
-    with events: every call reads its weight from memory, and nothing else disturbs the cache. This
-    is what a decode step looks like (one layer's weight after another). do_bench instead empties
-    L2 before each call by writing 256 MB of zeros, which leaves the cache full of dirty lines that
-    the timed call then has to write back; on the H200 that added about 10 us to every call, ours
-    and cuBLAS's alike (a linear fit of both against weight bytes had a ~10 us intercept)."""
-    for fn in fns:
-        fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(fns))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def copies_for(nbytes: int) -> int:
-    """Weight copies so that the copies together are at least 3x the L2 size."""
-    return max(2, min(64, -(-3 * l2_bytes() // nbytes)))
+    """GPU time per call in us of back-to-back calls, each on its own copy of the weight (``fns``:
+    one closure per copy): :func:`rewriter.kernels.nvfp4.back_to_back_ms`, which the library's
+    tuner uses too. This is what a decode step looks like (one layer's weight after another);
+    do_bench instead empties L2 before each call by writing 256 MB of zeros, which leaves the cache
+    full of dirty lines that the timed call then has to write back; on the H200 that added about
+    10 us to every call, ours and cuBLAS's alike (a linear fit of both against weight bytes had a
+    ~10 us intercept)."""
+    return nv.back_to_back_ms(fns, reps) * 1e3
 
 
 def rotating_copies(weight: torch.Tensor, w: nv.NVFP4Weight) -> tuple[list, list]:
     """Copies of the bf16 weight and of its NVFP4 form for :func:`rotating_us` (the originals first)."""
-    dense = [weight] + [weight.clone() for _ in range(copies_for(weight.numel() * weight.element_size()) - 1)]
-    packed = [w] + [nv.NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale.clone(), w.shape)
-                    for _ in range(copies_for(w.nbytes()) - 1)]
-    return dense, packed
+    dense = [weight] + [weight.clone() for _ in range(nv.copies_for(weight.numel() * weight.element_size()) - 1)]
+    return dense, nv.weight_copies(w, nv.copies_for(w.nbytes()))
 
 
 def checked_run(x, w, cfg=None) -> tuple[torch.Tensor, bool]:

@@ -1318,40 +1318,55 @@ def _launch_gemm(x, w, bias_arg, out, ws, cfg, split, tiles_per_split, has_bias)
     )
 
 
-def _time_config(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg: NVFP4GemmConfig,
-                 reps: int = 10) -> float:
-    """GPU time of one launch in ms as a decode step sees it: one CUDA graph holds a launch per
-    temporary copy of the weight (the copies together >= 3x L2), so every launch reads its weight
-    from memory and nothing else runs in between; median of ``reps`` replays over the copies.
-
-    Two other methods ranked the candidates wrongly on the H200: do_bench's memset flush leaves
-    dirty lines that the timed call pays to write back (the same absolute time for every
-    candidate, which favoured tensor-core tiles that are 10-30% slower back to back), and a
-    read flush before each call still picked a tile kernel at M = 16 (24.0 us back to back
-    against 21.9 for the MMA kernel). If the copies do not fit in memory, one launch on the
-    resident weight is timed from a graph instead."""
-    _launch(x, w, bias, out, cfg)
-    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+def copies_for(nbytes: int, device: Optional[torch.device] = None) -> int:
+    """Weight copies (2-64) that together are at least 3x the L2 size of ``device``, for
+    :func:`back_to_back_ms`."""
+    dev = torch.cuda.current_device() if device is None or device.index is None else device.index
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20)
-    copies = min(64, max(2, -(-3 * l2 // max(1, w.nbytes()))))
-    try:
-        weights = [NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale, w.shape) for _ in range(copies)]
-    except torch.OutOfMemoryError:
-        weights = [w]
+    return max(2, min(64, -(-3 * l2 // max(1, nbytes))))
+
+
+def back_to_back_ms(fns, reps: int = 10) -> float:
+    """GPU time per call in ms as a decode step sees it: ``fns`` (one closure per weight copy, the
+    copies together several times L2) run back to back from one CUDA graph, timed with events;
+    median of ``reps`` replays. Every call reads its weight from memory and nothing else disturbs
+    the cache.
+
+    Two other methods rank NVFP4 configurations wrongly on the H200: do_bench's memset flush
+    leaves dirty lines that the timed call pays to write back (about 10 us per call, cuBLAS's and
+    ours alike, which favoured tensor-core tiles that are 10-30% slower back to back), and a read
+    flush before each call still picked a tile kernel at M = 16 (24.0 us back to back against 21.9
+    for the MMA kernel)."""
+    for fn in fns:
+        fn()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for wc in weights:
-            _launch(x, wc, bias, out, cfg)
+        for fn in fns:
+            fn()
     graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
-    torch.cuda.synchronize()
-    times = sorted(start.elapsed_time(end) / len(weights) for start, end in events)
-    del graph, weights
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(fns))
+    times.sort()
     return times[len(times) // 2]
+
+
+def weight_copies(w: NVFP4Weight, count: int) -> list[NVFP4Weight]:
+    """``w`` and ``count - 1`` copies of it (packed values and scales cloned)."""
+    return [w] + [NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale.clone(), w.shape)
+                  for _ in range(count - 1)]
+
+
+def _time_config(x: Tensor, weights: list[NVFP4Weight], bias: Optional[Tensor], out: Tensor,
+                 cfg: NVFP4GemmConfig) -> float:
+    """GPU time of one launch in ms, back to back over ``weights`` (:func:`back_to_back_ms`)."""
+    return back_to_back_ms([lambda wc=wc: _launch(x, wc, bias, out, cfg) for wc in weights])
 
 
 # (device, M bucket, N, K, dtype) -> [(config, ms)] of every tuning done, for reports.
@@ -1373,7 +1388,14 @@ def _select_config(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tenso
     # 2**20 elements (under 0.6 MB packed) takes a few microseconds whatever the configuration.
     if torch.cuda.is_current_stream_capturing() or n * k < 2**20:
         return cands[0]
-    timings = [(cand, _time_config(x, w, bias, out, cand)) for cand in cands]
+    # Temporary copies of the weight, shared by every candidate's timing; if they do not fit in
+    # memory, the resident weight alone is timed.
+    try:
+        weights = weight_copies(w, copies_for(w.nbytes(), x.device))
+    except torch.OutOfMemoryError:
+        weights = [w]
+    timings = [(cand, _time_config(x, weights, bias, out, cand)) for cand in cands]
+    del weights
     TUNING_LOG[key] = timings
     cfg = min(timings, key=lambda t: t[1])[0]
     _TUNED[key] = cfg

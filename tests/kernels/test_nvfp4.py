@@ -18,6 +18,7 @@ from rewriter.kernels.nvfp4 import (
     pack_nvfp4,
     supports,
     unpack_nvfp4,
+    weight_copies,
 )
 from rewriter.validate import sqnr_db
 
@@ -563,6 +564,17 @@ def test_candidates_never_empty_and_fit(m, k, mma):
         assert c.block_m >= min(m, 16) or c.block_m >= _m_bucket(m)
         assert c.split_k == 1 or k >= c.split_k * c.block_k
         assert c.mode != "mma" or (mma and k % 128 == 0)
+
+
+def test_weight_copies_for_the_tuner():
+    # The tuner times every candidate over these: the original first, then independent copies.
+    w = pack_nvfp4(torch.randn(32, 64))
+    copies = weight_copies(w, 3)
+    assert len(copies) == 3 and copies[0] is w
+    for c in copies[1:]:
+        assert c.packed.data_ptr() != w.packed.data_ptr() and c.scales.data_ptr() != w.scales.data_ptr()
+        assert torch.equal(c.packed, w.packed) and torch.equal(c.scales.view(torch.uint8), w.scales.view(torch.uint8))
+        assert torch.equal(unpack_nvfp4(c), unpack_nvfp4(w)) and c.shape == w.shape
 
 
 def test_mma_kernel_needs_a_gpu():
