@@ -52,6 +52,26 @@ for path in glob.glob(sys.argv[1] + "/nvfp4_sweep7_xlate_*.json"):
                   f"w{r['num_warps']} bn{r['block_n']} s{r['split_k']} err {r['rel_err']:.1e}")
 PY
       ;;
+    nvfp4-floor)  # how fast the packed weight's bytes can be read at all
+      python3 benchmarks/nvfp4_floor.py 2>&1 | tee "$OUT/nvfp4_floor.txt" | grep -v Warning ;;
+    nvfp4-kwarps)  # the MMA kernel with K split between the warps of a program
+      python3 benchmarks/nvfp4.py --sweep --sweep-focus kwarps --sweep-m "${SWEEP_M:-1,16}" \
+        --sweep-shapes "${SWEEP_SHAPES:-4096:14336}" --suffix 8_kwarps --budget-s "${SWEEP_S:-300}" --out "$OUT" 2>&1 \
+        | grep -v Warning | tail -6
+      python3 - "$OUT" <<'PY'
+import glob, json, sys
+for path in glob.glob(sys.argv[1] + "/nvfp4_sweep8_kwarps_*.json"):
+    rows = [r for r in json.load(open(path))["results"] if "us" in r and r.get("all_written") and r["rel_err"] < 1e-2]
+    for key in sorted({(r["M"], r["K"], r["N"]) for r in rows}):
+        sel = sorted((r for r in rows if (r["M"], r["K"], r["N"]) == key), key=lambda r: r["us"])
+        print(key, "bf16", round(sel[0]["bf16_us"], 1))
+        for r in sel[:8]:
+            print(f"   {r['us']:.1f} us {r['speedup']:.2f}x kw{r['kwarps']} w{r['num_warps']} bn{r['block_n']} "
+                  f"s{r['split_k']} a{r['ahead']} xl{r['x_late']}")
+    errs = [r for r in json.load(open(path))["results"] if "error" in r or r.get("rel_err", 0) >= 1e-2]
+    print("bad configs:", len(errs), errs[:3])
+PY
+      ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
     nvfp4-decode)  # only the decode benchmark

@@ -231,6 +231,14 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
         return [C(bm, 16 * groups * warps, 128, split, warps, 1, "mma", ahead, 1, "kernel", x_late)
                 for x_late in (1, 0) for ahead in (2, 1) for warps in (1, 2, 4) for groups in (1, 2)
                 for split in (2, 4, 8)]
+    if focus == "kwarps" and m <= 16:
+        # Warps sharing rows, K split inside the program (kwarps), against the library's candidates.
+        bm = 8 if m <= 8 else 16
+        cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
+        cfgs += [C(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", 1, kw)
+                 for kw in (2, 4, 8) for rw in (1, 2, 4) if rw * kw <= 16 for groups in (1, 2)
+                 for split in (1, 2) for ahead in (1, 2) if ahead == 1 or groups == 1]
+        return cfgs
     if m <= 16:
         bm = 8 if m <= 8 else 16
         cfgs = [C(bm, 16 * groups * warps, 128, split, warps, 1, "mma", 2, 1, reduce)
@@ -547,7 +555,8 @@ def main() -> None:
                         help="only the decode measurement, written to nvfp4_decode_<device>.md/.json")
     parser.add_argument("--sweep-m", default="1,16,256,64", help="M values of the sweep")
     parser.add_argument("--budget-s", type=float, default=240.0, help="time limit for the sweep")
-    parser.add_argument("--sweep-focus", default="", help="'xlate': only the MMA kernel with x read late or with the words")
+    parser.add_argument("--sweep-focus", default="", help="'xlate': only the MMA kernel with x read late or with the words; "
+                        "'kwarps': the MMA kernel with warps splitting K inside the program")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

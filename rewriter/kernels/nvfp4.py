@@ -919,6 +919,14 @@ def _mma_store(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr
             _store_rows(v, row, m, mask, gscale, bias_ptr, out_ptr, stride_om, N, HAS_BIAS)
 
 
+@triton.jit
+def _mma_sum_kwarps(acc, KWARPS: tl.constexpr, RW: tl.constexpr):
+    """Four per-thread accumulators of NUM_WARPS * 32 threads -> summed over the KWARPS warp sets."""
+    a0, a1, a2, a3 = acc
+    return (tl.sum(tl.reshape(a0, (KWARPS, RW * 32)), axis=0), tl.sum(tl.reshape(a1, (KWARPS, RW * 32)), axis=0),
+            tl.sum(tl.reshape(a2, (KWARPS, RW * 32)), axis=0), tl.sum(tl.reshape(a3, (KWARPS, RW * 32)), axis=0))
+
+
 _FENCE_PTX = tl.constexpr("fence.acq_rel.gpu; mov.b32 $0, $1;")
 
 
@@ -978,17 +986,22 @@ def _nvfp4_mma_kernel(
     HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
     NUM_WARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 0,
     counter_ptr=None, IN_KERNEL_REDUCE: tl.constexpr = False, X_LATE: tl.constexpr = 0,
+    KWARPS: tl.constexpr = 1,
 ):
     """``out = x @ W.T`` for M <= 8 (TWO_N: M <= 16) with warp MMAs; see the comment above.
-    Grid ``(cdiv(N, 16 * GROUPS * NUM_WARPS), splits)``; needs K % 128 == 0, 16-byte aligned x rows
-    and compute capability 8.9+. A program's warps each own 16 * GROUPS weight rows."""
+    Grid ``(cdiv(N, 16 * GROUPS * NUM_WARPS // KWARPS), splits)``; needs K % 128 == 0, 16-byte
+    aligned x rows and compute capability 8.9+. A program's warps each own 16 * GROUPS weight rows;
+    with KWARPS > 1, KWARPS warps share those rows, each taking 1 / KWARPS of the program's K tiles,
+    and their partial sums are added in the program (through shared memory) before the store: a
+    split of K without a second kernel or a workspace."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     tid = tl.arange(0, NUM_WARPS * 32)
     c, g, w = tl.inline_asm_elementwise(_MMA_SETUP_PTX, "=r,=r,=r,r", [tid], dtype=(tl.int32,) * 3,
                                         is_pure=True, pack=1)
-    base = pid_n * (16 * GROUPS * NUM_WARPS) + w * (16 * GROUPS) + g
+    RW: tl.constexpr = NUM_WARPS // KWARPS  # warps with rows of their own
+    base = pid_n * (16 * GROUPS * RW) + (w % RW) * (16 * GROUPS) + g
     r0 = base
     r1 = base + 8
     r2 = base + 16
@@ -1013,14 +1026,16 @@ def _nvfp4_mma_kernel(
     acc_b = (zero, zero, zero, zero)
     acc_b2 = (zero, zero, zero, zero)
 
-    first = pid_k * tiles_per_split
-    last = tiles_per_split - 1
+    # This warp's K tiles: tiles_per_split // KWARPS of them (the launcher makes it exact).
+    tiles = tiles_per_split // KWARPS
+    first = pid_k * tiles_per_split + (w // RW) * tiles
+    last = tiles - 1
     # Loads run AHEAD tiles ahead of the MMAs (1 or 2); past the end the last tile is re-read.
     cur = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, first, GROUPS, TWO_N, HINT,
                           X_LATE)
     nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                           first + tl.minimum(1, last), GROUPS, TWO_N, HINT, X_LATE)
-    for t in range(0, tiles_per_split):
+    for t in range(0, tiles):
         if AHEAD == 2:
             new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                                   first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE)
@@ -1050,6 +1065,24 @@ def _nvfp4_mma_kernel(
         gscale = tl.load(gscale_ptr) * 67108864.0
     else:
         gscale = tl.load(gscale_ptr) * 16384.0
+    if KWARPS > 1:
+        # Sum the KWARPS warps that share rows (thread i of warp kq * RW + rw holds the same
+        # entries as thread i of warp rw), then recompute the positions for the summed layout.
+        acc_a = _mma_sum_kwarps(acc_a, KWARPS, RW)
+        if TWO_N:
+            acc_a2 = _mma_sum_kwarps(acc_a2, KWARPS, RW)
+        if GROUPS == 2:
+            acc_b = _mma_sum_kwarps(acc_b, KWARPS, RW)
+            if TWO_N:
+                acc_b2 = _mma_sum_kwarps(acc_b2, KWARPS, RW)
+        tid = tl.arange(0, RW * 32)
+        lane = tid % 32
+        c = lane % 4
+        base = pid_n * (16 * GROUPS * RW) + (tid // 32) * (16 * GROUPS) + lane // 4
+        r0 = base
+        r1 = base + 8
+        r2 = base + 16
+        r3 = base + 24
     col = 2 * c
     _mma_store(acc_a, r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, HAS_BIAS, USE_WS)
     if TWO_N:
@@ -1099,6 +1132,7 @@ class NVFP4GemmConfig:
     hint: int = 0  # mma: 1 = 256-byte L2 fetches for the packed words
     reduce: str = "kernel"  # mma split-K: "kernel" (a second kernel) or "atomic" (the last program)
     x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers)
+    kwarps: int = 1  # mma: warps sharing the same rows, each on 1 / kwarps of the K tiles, summed in the program
 
 
 @functools.lru_cache(maxsize=None)
@@ -1189,7 +1223,8 @@ def _runnable(cands: list[NVFP4GemmConfig], k: int) -> list[NVFP4GemmConfig]:
     """The candidates whose split-K fits K (a split needs a K tile of its own), never empty: an
     unsplit 16-row tensor-core tile closes every list (it runs any M <= 16, any K)."""
     fallback = NVFP4GemmConfig(16, 32, 256, 1, 4, 3)
-    kept = [c for c in cands if c.split_k == 1 or k >= c.split_k * c.block_k]
+    kept = [c for c in cands if (c.split_k == 1 or k >= c.split_k * c.block_k)
+            and (c.kwarps == 1 or (k // c.block_k) % c.kwarps == 0)]
     return kept + ([fallback] if fallback not in kept else [])
 
 
@@ -1226,7 +1261,10 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
     n = w.shape[0]
     k_tiles = triton.cdiv(k, cfg.block_k)
     # The largest split not above the requested one that divides the K tiles evenly.
-    split = max(d for d in range(1, min(cfg.split_k, k_tiles) + 1) if k_tiles % d == 0)
+    kw = cfg.kwarps if cfg.mode == "mma" else 1
+    if k_tiles % kw:
+        raise ValueError(f"kwarps={kw} must divide the {k_tiles} K tiles of K={k}")
+    split = max(d for d in range(1, min(cfg.split_k, k_tiles // kw) + 1) if (k_tiles // kw) % d == 0)
     tiles_per_split = k_tiles // split
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     bias_arg = bias if bias is not None else out
@@ -1238,9 +1276,12 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         if m > cfg.block_m or cfg.block_m not in (8, 16) or k % 128 or cfg.block_k != 128:
             raise ValueError(f"the MMA kernel takes M <= block_m (8 or 16) rows, K % 128 == 0 and "
                              f"block_k 128; got M={m}, K={k} with {cfg}")
-        groups = cfg.block_n // (16 * cfg.num_warps)
-        if groups not in (1, 2) or cfg.block_n != 16 * groups * cfg.num_warps:
-            raise ValueError(f"the MMA kernel needs block_n = 16 * num_warps * (1 or 2), got {cfg}")
+        if kw < 1 or cfg.num_warps % kw:
+            raise ValueError(f"the MMA kernel needs kwarps dividing num_warps, got {cfg}")
+        rw = cfg.num_warps // kw
+        groups = cfg.block_n // (16 * rw)
+        if groups not in (1, 2) or cfg.block_n != 16 * groups * rw:
+            raise ValueError(f"the MMA kernel needs block_n = 16 * (num_warps / kwarps) * (1 or 2), got {cfg}")
         x = _with_aligned_rows(x)
         if x.dtype == torch.bfloat16:
             undo = 67108864.0  # 2**26
@@ -1252,7 +1293,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
             NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
             counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws, IN_KERNEL_REDUCE=in_kernel,
-            X_LATE=cfg.x_late,
+            X_LATE=cfg.x_late, KWARPS=kw,
             num_warps=cfg.num_warps, num_stages=1,
         )
         if in_kernel:

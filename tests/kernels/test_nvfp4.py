@@ -577,6 +577,17 @@ def test_weight_copies_for_the_tuner():
         assert torch.equal(unpack_nvfp4(c), unpack_nvfp4(w)) and c.shape == w.shape
 
 
+def test_kwarps_candidates_need_k_tiles_they_divide():
+    # A program whose warps split K needs every warp to get the same number of K tiles.
+    c4 = NVFP4GemmConfig(8, 16, 128, 1, 4, 1, "mma", x_late=1, kwarps=4)
+    kept = nv._runnable([c4], 128 * 6)
+    assert c4 not in kept and kept  # 6 tiles: not 4 equal shares; the fallback remains
+    assert c4 in nv._runnable([c4], 128 * 8)
+    x = torch.randn(1, 128 * 6).to(DEVICE)
+    with pytest.raises(ValueError, match="kwarps"):
+        nvfp4_gemm(x, pack_nvfp4(torch.randn(16, 128 * 6).to(DEVICE)), config=c4)
+
+
 def test_mma_kernel_needs_a_gpu():
     x = torch.randn(1, 128).to(torch.bfloat16).to(DEVICE)
     with pytest.raises(ValueError, match="9.0"):
@@ -589,11 +600,16 @@ def test_mma_kernel_needs_a_gpu():
                                    (8, 128, 128, 4, 4, 2, 1, "atomic"),
                                    # x read when used (the candidates' choice)
                                    (8, 32, 128, 2, 2, 2, 1, "kernel", 1), (16, 64, 128, 4, 2, 1, 1, "atomic", 1),
-                                   (16, 32, 128, 2, 1, 1, 1, "kernel", 1), (8, 128, 128, 8, 4, 2, 1, "kernel", 1)])
+                                   (16, 32, 128, 2, 1, 1, 1, "kernel", 1), (8, 128, 128, 8, 4, 2, 1, "kernel", 1),
+                                   # warps sharing rows, K split inside the program (kwarps)
+                                   (8, 16, 128, 1, 4, 1, 1, "kernel", 1, 4), (16, 32, 128, 1, 4, 1, 1, "kernel", 1, 4),
+                                   (8, 64, 128, 2, 8, 2, 1, "kernel", 1, 2), (16, 32, 128, 2, 2, 1, 0, "atomic", 0, 2),
+                                   (8, 32, 128, 1, 16, 1, 1, "kernel", 1, 8)])
 def test_gpu_mma_configs(block):
     bm, bn, bk, split, warps, ahead, hint, reduce = block[:8]
     x_late = block[8] if len(block) > 8 else 0
-    cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, hint, reduce, x_late)
+    kwarps = block[9] if len(block) > 9 else 1
+    cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, hint, reduce, x_late, kwarps)
     torch.manual_seed(18)
     for k, n in ((4096, 1000), (1024, 14336)):
         w = pack_nvfp4(torch.randn(n, k, device="cuda"))
