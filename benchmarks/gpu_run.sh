@@ -65,7 +65,7 @@ for path in glob.glob(sys.argv[1] + "/nvfp4_sweep8_kwarps_*.json"):
     for key in sorted({(r["M"], r["K"], r["N"]) for r in rows}):
         sel = sorted((r for r in rows if (r["M"], r["K"], r["N"]) == key), key=lambda r: r["us"])
         print(key, "bf16", round(sel[0]["bf16_us"], 1))
-        for r in sel[:8]:
+        for r in sel[:10]:
             print(f"   {r['us']:.1f} us {r['speedup']:.2f}x kw{r['kwarps']} w{r['num_warps']} bn{r['block_n']} "
                   f"s{r['split_k']} a{r['ahead']} xl{r['x_late']}")
     errs = [r for r in json.load(open(path))["results"] if "error" in r or r.get("rel_err", 0) >= 1e-2]

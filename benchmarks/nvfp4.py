@@ -236,8 +236,12 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
         bm = 8 if m <= 8 else 16
         cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
         cfgs += [C(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", 1, kw)
-                 for kw in (2, 4, 8) for rw in (1, 2, 4) if rw * kw <= 16 for groups in (1, 2)
-                 for split in (1, 2) for ahead in (1, 2) if ahead == 1 or groups == 1]
+                 for kw in (2, 4) for rw in (1, 2, 4) for groups in (1, 2) for split in (1, 2)
+                 for ahead in (1, 2) if ahead == 1 or groups == 1]
+        # Deeper rings of tiles in flight (ahead >= 3), with and without the in-program K split.
+        cfgs += [C(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", 1, kw)
+                 for kw, split in ((1, 2), (1, 4), (2, 1), (2, 2), (4, 1)) for rw in (1, 2, 4)
+                 for groups in (1, 2) for ahead in (3, 4, 6) if groups == 1 or ahead == 3]
         return cfgs
     if m <= 16:
         bm = 8 if m <= 8 else 16

@@ -1030,35 +1030,59 @@ def _nvfp4_mma_kernel(
     tiles = tiles_per_split // KWARPS
     first = pid_k * tiles_per_split + (w // RW) * tiles
     last = tiles - 1
-    # Loads run AHEAD tiles ahead of the MMAs (1 or 2); past the end the last tile is re-read.
-    cur = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, first, GROUPS, TWO_N, HINT,
-                          X_LATE)
-    nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
-                          first + tl.minimum(1, last), GROUPS, TWO_N, HINT, X_LATE)
-    for t in range(0, tiles):
-        if AHEAD == 2:
+    if AHEAD >= 3:
+        # A ring of AHEAD tiles in flight: iteration t requests tile t + AHEAD before it decodes
+        # tile t. The ring is loop-carried, so the compiler cannot sink the loads to their uses
+        # (in straight-line code ptxas moves them down to save registers). Past the end the last
+        # tile is re-read.
+        ring = ()
+        for j in tl.static_range(AHEAD):
+            ring = ring + (_mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
+                                           first + tl.minimum(j, last), GROUPS, TWO_N, HINT, 1),)
+        for t in range(0, tiles):
             new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
-                                  first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE)
-        w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = cur
-        if X_LATE:
-            # x (16 registers per row set) read from L1/L2 just before use instead of two tiles
-            # ahead: fewer registers, more warps per SM to keep the weight loads in flight.
+                                  first + tl.minimum(t + AHEAD, last), GROUPS, TWO_N, HINT, 1)
+            w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = ring[0]
             ox = (first + t).to(tl.int64) * 256
             xv = _mma_ld_x(xa + ox)
             if TWO_N:
                 xv2 = _mma_ld_x(xa2 + ox)
             else:
                 xv2 = xv
-        acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N)
-        if GROUPS == 2:
-            acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N)
-        if AHEAD == 2:
-            cur = nxt
-            nxt = new
-        else:
-            cur = nxt
-            nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
-                                  first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE)
+            acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N)
+            if GROUPS == 2:
+                acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N)
+            ring = ring[1:] + (new,)
+    else:
+        # Loads run AHEAD tiles ahead of the MMAs (1 or 2); past the end the last tile is re-read.
+        cur = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, first, GROUPS, TWO_N, HINT,
+                              X_LATE)
+        nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
+                              first + tl.minimum(1, last), GROUPS, TWO_N, HINT, X_LATE)
+        for t in range(0, tiles):
+            if AHEAD == 2:
+                new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
+                                      first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE)
+            w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = cur
+            if X_LATE:
+                # x (16 registers per row set) read from L1/L2 just before use instead of two tiles
+                # ahead: fewer registers, more warps per SM to keep the weight loads in flight.
+                ox = (first + t).to(tl.int64) * 256
+                xv = _mma_ld_x(xa + ox)
+                if TWO_N:
+                    xv2 = _mma_ld_x(xa2 + ox)
+                else:
+                    xv2 = xv
+            acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N)
+            if GROUPS == 2:
+                acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N)
+            if AHEAD == 2:
+                cur = nxt
+                nxt = new
+            else:
+                cur = nxt
+                nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
+                                      first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE)
 
     # bf16 values carried 2**-26, fp16 values 2**-14.
     if BF16:
@@ -1128,7 +1152,7 @@ class NVFP4GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     mode: str = "dot"
-    ahead: int = 1  # mma: tiles loaded ahead of the MMAs (1 or 2)
+    ahead: int = 1  # mma: tiles loaded ahead of the MMAs (1, 2, or a loop-carried ring of 3+ tiles)
     hint: int = 0  # mma: 1 = 256-byte L2 fetches for the packed words
     reduce: str = "kernel"  # mma split-K: "kernel" (a second kernel) or "atomic" (the last program)
     x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers)

@@ -604,7 +604,10 @@ def test_mma_kernel_needs_a_gpu():
                                    # warps sharing rows, K split inside the program (kwarps)
                                    (8, 16, 128, 1, 4, 1, 1, "kernel", 1, 4), (16, 32, 128, 1, 4, 1, 1, "kernel", 1, 4),
                                    (8, 64, 128, 2, 8, 2, 1, "kernel", 1, 2), (16, 32, 128, 2, 2, 1, 0, "atomic", 0, 2),
-                                   (8, 32, 128, 1, 16, 1, 1, "kernel", 1, 8)])
+                                   (8, 32, 128, 1, 16, 1, 1, "kernel", 1, 8),
+                                   # rings of 3-6 tiles in flight (more than a warp's share at K = 1024)
+                                   (8, 16, 128, 1, 4, 4, 1, "kernel", 1, 4), (16, 64, 128, 2, 2, 3, 1, "kernel", 1),
+                                   (8, 32, 128, 4, 2, 6, 1, "atomic", 1), (16, 32, 128, 1, 4, 6, 0, "kernel", 1, 2)])
 def test_gpu_mma_configs(block):
     bm, bn, bk, split, warps, ahead, hint, reduce = block[:8]
     x_late = block[8] if len(block) > 8 else 0
