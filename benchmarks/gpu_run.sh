@@ -72,6 +72,26 @@ for path in glob.glob(sys.argv[1] + "/nvfp4_sweep8_kwarps_*.json"):
     print("bad configs:", len(errs), errs[:3])
 PY
       ;;
+    nvfp4-tiled)  # the MMA kernel reading the weight in tile order against the row layout
+      python3 benchmarks/nvfp4.py --sweep --sweep-focus tiled --sweep-m "${SWEEP_M:-1,16}" \
+        --sweep-shapes "${SWEEP_SHAPES:-4096:14336}" --suffix 9_tiled --budget-s "${SWEEP_S:-300}" --out "$OUT" 2>&1 \
+        | grep -v Warning | tail -6
+      python3 - "$OUT" <<'PY'
+import glob, json, sys
+for path in glob.glob(sys.argv[1] + "/nvfp4_sweep9_tiled_*.json"):
+    res = json.load(open(path))["results"]
+    rows = [r for r in res if "us" in r and r.get("all_written") and r["rel_err"] < 1e-2]
+    for key in sorted({(r["M"], r["K"], r["N"]) for r in rows}):
+        print(key, "bf16", round([r for r in rows if (r["M"], r["K"], r["N"]) == key][0]["bf16_us"], 1))
+        for tiled in (0, 1):
+            sel = sorted((r for r in rows if (r["M"], r["K"], r["N"]) == key and r["tiled"] == tiled), key=lambda r: r["us"])
+            for r in sel[:5]:
+                print(f"   tiled={tiled} {r['us']:.1f} us {r['speedup']:.2f}x kw{r['kwarps']} w{r['num_warps']} "
+                      f"bn{r['block_n']} s{r['split_k']} a{r['ahead']}")
+    bad = [r for r in res if "error" in r or not r.get("all_written") or r.get("rel_err", 1) >= 1e-2]
+    print("bad configs:", len(bad), [(r.get("error"), r.get("rel_err"), r.get("tiled")) for r in bad[:3]])
+PY
+      ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
     nvfp4-decode)  # only the decode benchmark

@@ -167,6 +167,8 @@ def kernel_table(m_values, notes) -> list[dict]:
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         w = nv.pack_nvfp4(weight)
+        if focus == "tiled":
+            w = nv.NVFP4Weight(w.packed, w.scales, w.global_scale, w.shape, nv.mma_tiles(w))
         weight_copies, w_copies = rotating_copies(weight, w)
         int4 = make_int4(weight, notes)
         if int4 is not None and not int4_note_done:
@@ -231,6 +233,14 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
         return [C(bm, 16 * groups * warps, 128, split, warps, 1, "mma", ahead, 1, "kernel", x_late)
                 for x_late in (1, 0) for ahead in (2, 1) for warps in (1, 2, 4) for groups in (1, 2)
                 for split in (2, 4, 8)]
+    if focus == "tiled" and m <= 16:
+        # The weight in the MMA kernel's tile order (NVFP4Weight.tiles) against the row layout.
+        bm = 8 if m <= 8 else 16
+        cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
+        cfgs += [C(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", 1, kw, tiled)
+                 for tiled in (1, 0) for kw, split in ((1, 2), (1, 4), (2, 1), (4, 1)) for rw in (1, 2, 4)
+                 for groups in (1, 2) for ahead in (1, 2)]
+        return cfgs
     if focus == "kwarps" and m <= 16:
         # Warps sharing rows, K split inside the program (kwarps), against the library's candidates.
         bm = 8 if m <= 8 else 16
@@ -280,6 +290,8 @@ def run_sweep(m_values, deadline, save, focus="", shapes=None) -> list[dict]:
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         w = nv.pack_nvfp4(weight)
+        if focus == "tiled":
+            w = nv.NVFP4Weight(w.packed, w.scales, w.global_scale, w.shape, nv.mma_tiles(w))
         weight_copies, w_copies = rotating_copies(weight, w)
         for m in m_values:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -560,7 +572,8 @@ def main() -> None:
     parser.add_argument("--sweep-m", default="1,16,256,64", help="M values of the sweep")
     parser.add_argument("--budget-s", type=float, default=240.0, help="time limit for the sweep")
     parser.add_argument("--sweep-focus", default="", help="'xlate': only the MMA kernel with x read late or with the words; "
-                        "'kwarps': the MMA kernel with warps splitting K inside the program")
+                        "'kwarps': the MMA kernel with warps splitting K inside the program; "
+                        "'tiled': the MMA kernel on the tile-ordered weight against the row layout")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

@@ -81,6 +81,8 @@ class NVFP4Weight:
     scales: Tensor
     global_scale: Tensor
     shape: tuple[int, int]
+    # The same words and scales in the MMA kernel's tile order (:func:`mma_tiles`), or None.
+    tiles: Optional[tuple[Tensor, Tensor]] = None
 
     @property
     def device(self) -> torch.device:
@@ -156,6 +158,29 @@ def pack_nvfp4(weight: Tensor) -> NVFP4Weight:
     nibbles = (code | (negative.to(torch.uint8) << 3)).reshape(n, k // 2, 2)
     packed = nibbles[..., 0] | (nibbles[..., 1] << 4)
     return NVFP4Weight(packed.contiguous(), scales.contiguous(), global_scale.reshape(()), (n, k))
+
+
+def mma_tiles(w: NVFP4Weight) -> tuple[Tensor, Tensor]:
+    """``w``'s words and scales in the order the MMA kernel reads them (needs K % 128 == 0).
+
+    Rows are padded with zeros to a multiple of 16. Words: int32 ``(N / 16, K / 128, 16, 16)``,
+    a 16-row block's K tile (row, word) as one contiguous kilobyte, so that a warp's 16-byte loads
+    of eight rows cover 512 consecutive bytes. Scales: uint8 ``(N / 16, K / 128, 8, 4, 2, 2)``
+    indexed (row % 8, lane quad position c, row // 8 within the block, scale 2c or 2c + 1): the
+    four scale bytes one lane needs for a tile in one 32-bit word, a warp's in 128 bytes."""
+    n, k = w.shape
+    if k % 128:
+        raise ValueError(f"mma_tiles needs K % 128 == 0, got K={k}")
+    kt, pad = k // 128, -n % 16
+    words = w.packed.view(torch.int32)
+    scales = w.scales.view(torch.uint8)
+    if pad:
+        words = torch.cat([words, words.new_zeros(pad, words.shape[1])])
+        scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
+    nb = (n + pad) // 16
+    words = words.reshape(nb, 16, kt, 16).permute(0, 2, 1, 3).contiguous()
+    scales = scales.reshape(nb, 2, 8, kt, 4, 2).permute(0, 3, 2, 4, 1, 5).contiguous()
+    return words, scales
 
 
 def _e2m1_table(device: torch.device) -> Tensor:
@@ -847,6 +872,12 @@ def _mma_ld_scales(addr):
 
 
 @triton.jit
+def _mma_ld_scale_word(addr):
+    return tl.inline_asm_elementwise("ld.global.nc.u32 $0, [$1];", "=r,l", [addr], dtype=tl.uint32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
 def _mma_ld_x(addr):
     return tl.inline_asm_elementwise(_MMA_LD_X_PTX, "=&r," * 16 + "l", [addr], dtype=(tl.uint32,) * 16,
                                      is_pure=True, pack=1)
@@ -947,20 +978,35 @@ def _mma_finish(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_pt
 
 @triton.jit
 def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, tile,
-                    GROUPS: tl.constexpr, TWO_N: tl.constexpr, HINT: tl.constexpr, X_LATE: tl.constexpr = 0):
-    """Loads of one K tile (tile index ``tile``): words, scale pairs and x for each row group."""
-    ow = tile.to(tl.int64) * 64
-    os = tile.to(tl.int64) * 8
+                    GROUPS: tl.constexpr, TWO_N: tl.constexpr, HINT: tl.constexpr, X_LATE: tl.constexpr = 0,
+                    TILED: tl.constexpr = 0):
+    """Loads of one K tile (tile index ``tile``): words, scale pairs and x for each row group.
+    TILED: the weight in :func:`mma_tiles` order (a 16-row block's K tile is 1 KB of words and
+    128 bytes of scales, each lane's four scale bytes in one word)."""
+    if TILED:
+        ow = tile.to(tl.int64) * 1024
+        os = tile.to(tl.int64) * 128
+    else:
+        ow = tile.to(tl.int64) * 64
+        os = tile.to(tl.int64) * 8
     ox = tile.to(tl.int64) * 256
     w0 = _mma_ld_words(wa0 + ow, HINT)
     w1 = _mma_ld_words(wa1 + ow, HINT)
-    s0 = _mma_ld_scales(sa0 + os)
-    s1 = _mma_ld_scales(sa1 + os)
+    if TILED:
+        s0 = _mma_ld_scale_word(sa0 + os)
+        s1 = s0 >> 16
+    else:
+        s0 = _mma_ld_scales(sa0 + os)
+        s1 = _mma_ld_scales(sa1 + os)
     if GROUPS == 2:
         w2 = _mma_ld_words(wa2 + ow, HINT)
         w3 = _mma_ld_words(wa3 + ow, HINT)
-        s2 = _mma_ld_scales(sa2 + os)
-        s3 = _mma_ld_scales(sa3 + os)
+        if TILED:
+            s2 = _mma_ld_scale_word(sa2 + os)
+            s3 = s2 >> 16
+        else:
+            s2 = _mma_ld_scales(sa2 + os)
+            s3 = _mma_ld_scales(sa3 + os)
     else:
         w2 = w0
         w3 = w1
@@ -986,14 +1032,15 @@ def _nvfp4_mma_kernel(
     HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
     NUM_WARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 0,
     counter_ptr=None, IN_KERNEL_REDUCE: tl.constexpr = False, X_LATE: tl.constexpr = 0,
-    KWARPS: tl.constexpr = 1,
+    KWARPS: tl.constexpr = 1, TILED: tl.constexpr = 0, KT=0,
 ):
     """``out = x @ W.T`` for M <= 8 (TWO_N: M <= 16) with warp MMAs; see the comment above.
     Grid ``(cdiv(N, 16 * GROUPS * NUM_WARPS // KWARPS), splits)``; needs K % 128 == 0, 16-byte
     aligned x rows and compute capability 8.9+. A program's warps each own 16 * GROUPS weight rows;
     with KWARPS > 1, KWARPS warps share those rows, each taking 1 / KWARPS of the program's K tiles,
     and their partial sums are added in the program (through shared memory) before the store: a
-    split of K without a second kernel or a workspace."""
+    split of K without a second kernel or a workspace. TILED: ``words_ptr`` / ``scales_ptr`` are
+    the weight in :func:`mma_tiles` order, ``KT`` = K / 128."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
@@ -1008,14 +1055,31 @@ def _nvfp4_mma_kernel(
     r3 = base + 24
     wb = words_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 16
     sbase = scales_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 2
-    wa0 = wb + tl.minimum(r0, N - 1).to(tl.int64) * (stride_wn * 4)
-    wa1 = wb + tl.minimum(r1, N - 1).to(tl.int64) * (stride_wn * 4)
-    wa2 = wb + tl.minimum(r2, N - 1).to(tl.int64) * (stride_wn * 4)
-    wa3 = wb + tl.minimum(r3, N - 1).to(tl.int64) * (stride_wn * 4)
-    sa0 = sbase + tl.minimum(r0, N - 1).to(tl.int64) * stride_sn
-    sa1 = sbase + tl.minimum(r1, N - 1).to(tl.int64) * stride_sn
-    sa2 = sbase + tl.minimum(r2, N - 1).to(tl.int64) * stride_sn
-    sa3 = sbase + tl.minimum(r3, N - 1).to(tl.int64) * stride_sn
+    if TILED:
+        # 16-row blocks, padded with zero rows to a multiple of 16 (block indices clamped).
+        last_blk = (N + 15) // 16 - 1
+        blk = pid_n * (GROUPS * RW) + (w % RW) * GROUPS
+        blk0 = tl.minimum(blk, last_blk).to(tl.int64)
+        blk1 = tl.minimum(blk + 1, last_blk).to(tl.int64)
+        wbase = words_ptr.to(tl.int64, bitcast=True) + (g * 64 + c * 16).to(tl.int64)
+        sbase = scales_ptr.to(tl.int64, bitcast=True) + (g * 16 + c * 4).to(tl.int64)
+        wa0 = wbase + blk0 * KT * 1024
+        wa1 = wa0 + 512
+        wa2 = wbase + blk1 * KT * 1024
+        wa3 = wa2 + 512
+        sa0 = sbase + blk0 * KT * 128
+        sa1 = sa0
+        sa2 = sbase + blk1 * KT * 128
+        sa3 = sa2
+    else:
+        wa0 = wb + tl.minimum(r0, N - 1).to(tl.int64) * (stride_wn * 4)
+        wa1 = wb + tl.minimum(r1, N - 1).to(tl.int64) * (stride_wn * 4)
+        wa2 = wb + tl.minimum(r2, N - 1).to(tl.int64) * (stride_wn * 4)
+        wa3 = wb + tl.minimum(r3, N - 1).to(tl.int64) * (stride_wn * 4)
+        sa0 = sbase + tl.minimum(r0, N - 1).to(tl.int64) * stride_sn
+        sa1 = sbase + tl.minimum(r1, N - 1).to(tl.int64) * stride_sn
+        sa2 = sbase + tl.minimum(r2, N - 1).to(tl.int64) * stride_sn
+        sa3 = sbase + tl.minimum(r3, N - 1).to(tl.int64) * stride_sn
     xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 64
     xa = xb + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm * 2)
     xa2 = xb + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm * 2)
@@ -1038,10 +1102,10 @@ def _nvfp4_mma_kernel(
         ring = ()
         for j in tl.static_range(AHEAD):
             ring = ring + (_mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
-                                           first + tl.minimum(j, last), GROUPS, TWO_N, HINT, 1),)
+                                           first + tl.minimum(j, last), GROUPS, TWO_N, HINT, 1, TILED),)
         for t in range(0, tiles):
             new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
-                                  first + tl.minimum(t + AHEAD, last), GROUPS, TWO_N, HINT, 1)
+                                  first + tl.minimum(t + AHEAD, last), GROUPS, TWO_N, HINT, 1, TILED)
             w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = ring[0]
             ox = (first + t).to(tl.int64) * 256
             xv = _mma_ld_x(xa + ox)
@@ -1056,13 +1120,13 @@ def _nvfp4_mma_kernel(
     else:
         # Loads run AHEAD tiles ahead of the MMAs (1 or 2); past the end the last tile is re-read.
         cur = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, first, GROUPS, TWO_N, HINT,
-                              X_LATE)
+                              X_LATE, TILED)
         nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
-                              first + tl.minimum(1, last), GROUPS, TWO_N, HINT, X_LATE)
+                              first + tl.minimum(1, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
         for t in range(0, tiles):
             if AHEAD == 2:
                 new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
-                                      first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE)
+                                      first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
             w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = cur
             if X_LATE:
                 # x (16 registers per row set) read from L1/L2 just before use instead of two tiles
@@ -1082,7 +1146,7 @@ def _nvfp4_mma_kernel(
             else:
                 cur = nxt
                 nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
-                                      first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE)
+                                      first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
 
     # bf16 values carried 2**-26, fp16 values 2**-14.
     if BF16:
@@ -1157,6 +1221,7 @@ class NVFP4GemmConfig:
     reduce: str = "kernel"  # mma split-K: "kernel" (a second kernel) or "atomic" (the last program)
     x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers)
     kwarps: int = 1  # mma: warps sharing the same rows, each on 1 / kwarps of the K tiles, summed in the program
+    tiled: int = 0  # mma: 1 = read the weight's tile-ordered copy (NVFP4Weight.tiles, see mma_tiles)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1311,13 +1376,16 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             undo = 67108864.0  # 2**26
         grid_n = triton.cdiv(n, cfg.block_n)
         in_kernel = split > 1 and cfg.reduce == "atomic"
+        if cfg.tiled and w.tiles is None:
+            raise ValueError(f"{cfg} reads the tile-ordered weight (NVFP4Weight.tiles), which this weight lacks")
+        words, scales = w.tiles if cfg.tiled else (w.packed.view(torch.int32), w.scales.view(torch.uint8))
         _nvfp4_mma_kernel[(grid_n, split)](
-            x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
+            x, words, scales, w.global_scale, bias_arg, out, ws,
             m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
             HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
             NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
             counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws, IN_KERNEL_REDUCE=in_kernel,
-            X_LATE=cfg.x_late, KWARPS=kw,
+            X_LATE=cfg.x_late, KWARPS=kw, TILED=cfg.tiled, KT=k // 128,
             num_warps=cfg.num_warps, num_stages=1,
         )
         if in_kernel:
@@ -1424,7 +1492,8 @@ def back_to_back_ms(fns, reps: int = 10) -> float:
 
 def weight_copies(w: NVFP4Weight, count: int) -> list[NVFP4Weight]:
     """``w`` and ``count - 1`` copies of it (packed values and scales cloned)."""
-    return [w] + [NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale.clone(), w.shape)
+    return [w] + [NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale.clone(), w.shape,
+                              None if w.tiles is None else (w.tiles[0].clone(), w.tiles[1].clone()))
                   for _ in range(count - 1)]
 
 

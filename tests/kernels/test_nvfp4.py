@@ -577,6 +577,28 @@ def test_weight_copies_for_the_tuner():
         assert torch.equal(unpack_nvfp4(c), unpack_nvfp4(w)) and c.shape == w.shape
 
 
+@pytest.mark.parametrize("n", [32, 20])
+def test_mma_tiles_layout(n):
+    # Every word and scale byte lands where the MMA kernel's lanes look for it (zero rows pad N).
+    torch.manual_seed(31)
+    k = 256
+    w = pack_nvfp4(torch.randn(n, k))
+    words, scales = nv.mma_tiles(w)
+    rows_w, rows_s = w.packed.view(torch.int32), w.scales.view(torch.uint8)
+    nb = -(-n // 16)
+    assert words.shape == (nb, k // 128, 16, 16) and scales.shape == (nb, k // 128, 8, 4, 2, 2)
+    for b, t, r, j in itertools.product(range(nb), range(k // 128), range(16), range(16)):
+        row = b * 16 + r
+        assert int(words[b, t, r, j]) == (int(rows_w[row, t * 16 + j]) if row < n else 0)
+    for b, t, g, c, h, p in itertools.product(range(nb), range(k // 128), range(8), range(4), range(2), range(2)):
+        row = b * 16 + h * 8 + g
+        assert int(scales[b, t, g, c, h, p]) == (int(rows_s[row, t * 8 + 2 * c + p]) if row < n else 0)
+    copies = weight_copies(nv.NVFP4Weight(w.packed, w.scales, w.global_scale, w.shape, (words, scales)), 2)
+    assert torch.equal(copies[1].tiles[0], words) and copies[1].tiles[0].data_ptr() != words.data_ptr()
+    with pytest.raises(ValueError, match="128"):
+        nv.mma_tiles(pack_nvfp4(torch.randn(16, 64)))
+
+
 def test_kwarps_candidates_need_k_tiles_they_divide():
     # A program whose warps split K needs every warp to get the same number of K tiles.
     c4 = NVFP4GemmConfig(8, 16, 128, 1, 4, 1, "mma", x_late=1, kwarps=4)
@@ -607,15 +629,21 @@ def test_mma_kernel_needs_a_gpu():
                                    (8, 32, 128, 1, 16, 1, 1, "kernel", 1, 8),
                                    # rings of 3-6 tiles in flight (more than a warp's share at K = 1024)
                                    (8, 16, 128, 1, 4, 4, 1, "kernel", 1, 4), (16, 64, 128, 2, 2, 3, 1, "kernel", 1),
-                                   (8, 32, 128, 4, 2, 6, 1, "atomic", 1), (16, 32, 128, 1, 4, 6, 0, "kernel", 1, 2)])
+                                   (8, 32, 128, 4, 2, 6, 1, "atomic", 1), (16, 32, 128, 1, 4, 6, 0, "kernel", 1, 2),
+                                   # the tile-ordered weight (N = 1000 pads the last 16-row block)
+                                   (8, 16, 128, 1, 4, 1, 1, "kernel", 1, 4, 1), (16, 64, 128, 1, 4, 1, 1, "kernel", 1, 2, 1),
+                                   (8, 64, 128, 4, 4, 4, 1, "atomic", 1, 1, 1), (16, 32, 128, 2, 1, 2, 0, "kernel", 0, 1, 1)])
 def test_gpu_mma_configs(block):
     bm, bn, bk, split, warps, ahead, hint, reduce = block[:8]
     x_late = block[8] if len(block) > 8 else 0
     kwarps = block[9] if len(block) > 9 else 1
-    cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, hint, reduce, x_late, kwarps)
+    tiled = block[10] if len(block) > 10 else 0
+    cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, hint, reduce, x_late, kwarps, tiled)
     torch.manual_seed(18)
     for k, n in ((4096, 1000), (1024, 14336)):
         w = pack_nvfp4(torch.randn(n, k, device="cuda"))
+        if tiled:
+            w = nv.NVFP4Weight(w.packed, w.scales, w.global_scale, w.shape, nv.mma_tiles(w))
         for m in sorted({1, 2, 3, 8, bm}):
             for dtype in (torch.bfloat16, torch.float16):
                 x = torch.randn(m, k, device="cuda").to(dtype)
