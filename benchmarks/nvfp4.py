@@ -167,8 +167,8 @@ def kernel_table(m_values, notes) -> list[dict]:
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         w = nv.pack_nvfp4(weight)
-        if focus == "tiled":
-            w = nv.NVFP4Weight(w.packed, w.scales, w.global_scale, w.shape, nv.mma_tiles(w))
+        if torch.cuda.get_device_capability() >= (9, 0) and nv.can_tile(w.shape):
+            w = nv.to_tiled(w)  # as NVFP4Linear stores it on this GPU
         weight_copies, w_copies = rotating_copies(weight, w)
         int4 = make_int4(weight, notes)
         if int4 is not None and not int4_note_done:
@@ -234,13 +234,13 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
                 for x_late in (1, 0) for ahead in (2, 1) for warps in (1, 2, 4) for groups in (1, 2)
                 for split in (2, 4, 8)]
     if focus == "tiled" and m <= 16:
-        # The weight in the MMA kernel's tile order (NVFP4Weight.tiles) against the row layout.
+        # Every configuration on the weight in tile order (to_tiled) and in row order.
         bm = 8 if m <= 8 else 16
         cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
-        cfgs += [C(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", 1, kw, tiled)
-                 for tiled in (1, 0) for kw, split in ((1, 2), (1, 4), (2, 1), (4, 1)) for rw in (1, 2, 4)
+        cfgs += [C(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", 1, kw)
+                 for kw, split in ((1, 2), (1, 4), (1, 8), (2, 1), (4, 1)) for rw in (1, 2, 4)
                  for groups in (1, 2) for ahead in (1, 2)]
-        return cfgs
+        return list(dict.fromkeys(cfgs))
     if focus == "kwarps" and m <= 16:
         # Warps sharing rows, K split inside the program (kwarps), against the library's candidates.
         bm = 8 if m <= 8 else 16
@@ -289,23 +289,27 @@ def run_sweep(m_values, deadline, save, focus="", shapes=None) -> list[dict]:
     for k, n in sorted(shapes or SHAPES, key=lambda s: s != (4096, 14336)):
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-        w = nv.pack_nvfp4(weight)
+        w_rows = nv.pack_nvfp4(weight)
+        # Row order except for the "tiled" focus, which times every configuration on both orders.
+        layouts = {False: rotating_copies(weight, w_rows)[1]}
         if focus == "tiled":
-            w = nv.NVFP4Weight(w.packed, w.scales, w.global_scale, w.shape, nv.mma_tiles(w))
-        weight_copies, w_copies = rotating_copies(weight, w)
+            layouts[True] = nv.weight_copies(nv.to_tiled(w_rows), len(layouts[False]))
+        weight_copies = rotating_copies(weight, w_rows)[0]
+        w = w_rows
         for m in m_values:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = nv.nvfp4_linear_reference(x.float(), w)
             with torch.no_grad():
                 t_bf16 = rotating_us([lambda wt=wt: F.linear(x, wt) for wt in weight_copies]) / 1e3
             best = None
-            for cfg in sweep_configs(m, focus):
+            for cfg, tiled in [(c, t) for c in sweep_configs(m, focus) for t in layouts]:
                 if time.time() > deadline:
                     print("sweep: out of time", flush=True)
                     return results
-                rec = {"M": m, "K": k, "N": n, "bf16_us": t_bf16 * 1e3, **cfg.__dict__}
+                rec = {"M": m, "K": k, "N": n, "bf16_us": t_bf16 * 1e3, **cfg.__dict__, "tiled": tiled}
+                w_copies = layouts[tiled]
                 try:
-                    y, written = checked_run(x, w, cfg)
+                    y, written = checked_run(x, w_copies[0], cfg)
                     rec["rel_err"] = rel_err(y, ref)
                     rec["all_written"] = written
                     outs = [torch.empty_like(y) for _ in w_copies]
@@ -322,7 +326,7 @@ def run_sweep(m_values, deadline, save, focus="", shapes=None) -> list[dict]:
                 print(f"best M={m:4d} K={k:5d} N={n:5d}: {best['us']:7.1f} us ({best['speedup']:.2f}x vs bf16 "
                       f"{best['bf16_us']:.1f}) {best['mode']} bm{best['block_m']} bn{best['block_n']} "
                       f"bk{best['block_k']} s{best['split_k']} w{best['num_warps']} st{best['num_stages']}", flush=True)
-        del weight, w, weight_copies, w_copies
+        del weight, w, weight_copies, layouts
         torch.cuda.empty_cache()
     return results
 

@@ -50,6 +50,9 @@ __all__ = [
     "NVFP4Linear",
     "pack_nvfp4",
     "unpack_nvfp4",
+    "to_tiled",
+    "to_rows",
+    "can_tile",
     "nvfp4_linear_reference",
     "nvfp4_gemm",
     "nvfp4_linear",
@@ -81,8 +84,8 @@ class NVFP4Weight:
     scales: Tensor
     global_scale: Tensor
     shape: tuple[int, int]
-    # The same words and scales in the MMA kernel's tile order (:func:`mma_tiles`), or None.
-    tiles: Optional[tuple[Tensor, Tensor]] = None
+    # True: ``packed`` and ``scales`` hold the same bytes in tile order (:func:`to_tiled`).
+    tiled: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -160,27 +163,42 @@ def pack_nvfp4(weight: Tensor) -> NVFP4Weight:
     return NVFP4Weight(packed.contiguous(), scales.contiguous(), global_scale.reshape(()), (n, k))
 
 
-def mma_tiles(w: NVFP4Weight) -> tuple[Tensor, Tensor]:
-    """``w``'s words and scales in the order the MMA kernel reads them (needs K % 128 == 0).
+def can_tile(shape: tuple[int, int]) -> bool:
+    """Whether a weight of ``shape`` (N, K) has a tile order (:func:`to_tiled`)."""
+    return shape[0] % 16 == 0 and shape[1] % 128 == 0
 
-    Rows are padded with zeros to a multiple of 16. Words: int32 ``(N / 16, K / 128, 16, 16)``,
-    a 16-row block's K tile (row, word) as one contiguous kilobyte, so that a warp's 16-byte loads
-    of eight rows cover 512 consecutive bytes. Scales: uint8 ``(N / 16, K / 128, 8, 4, 2, 2)``
-    indexed (row % 8, lane quad position c, row // 8 within the block, scale 2c or 2c + 1): the
-    four scale bytes one lane needs for a tile in one 32-bit word, a warp's in 128 bytes."""
+
+def to_tiled(w: NVFP4Weight) -> NVFP4Weight:
+    """``w`` with its bytes in tile order (needs N % 16 == 0 and K % 128 == 0; tensor shapes and
+    values unchanged, only the order of the bytes).
+
+    A tile is 16 rows x 128 elements. ``packed`` holds the tiles one after another, row block by
+    row block and K tile by K tile, each as its 16 rows of 64 bytes (one contiguous kilobyte);
+    ``scales`` likewise, 16 rows of 8 scales (128 bytes) per tile. The MMA kernel's warps read a
+    tile's eight-row halves as 512 consecutive bytes instead of 64 bytes from each of eight rows
+    (measured on the H200: 15.3 us against 17.3 at M = 1, K = 4096, N = 14336)."""
+    if w.tiled:
+        return w
     n, k = w.shape
-    if k % 128:
-        raise ValueError(f"mma_tiles needs K % 128 == 0, got K={k}")
-    kt, pad = k // 128, -n % 16
-    words = w.packed.view(torch.int32)
-    scales = w.scales.view(torch.uint8)
-    if pad:
-        words = torch.cat([words, words.new_zeros(pad, words.shape[1])])
-        scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
-    nb = (n + pad) // 16
-    words = words.reshape(nb, 16, kt, 16).permute(0, 2, 1, 3).contiguous()
-    scales = scales.reshape(nb, 2, 8, kt, 4, 2).permute(0, 3, 2, 4, 1, 5).contiguous()
-    return words, scales
+    if not can_tile(w.shape):
+        raise ValueError(f"the tile order needs N % 16 == 0 and K % 128 == 0, got N={n}, K={k}")
+    kt = k // 128
+    packed = w.packed.reshape(n // 16, 16, kt, 64).permute(0, 2, 1, 3).reshape(n, k // 2)
+    scales = w.scales.view(torch.uint8).reshape(n // 16, 16, kt, 8).permute(0, 2, 1, 3).reshape(n, k // 16)
+    return NVFP4Weight(packed.contiguous(), scales.contiguous().view(torch.float8_e4m3fn), w.global_scale,
+                       w.shape, True)
+
+
+def to_rows(w: NVFP4Weight) -> NVFP4Weight:
+    """``w`` in row order (the layout described in the module docstring); inverse of :func:`to_tiled`."""
+    if not w.tiled:
+        return w
+    n, k = w.shape
+    kt = k // 128
+    packed = w.packed.reshape(n // 16, kt, 16, 64).permute(0, 2, 1, 3).reshape(n, k // 2)
+    scales = w.scales.view(torch.uint8).reshape(n // 16, kt, 16, 8).permute(0, 2, 1, 3).reshape(n, k // 16)
+    return NVFP4Weight(packed.contiguous(), scales.contiguous().view(torch.float8_e4m3fn), w.global_scale,
+                       w.shape, False)
 
 
 def _e2m1_table(device: torch.device) -> Tensor:
@@ -192,6 +210,7 @@ def unpack_nvfp4(w: NVFP4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     """Dequantize to ``(N, K)``: ``e2m1 * float(scale) * global_scale``, evaluated in fp32 and then
     converted to ``dtype``. ``e2m1 * scale`` has at most 6 significant bits, so the only rounding in
     fp32 is the product with ``global_scale``."""
+    w = to_rows(w)
     n, k = w.shape
     lo = w.packed & 0xF
     hi = w.packed >> 4
@@ -312,13 +331,26 @@ def _dequant_tile(wd, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.
 
 @triton.jit
 def _nvfp4_k_step(acc, x_rows, w_rows, s_rows, m_mask, n_mask, k0, K, EVEN_K: tl.constexpr, MODE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, TILED: tl.constexpr = 0):
     """Accumulate one BLOCK_K slice starting at k0: load x, the packed words and their scales,
-    dequantize and multiply."""
+    dequantize and multiply. TILED: tile order (K % 128 == 0), where word ``kw`` of a
+    row is at ``(kw // 16) * 256 + kw % 16`` from its row's start and scale ``kg`` at
+    ``(kg // 8) * 128 + kg % 8``."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     offs_kg = k0 // 16 + tl.arange(0, BLOCK_K // 16)
-    if EVEN_K:
+    if TILED:
+        w_offs = ((offs_kw // 16) * 256 + offs_kw % 16)[None, :]
+        s_offs = ((offs_kg // 8) * 128 + offs_kg % 8)[None, :]
+        if EVEN_K:
+            xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            wd = tl.load(w_rows + w_offs, mask=n_mask[:, None], other=0)
+            s = tl.load(s_rows + s_offs, mask=n_mask[:, None], other=0)
+        else:
+            xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+            wd = tl.load(w_rows + w_offs, mask=n_mask[:, None] & (offs_kw < K // 8)[None, :], other=0)
+            s = tl.load(s_rows + s_offs, mask=n_mask[:, None] & (offs_kg < K // 16)[None, :], other=0)
+    elif EVEN_K:
         xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         wd = tl.load(w_rows + offs_kw[None, :], mask=n_mask[:, None], other=0)
         s = tl.load(s_rows + offs_kg[None, :], mask=n_mask[:, None], other=0)
@@ -366,6 +398,8 @@ def _nvfp4_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INTERPRET: tl.constexpr,
+    TILED: tl.constexpr = 0,
+    KT=0,
 ):
     """``out[m, n] = global_scale * sum_k x[m, k] * W[n, k] (+ bias[n])`` with W in NVFP4.
 
@@ -393,8 +427,13 @@ def _nvfp4_gemm_kernel(
     # only prove byte alignment: on H200 the scale loads then became single-byte loads outside the
     # pipeline and every configuration took ~45 us at K=4096, N=14336, M=1 (bf16: 41 us).
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    w_rows = words_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    s_rows = scales_ptr + offs_n[:, None].to(tl.int64) * stride_sn
+    if TILED:
+        # Tile order (to_tiled): row n starts at its 16-row block's first tile, then row n % 16.
+        w_rows = words_ptr + ((offs_n // 16).to(tl.int64) * (KT * 256) + (offs_n % 16) * 16)[:, None]
+        s_rows = scales_ptr + ((offs_n // 16).to(tl.int64) * (KT * 128) + (offs_n % 16) * 8)[:, None]
+    else:
+        w_rows = words_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        s_rows = scales_ptr + offs_n[:, None].to(tl.int64) * stride_sn
 
     if MODE == 1:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -413,12 +452,12 @@ def _nvfp4_gemm_kernel(
         t = first_tile * 0
         while t < tiles_per_split:
             acc = _nvfp4_k_step(acc, x_rows, w_rows, s_rows, m_mask, n_mask, (first_tile + t) * BLOCK_K, K, EVEN_K,
-                                MODE, BLOCK_N, BLOCK_K, INTERPRET)
+                                MODE, BLOCK_N, BLOCK_K, INTERPRET, TILED)
             t += 1
     else:
         for t in range(0, tiles_per_split):
             acc = _nvfp4_k_step(acc, x_rows, w_rows, s_rows, m_mask, n_mask, (first_tile + t) * BLOCK_K, K, EVEN_K,
-                                MODE, BLOCK_N, BLOCK_K, INTERPRET)
+                                MODE, BLOCK_N, BLOCK_K, INTERPRET, TILED)
 
     if MODE == 1:
         res = tl.trans(acc)
@@ -872,12 +911,6 @@ def _mma_ld_scales(addr):
 
 
 @triton.jit
-def _mma_ld_scale_word(addr):
-    return tl.inline_asm_elementwise("ld.global.nc.u32 $0, [$1];", "=r,l", [addr], dtype=tl.uint32, is_pure=True,
-                                     pack=1)
-
-
-@triton.jit
 def _mma_ld_x(addr):
     return tl.inline_asm_elementwise(_MMA_LD_X_PTX, "=&r," * 16 + "l", [addr], dtype=(tl.uint32,) * 16,
                                      is_pure=True, pack=1)
@@ -981,8 +1014,8 @@ def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, tile,
                     GROUPS: tl.constexpr, TWO_N: tl.constexpr, HINT: tl.constexpr, X_LATE: tl.constexpr = 0,
                     TILED: tl.constexpr = 0):
     """Loads of one K tile (tile index ``tile``): words, scale pairs and x for each row group.
-    TILED: the weight in :func:`mma_tiles` order (a 16-row block's K tile is 1 KB of words and
-    128 bytes of scales, each lane's four scale bytes in one word)."""
+    TILED: the weight in tile order (:func:`to_tiled`: a 16-row block's K tile is 1 KB of words
+    and 128 bytes of scales)."""
     if TILED:
         ow = tile.to(tl.int64) * 1024
         os = tile.to(tl.int64) * 128
@@ -992,21 +1025,13 @@ def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, tile,
     ox = tile.to(tl.int64) * 256
     w0 = _mma_ld_words(wa0 + ow, HINT)
     w1 = _mma_ld_words(wa1 + ow, HINT)
-    if TILED:
-        s0 = _mma_ld_scale_word(sa0 + os)
-        s1 = s0 >> 16
-    else:
-        s0 = _mma_ld_scales(sa0 + os)
-        s1 = _mma_ld_scales(sa1 + os)
+    s0 = _mma_ld_scales(sa0 + os)
+    s1 = _mma_ld_scales(sa1 + os)
     if GROUPS == 2:
         w2 = _mma_ld_words(wa2 + ow, HINT)
         w3 = _mma_ld_words(wa3 + ow, HINT)
-        if TILED:
-            s2 = _mma_ld_scale_word(sa2 + os)
-            s3 = s2 >> 16
-        else:
-            s2 = _mma_ld_scales(sa2 + os)
-            s3 = _mma_ld_scales(sa3 + os)
+        s2 = _mma_ld_scales(sa2 + os)
+        s3 = _mma_ld_scales(sa3 + os)
     else:
         w2 = w0
         w3 = w1
@@ -1039,8 +1064,8 @@ def _nvfp4_mma_kernel(
     aligned x rows and compute capability 8.9+. A program's warps each own 16 * GROUPS weight rows;
     with KWARPS > 1, KWARPS warps share those rows, each taking 1 / KWARPS of the program's K tiles,
     and their partial sums are added in the program (through shared memory) before the store: a
-    split of K without a second kernel or a workspace. TILED: ``words_ptr`` / ``scales_ptr`` are
-    the weight in :func:`mma_tiles` order, ``KT`` = K / 128."""
+    split of K without a second kernel or a workspace. TILED: the weight is in tile order
+    (:func:`to_tiled`), ``KT`` = K / 128."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
@@ -1056,21 +1081,21 @@ def _nvfp4_mma_kernel(
     wb = words_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 16
     sbase = scales_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 2
     if TILED:
-        # 16-row blocks, padded with zero rows to a multiple of 16 (block indices clamped).
-        last_blk = (N + 15) // 16 - 1
+        # 16-row blocks (N % 16 == 0; block indices past the end clamped, their rows not stored).
+        last_blk = N // 16 - 1
         blk = pid_n * (GROUPS * RW) + (w % RW) * GROUPS
         blk0 = tl.minimum(blk, last_blk).to(tl.int64)
         blk1 = tl.minimum(blk + 1, last_blk).to(tl.int64)
         wbase = words_ptr.to(tl.int64, bitcast=True) + (g * 64 + c * 16).to(tl.int64)
-        sbase = scales_ptr.to(tl.int64, bitcast=True) + (g * 16 + c * 4).to(tl.int64)
+        sbase = scales_ptr.to(tl.int64, bitcast=True) + (g * 8 + c * 2).to(tl.int64)
         wa0 = wbase + blk0 * KT * 1024
         wa1 = wa0 + 512
         wa2 = wbase + blk1 * KT * 1024
         wa3 = wa2 + 512
         sa0 = sbase + blk0 * KT * 128
-        sa1 = sa0
+        sa1 = sa0 + 64
         sa2 = sbase + blk1 * KT * 128
-        sa3 = sa2
+        sa3 = sa2 + 64
     else:
         wa0 = wb + tl.minimum(r0, N - 1).to(tl.int64) * (stride_wn * 4)
         wa1 = wb + tl.minimum(r1, N - 1).to(tl.int64) * (stride_wn * 4)
@@ -1221,7 +1246,6 @@ class NVFP4GemmConfig:
     reduce: str = "kernel"  # mma split-K: "kernel" (a second kernel) or "atomic" (the last program)
     x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers)
     kwarps: int = 1  # mma: warps sharing the same rows, each on 1 / kwarps of the K tiles, summed in the program
-    tiled: int = 0  # mma: 1 = read the weight's tile-ordered copy (NVFP4Weight.tiles, see mma_tiles)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1270,13 +1294,16 @@ def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]
     cands = []
     if mma and bucket <= 16 and k % 128 == 0:
         # The MMA kernel's winners in the H200 sweeps (benchmarks/NOTES_nvfp4.md): x read when its
-        # tile is used (64 registers instead of 106 at one row group: more warps per SM; sweep 7,
-        # K = 4096, N = 14336: M = 16 21.9 us against 26.7 with x loaded ahead, M = 1 17.8 against
-        # 18.7), the 256-byte L2 hint, split-K 4 with 4 warps for M = 1, 2 with one warp and two row
-        # groups for M = 16; split 8 was best for K = 14336 in the earlier sweeps.
+        # tile is used (64 registers instead of 106 at one row group: more warps per SM; sweep 7),
+        # the 256-byte L2 hint; on weights in tile order (sweep 9, K = 4096, N = 14336) four warps
+        # splitting K per 16 rows, summed in the program (M = 1: 15.3 us; two row groups: M = 16
+        # 19.6 us), or one warp per 16 or 32 rows with split-K 4 (15.6 / 19.9 us); split-K 8 with
+        # two row groups is best for K = 14336 (M = 16: 20.8 us in row order).
         bm = 8 if bucket <= 8 else 16
-        cands += [C(bm, 64, 128, 4, 4, 1, "mma", 1, 1, x_late=1), C(bm, 32, 128, 2, 1, 1, "mma", 1, 1, x_late=1),
-                  C(bm, 128, 128, 8, 4, 1, "mma", 2, 1, x_late=1), C(bm, 32, 128, 4, 2, 1, "mma", 1, 1, x_late=1),
+        cands += [C(bm, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4),
+                  C(bm, 32, 128, 1, 4, 1, "mma", 2, 1, x_late=1, kwarps=4),
+                  C(bm, 16, 128, 4, 1, 1, "mma", 1, 1, x_late=1), C(bm, 32, 128, 4, 1, 1, "mma", 1, 1, x_late=1),
+                  C(bm, 64, 128, 4, 4, 1, "mma", 1, 1, x_late=1), C(bm, 128, 128, 8, 4, 1, "mma", 2, 1, x_late=1),
                   C(bm, 128, 128, 8, 4, 1, "mma", 2, 1)]
         cands += [C(16, 32, 256, 2, 4, 3), C(16, 128, 256, 8, 4, 3)]
         return _runnable(cands, k)
@@ -1376,21 +1403,19 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             undo = 67108864.0  # 2**26
         grid_n = triton.cdiv(n, cfg.block_n)
         in_kernel = split > 1 and cfg.reduce == "atomic"
-        if cfg.tiled and w.tiles is None:
-            raise ValueError(f"{cfg} reads the tile-ordered weight (NVFP4Weight.tiles), which this weight lacks")
-        words, scales = w.tiles if cfg.tiled else (w.packed.view(torch.int32), w.scales.view(torch.uint8))
         _nvfp4_mma_kernel[(grid_n, split)](
-            x, words, scales, w.global_scale, bias_arg, out, ws,
+            x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
             m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
             HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
             NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
             counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws, IN_KERNEL_REDUCE=in_kernel,
-            X_LATE=cfg.x_late, KWARPS=kw, TILED=cfg.tiled, KT=k // 128,
+            X_LATE=cfg.x_late, KWARPS=kw, TILED=w.tiled, KT=k // 128,
             num_warps=cfg.num_warps, num_stages=1,
         )
         if in_kernel:
             return
     elif cfg.mode in _GEMV_DECODES:
+        w = to_rows(w)  # (not tuned for the tile order: a tiled weight is re-ordered per call)
         if m > cfg.block_m or cfg.block_m > 4:
             raise ValueError(f"the GEMV kernel takes at most block_m <= 4 rows, got M={m} with {cfg}")
         decode = 0 if _interpreting() else _GEMV_DECODES[cfg.mode]
@@ -1446,6 +1471,8 @@ def _launch_gemm(x, w, bias_arg, out, ws, cfg, split, tiles_per_split, has_bias)
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         INTERPRET=_interpreting(),
+        TILED=w.tiled,
+        KT=k // 128,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -1492,8 +1519,7 @@ def back_to_back_ms(fns, reps: int = 10) -> float:
 
 def weight_copies(w: NVFP4Weight, count: int) -> list[NVFP4Weight]:
     """``w`` and ``count - 1`` copies of it (packed values and scales cloned)."""
-    return [w] + [NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale.clone(), w.shape,
-                              None if w.tiles is None else (w.tiles[0].clone(), w.tiles[1].clone()))
+    return [w] + [NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale.clone(), w.shape, w.tiled)
                   for _ in range(count - 1)]
 
 
@@ -1573,18 +1599,19 @@ _INFERENCE_ONLY = (
 
 @torch.library.custom_op("rewriter::nvfp4_linear", mutates_args=())
 def _nvfp4_linear_op(
-    x: Tensor, packed: Tensor, scale_bits: Tensor, global_scale: Tensor, bias: Optional[Tensor]
+    x: Tensor, packed: Tensor, scale_bits: Tensor, global_scale: Tensor, bias: Optional[Tensor], tiled: bool = False
 ) -> Tensor:
     """``scale_bits`` are the E4M3 block scales viewed as uint8 (generic tensor tooling, such as
-    ``torch.library.opcheck``, has no fp8 kernels on the CPU)."""
+    ``torch.library.opcheck``, has no fp8 kernels on the CPU); ``tiled``: the bytes are in tile
+    order (:func:`to_tiled`)."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    w = NVFP4Weight(packed, scale_bits.view(torch.float8_e4m3fn), global_scale, (n, k))
+    w = NVFP4Weight(packed, scale_bits.view(torch.float8_e4m3fn), global_scale, (n, k), tiled)
     y = nvfp4_gemm(x.reshape(-1, k), w, bias)
     return y.reshape(*x.shape[:-1], n)
 
 
 @_nvfp4_linear_op.register_fake
-def _nvfp4_linear_fake(x, packed, scale_bits, global_scale, bias):
+def _nvfp4_linear_fake(x, packed, scale_bits, global_scale, bias, tiled=False):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
@@ -1632,7 +1659,8 @@ def nvfp4_linear(
         ok, why = supports(x, w)
         if not ok:
             raise ValueError(f"nvfp4_linear cannot use the Triton kernel: {why}")
-        return torch.ops.rewriter.nvfp4_linear(x, w.packed, w.scales.view(torch.uint8), w.global_scale, bias)
+        return torch.ops.rewriter.nvfp4_linear(x, w.packed, w.scales.view(torch.uint8), w.global_scale, bias,
+                                               w.tiled)
     return nvfp4_linear_reference(x, w, bias)
 
 
@@ -1642,6 +1670,11 @@ class NVFP4Linear(nn.Module):
     The buffers ``packed``, ``scales`` and ``global_scale`` (and ``bias``, kept in its original
     dtype) are all that is stored, so ``state_dict()`` holds the packed form. Build one with
     :meth:`from_linear`, or construct an empty one of the same shape and ``load_state_dict``.
+
+    ``tiled``: the buffers hold their bytes in tile order (:func:`to_tiled`), which the MMA kernel
+    reads faster; :meth:`from_linear` chooses it on compute capability 9.0+ when the shape allows.
+    ``state_dict()`` is always in row order and loading converts back, so checkpoints do not
+    depend on it.
     """
 
     def __init__(
@@ -1666,10 +1699,13 @@ class NVFP4Linear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_buffer("bias", None)
+        self.tiled = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "NVFP4Linear":
-        """Quantize ``linear.weight`` with :func:`pack_nvfp4`; the bias is kept as is (detached)."""
+    def from_linear(cls, linear: nn.Linear, tiled: Optional[bool] = None) -> "NVFP4Linear":
+        """Quantize ``linear.weight`` with :func:`pack_nvfp4`; the bias is kept as is (detached).
+        ``tiled=None`` stores the tile order when the weight is on a GPU of compute capability 9.0+
+        (where the MMA kernel reads it) and the shape allows it (:func:`can_tile`)."""
         bias = linear.bias
         module = cls(
             linear.in_features,
@@ -1679,15 +1715,36 @@ class NVFP4Linear(nn.Module):
             dtype=None if bias is None else bias.dtype,
         )
         w = pack_nvfp4(linear.weight)
+        if tiled is None:
+            dev = linear.weight.device
+            tiled = dev.type == "cuda" and _capability(dev) >= (9, 0) and can_tile(w.shape)
+        if tiled:
+            w = to_tiled(w)
         module.packed = w.packed
         module.scales = w.scales
         module.global_scale = w.global_scale
+        module.tiled = w.tiled
         if bias is not None:
             module.bias = bias.detach().clone()
         return module
 
     def nvfp4_weight(self) -> NVFP4Weight:
-        return NVFP4Weight(self.packed, self.scales, self.global_scale, (self.out_features, self.in_features))
+        return NVFP4Weight(self.packed, self.scales, self.global_scale, (self.out_features, self.in_features),
+                           self.tiled)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tiled:  # checkpoints hold row order
+            rows = to_rows(self.nvfp4_weight())
+            destination[prefix + "packed"] = rows.packed
+            destination[prefix + "scales"] = rows.scales
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.tiled:  # the checkpoint was in row order
+            w = to_tiled(NVFP4Weight(self.packed, self.scales, self.global_scale,
+                                     (self.out_features, self.in_features), False))
+            self.packed, self.scales = w.packed, w.scales
 
     def nbytes(self) -> int:
         """Bytes of the stored weight: packed values, block scales and the global scale."""
@@ -1699,5 +1756,5 @@ class NVFP4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            "weight=NVFP4 (E2M1 values, E4M3 scale per 16, fp32 global scale)"
+            "weight=NVFP4 (E2M1 values, E4M3 scale per 16, fp32 global scale)" + (", tile order" if self.tiled else "")
         )

@@ -577,26 +577,71 @@ def test_weight_copies_for_the_tuner():
         assert torch.equal(unpack_nvfp4(c), unpack_nvfp4(w)) and c.shape == w.shape
 
 
-@pytest.mark.parametrize("n", [32, 20])
-def test_mma_tiles_layout(n):
-    # Every word and scale byte lands where the MMA kernel's lanes look for it (zero rows pad N).
+def test_tile_order_layout_and_round_trip():
+    # Every byte of a 16-row x 128-element tile lands in its tile's contiguous block, rows in order.
     torch.manual_seed(31)
-    k = 256
+    n, k = 32, 384
     w = pack_nvfp4(torch.randn(n, k))
-    words, scales = nv.mma_tiles(w)
-    rows_w, rows_s = w.packed.view(torch.int32), w.scales.view(torch.uint8)
-    nb = -(-n // 16)
-    assert words.shape == (nb, k // 128, 16, 16) and scales.shape == (nb, k // 128, 8, 4, 2, 2)
-    for b, t, r, j in itertools.product(range(nb), range(k // 128), range(16), range(16)):
-        row = b * 16 + r
-        assert int(words[b, t, r, j]) == (int(rows_w[row, t * 16 + j]) if row < n else 0)
-    for b, t, g, c, h, p in itertools.product(range(nb), range(k // 128), range(8), range(4), range(2), range(2)):
-        row = b * 16 + h * 8 + g
-        assert int(scales[b, t, g, c, h, p]) == (int(rows_s[row, t * 8 + 2 * c + p]) if row < n else 0)
-    copies = weight_copies(nv.NVFP4Weight(w.packed, w.scales, w.global_scale, w.shape, (words, scales)), 2)
-    assert torch.equal(copies[1].tiles[0], words) and copies[1].tiles[0].data_ptr() != words.data_ptr()
-    with pytest.raises(ValueError, match="128"):
-        nv.mma_tiles(pack_nvfp4(torch.randn(16, 64)))
+    t = nv.to_tiled(w)
+    assert t.tiled and t.packed.shape == w.packed.shape and t.scales.shape == w.scales.shape
+    kt = k // 128
+    pk, sc = t.packed.reshape(-1), t.scales.view(torch.uint8).reshape(-1)
+    rows_s = w.scales.view(torch.uint8)
+    for row, tile in itertools.product(range(n), range(kt)):
+        start = ((row // 16) * kt + tile) * 16 + row % 16
+        assert torch.equal(pk[start * 64:(start + 1) * 64], w.packed[row, tile * 64:(tile + 1) * 64])
+        assert torch.equal(sc[start * 8:(start + 1) * 8], rows_s[row, tile * 8:(tile + 1) * 8])
+    back = nv.to_rows(t)
+    assert not back.tiled and torch.equal(back.packed, w.packed)
+    assert torch.equal(back.scales.view(torch.uint8), rows_s)
+    assert nv.to_tiled(t) is t and nv.to_rows(w) is w
+    assert torch.equal(unpack_nvfp4(t), unpack_nvfp4(w))  # the reference reads either order
+    copies = weight_copies(t, 2)
+    assert copies[1].tiled and torch.equal(copies[1].packed, t.packed)
+    for shape in ((24, 128), (16, 64)):
+        assert not nv.can_tile(shape)
+        with pytest.raises(ValueError, match="N % 16 == 0 and K % 128 == 0"):
+            nv.to_tiled(pack_nvfp4(torch.randn(*shape)))
+
+
+@pytest.mark.parametrize("config", [
+    NVFP4GemmConfig(16, 32, 128, 1, 1, 1), NVFP4GemmConfig(16, 32, 256, 2, 1, 1, mode="dot_swap"),
+    NVFP4GemmConfig(16, 16, 64, 3, 1, 1), NVFP4GemmConfig(2, 32, 64, 2, 1, 1, mode="gemv")])
+def test_kernels_read_the_tile_order(config):
+    # The same products from the tile order as from the row order (K = 384: a 256-wide K tile
+    # runs past K in the tile order too).
+    torch.manual_seed(32)
+    x = torch.randn(2, 384).to(torch.bfloat16).to(DEVICE)
+    w = pack_nvfp4(torch.randn(48, 384).to(DEVICE))
+    bias = torch.randn(48).to(torch.bfloat16).to(DEVICE)
+    y_rows = nvfp4_gemm(x, w, bias, config=config)
+    y_tiles = nvfp4_gemm(x, nv.to_tiled(w), bias, config=config)
+    assert torch.equal(y_rows, y_tiles)
+    ref = nvfp4_linear_reference(x.float(), w, bias.float())
+    assert float((y_tiles.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_module_in_tile_order_keeps_row_order_checkpoints():
+    torch.manual_seed(33)
+    lin = torch.nn.Linear(256, 32)
+    rows = NVFP4Linear.from_linear(lin, tiled=False)
+    tiles = NVFP4Linear.from_linear(lin, tiled=True)
+    assert tiles.tiled and not rows.tiled and "tile order" in repr(tiles)
+    assert not torch.equal(tiles.packed, rows.packed)  # the bytes really are re-ordered
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert torch.equal(tiles(x), rows(x))
+    sd = tiles.state_dict()
+    for key, value in rows.state_dict().items():
+        assert torch.equal(sd[key].view(torch.uint8) if sd[key].dtype == torch.float8_e4m3fn else sd[key],
+                           value.view(torch.uint8) if value.dtype == torch.float8_e4m3fn else value), key
+    fresh = NVFP4Linear.from_linear(torch.nn.Linear(256, 32), tiled=True)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.packed, tiles.packed) and torch.equal(fresh.scales.view(torch.uint8),
+                                                                    tiles.scales.view(torch.uint8))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), rows(x))
+    assert not NVFP4Linear.from_linear(lin).tiled  # automatic choice: only on a GPU of compute capability 9.0+
 
 
 def test_kwarps_candidates_need_k_tiles_they_divide():
@@ -630,7 +675,7 @@ def test_mma_kernel_needs_a_gpu():
                                    # rings of 3-6 tiles in flight (more than a warp's share at K = 1024)
                                    (8, 16, 128, 1, 4, 4, 1, "kernel", 1, 4), (16, 64, 128, 2, 2, 3, 1, "kernel", 1),
                                    (8, 32, 128, 4, 2, 6, 1, "atomic", 1), (16, 32, 128, 1, 4, 6, 0, "kernel", 1, 2),
-                                   # the tile-ordered weight (N = 1000 pads the last 16-row block)
+                                   # the weight in tile order (N = 1008: the last program's blocks clamped)
                                    (8, 16, 128, 1, 4, 1, 1, "kernel", 1, 4, 1), (16, 64, 128, 1, 4, 1, 1, "kernel", 1, 2, 1),
                                    (8, 64, 128, 4, 4, 4, 1, "atomic", 1, 1, 1), (16, 32, 128, 2, 1, 2, 0, "kernel", 0, 1, 1)])
 def test_gpu_mma_configs(block):
@@ -638,12 +683,12 @@ def test_gpu_mma_configs(block):
     x_late = block[8] if len(block) > 8 else 0
     kwarps = block[9] if len(block) > 9 else 1
     tiled = block[10] if len(block) > 10 else 0
-    cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, hint, reduce, x_late, kwarps, tiled)
+    cfg = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, hint, reduce, x_late, kwarps)
     torch.manual_seed(18)
-    for k, n in ((4096, 1000), (1024, 14336)):
+    for k, n in ((4096, 1008 if tiled else 1000), (1024, 14336)):
         w = pack_nvfp4(torch.randn(n, k, device="cuda"))
         if tiled:
-            w = nv.NVFP4Weight(w.packed, w.scales, w.global_scale, w.shape, nv.mma_tiles(w))
+            w = nv.to_tiled(w)
         for m in sorted({1, 2, 3, 8, bm}):
             for dtype in (torch.bfloat16, torch.float16):
                 x = torch.randn(m, k, device="cuda").to(dtype)
