@@ -241,6 +241,12 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
                  for kw, split in ((1, 2), (1, 4), (1, 8), (2, 1), (4, 1)) for rw in (1, 2, 4)
                  for groups in (1, 2) for ahead in (1, 2)]
         return list(dict.fromkeys(cfgs))
+    if focus == "xlate2" and m <= 16:
+        # x read per chunk (x_late 2) against per tile (1), on the weight in tile order.
+        bm = 8 if m <= 8 else 16
+        return [C(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", xl, kw)
+                for xl in (2, 1) for kw, split in ((1, 2), (1, 4), (1, 8), (2, 1), (4, 1)) for rw in (1, 2)
+                for groups in (1, 2) for ahead in (1, 2)]
     if focus == "kwarps" and m <= 16:
         # Warps sharing rows, K split inside the program (kwarps), against the library's candidates.
         bm = 8 if m <= 8 else 16
@@ -292,8 +298,10 @@ def run_sweep(m_values, deadline, save, focus="", shapes=None) -> list[dict]:
         w_rows = nv.pack_nvfp4(weight)
         # Row order except for the "tiled" focus, which times every configuration on both orders.
         layouts = {False: rotating_copies(weight, w_rows)[1]}
-        if focus == "tiled":
+        if focus in ("tiled", "xlate2"):
             layouts[True] = nv.weight_copies(nv.to_tiled(w_rows), len(layouts[False]))
+        if focus == "xlate2":
+            del layouts[False]
         weight_copies = rotating_copies(weight, w_rows)[0]
         w = w_rows
         for m in m_values:
@@ -577,7 +585,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=240.0, help="time limit for the sweep")
     parser.add_argument("--sweep-focus", default="", help="'xlate': only the MMA kernel with x read late or with the words; "
                         "'kwarps': the MMA kernel with warps splitting K inside the program; "
-                        "'tiled': the MMA kernel on the tile-ordered weight against the row layout")
+                        "'tiled': the MMA kernel on the tile-ordered weight against the row layout; "
+                        "'xlate2': x read per chunk against per tile (tile order)")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

@@ -968,6 +968,43 @@ def _mma_group(acc, acc2, w0, w1, s0, s1, xv, xv2, BF16: tl.constexpr, TWO_N: tl
 
 
 @triton.jit
+def _mma_tile_by_chunk(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xaddr, xaddr2,
+                       BF16: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr):
+    """One K tile of every row group, chunk by chunk, each chunk's 16 bytes of x (per row set)
+    loaded just before its MMAs (x_late 2)."""
+    a0, a1, a2, a3 = acc_a
+    e0, e1, e2, e3 = acc_a2
+    b0, b1, b2, b3 = acc_b
+    f0, f1, f2, f3 = acc_b2
+    s0a, s0b = _mma_scales(s0, BF16)
+    s1a, s1b = _mma_scales(s1, BF16)
+    sc0 = (s0a, s0a, s0b, s0b)
+    sc1 = (s1a, s1a, s1b, s1b)
+    if GROUPS == 2:
+        s2a, s2b = _mma_scales(s2, BF16)
+        s3a, s3b = _mma_scales(s3, BF16)
+        sc2 = (s2a, s2a, s2b, s2b)
+        sc3 = (s3a, s3a, s3b, s3b)
+    for t in tl.static_range(4):
+        x0, x1, x2, x3 = _mma_ld_words(xaddr + 16 * t, 0)
+        if TWO_N:
+            y0, y1, y2, y3 = _mma_ld_words(xaddr2 + 16 * t, 0)
+        p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16)
+        q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16)
+        a0, a1, a2, a3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, x0, x1, x2, x3, a0, a1, a2, a3, BF16)
+        if TWO_N:
+            e0, e1, e2, e3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, y0, y1, y2, y3, e0, e1, e2, e3, BF16)
+        if GROUPS == 2:
+            p0, p1, p2, p3 = _mma_decode(w2[t], sc2[t], BF16)
+            q0, q1, q2, q3 = _mma_decode(w3[t], sc3[t], BF16)
+            b0, b1, b2, b3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, x0, x1, x2, x3, b0, b1, b2, b3, BF16)
+            if TWO_N:
+                f0, f1, f2, f3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, y0, y1, y2, y3, f0, f1, f2, f3,
+                                            BF16)
+    return (a0, a1, a2, a3), (e0, e1, e2, e3), (b0, b1, b2, b3), (f0, f1, f2, f3)
+
+
+@triton.jit
 def _mma_store(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k,
                HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr):
     """Accumulators (rows_a: c0, c1 at columns col, col + 1; rows_b: c2, c3) to the output."""
@@ -1153,18 +1190,27 @@ def _nvfp4_mma_kernel(
                 new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                                       first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
             w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = cur
-            if X_LATE:
-                # x (16 registers per row set) read from L1/L2 just before use instead of two tiles
-                # ahead: fewer registers, more warps per SM to keep the weight loads in flight.
+            if X_LATE == 2:
+                # x read chunk by chunk (16 bytes per row set) as the MMAs need it: 4 + 4 registers
+                # for x instead of 16 + 16.
                 ox = (first + t).to(tl.int64) * 256
-                xv = _mma_ld_x(xa + ox)
-                if TWO_N:
-                    xv2 = _mma_ld_x(xa2 + ox)
-                else:
-                    xv2 = xv
-            acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N)
-            if GROUPS == 2:
-                acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N)
+                acc_a, acc_a2, acc_b, acc_b2 = _mma_tile_by_chunk(
+                    acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xa + ox, xa2 + ox,
+                    BF16, TWO_N, GROUPS)
+            else:
+                if X_LATE:
+                    # x (16 registers per row set) read from L1/L2 just before use instead of two
+                    # tiles ahead: fewer registers, more warps per SM to keep the weight loads in
+                    # flight.
+                    ox = (first + t).to(tl.int64) * 256
+                    xv = _mma_ld_x(xa + ox)
+                    if TWO_N:
+                        xv2 = _mma_ld_x(xa2 + ox)
+                    else:
+                        xv2 = xv
+                acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N)
+                if GROUPS == 2:
+                    acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N)
             if AHEAD == 2:
                 cur = nxt
                 nxt = new
@@ -1244,7 +1290,7 @@ class NVFP4GemmConfig:
     ahead: int = 1  # mma: tiles loaded ahead of the MMAs (1, 2, or a loop-carried ring of 3+ tiles)
     hint: int = 0  # mma: 1 = 256-byte L2 fetches for the packed words
     reduce: str = "kernel"  # mma split-K: "kernel" (a second kernel) or "atomic" (the last program)
-    x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers)
+    x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers); 2 = per chunk
     kwarps: int = 1  # mma: warps sharing the same rows, each on 1 / kwarps of the K tiles, summed in the program
 
 

@@ -677,7 +677,10 @@ def test_mma_kernel_needs_a_gpu():
                                    (8, 32, 128, 4, 2, 6, 1, "atomic", 1), (16, 32, 128, 1, 4, 6, 0, "kernel", 1, 2),
                                    # the weight in tile order (N = 1008: the last program's blocks clamped)
                                    (8, 16, 128, 1, 4, 1, 1, "kernel", 1, 4, 1), (16, 64, 128, 1, 4, 1, 1, "kernel", 1, 2, 1),
-                                   (8, 64, 128, 4, 4, 4, 1, "atomic", 1, 1, 1), (16, 32, 128, 2, 1, 2, 0, "kernel", 0, 1, 1)])
+                                   (8, 64, 128, 4, 4, 4, 1, "atomic", 1, 1, 1), (16, 32, 128, 2, 1, 2, 0, "kernel", 0, 1, 1),
+                                   # x read per chunk
+                                   (16, 32, 128, 1, 4, 1, 1, "kernel", 2, 4, 1), (8, 16, 128, 4, 1, 2, 1, "kernel", 2),
+                                   (16, 64, 128, 2, 2, 1, 1, "atomic", 2, 1, 1)])
 def test_gpu_mma_configs(block):
     bm, bn, bk, split, warps, ahead, hint, reduce = block[:8]
     x_late = block[8] if len(block) > 8 else 0
