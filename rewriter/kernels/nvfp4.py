@@ -1343,12 +1343,14 @@ def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]
         # tile is used (64 registers instead of 106 at one row group: more warps per SM; sweep 7),
         # the 256-byte L2 hint; on weights in tile order (sweep 9, K = 4096, N = 14336) four warps
         # splitting K per 16 rows, summed in the program (M = 1: 15.3 us; two row groups: M = 16
-        # 19.6 us), or one warp per 16 or 32 rows with split-K 4 (15.6 / 19.9 us); split-K 8 with
-        # two row groups is best for K = 14336 (M = 16: 20.8 us in row order).
+        # 19.6 us), or one warp per 16 or 32 rows with split-K 4 (15.6 / 19.9 us); K = 14336 wants
+        # split-K 8 (sweep 10, tile order: two warps of one row group 16.6 us at M = 1, of two row
+        # groups 19.5 us at M = 16). Reading x per chunk (x_late 2) measured no faster (sweep 10).
         bm = 8 if bucket <= 8 else 16
         cands += [C(bm, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4),
                   C(bm, 32, 128, 1, 4, 1, "mma", 2, 1, x_late=1, kwarps=4),
                   C(bm, 16, 128, 4, 1, 1, "mma", 1, 1, x_late=1), C(bm, 32, 128, 4, 1, 1, "mma", 1, 1, x_late=1),
+                  C(bm, 32, 128, 8, 2, 1, "mma", 1, 1, x_late=1), C(bm, 64, 128, 8, 2, 1, "mma", 2, 1, x_late=1),
                   C(bm, 64, 128, 4, 4, 1, "mma", 1, 1, x_late=1), C(bm, 128, 128, 8, 4, 1, "mma", 2, 1, x_late=1),
                   C(bm, 128, 128, 8, 4, 1, "mma", 2, 1)]
         cands += [C(16, 32, 256, 2, 4, 3), C(16, 128, 256, 8, 4, 3)]
