@@ -112,6 +112,26 @@ for path in glob.glob(sys.argv[1] + "/nvfp4_sweep10_xlate2_*.json"):
     print("bad configs:", len(bad), [(r.get("error"), r.get("rel_err")) for r in bad[:3]])
 PY
       ;;
+    nvfp4-maxnreg)  # register caps on the best tile-order configurations
+      python3 benchmarks/nvfp4.py --sweep --sweep-focus maxnreg --sweep-m "${SWEEP_M:-1,16}" \
+        --sweep-shapes "${SWEEP_SHAPES:-4096:14336}" --suffix 11_maxnreg --budget-s "${SWEEP_S:-300}" --out "$OUT" 2>&1 \
+        | grep -v Warning | tail -6
+      python3 - "$OUT" <<'PY'
+import glob, json, sys
+for path in glob.glob(sys.argv[1] + "/nvfp4_sweep11_maxnreg_*.json"):
+    res = json.load(open(path))["results"]
+    rows = [r for r in res if "us" in r and r.get("all_written") and r["rel_err"] < 1e-2]
+    for key in sorted({(r["M"], r["K"], r["N"]) for r in rows}):
+        print(key, "bf16", round([r for r in rows if (r["M"], r["K"], r["N"]) == key][0]["bf16_us"], 1))
+        for cap in (0, 104, 96, 80):
+            sel = sorted((r for r in rows if (r["M"], r["K"], r["N"]) == key and r["maxnreg"] == cap), key=lambda r: r["us"])
+            for r in sel[:3]:
+                print(f"   maxnreg={cap} {r['us']:.1f} us {r['speedup']:.2f}x kw{r['kwarps']} w{r['num_warps']} "
+                      f"bn{r['block_n']} s{r['split_k']} a{r['ahead']}")
+    bad = [r for r in res if "error" in r or not r.get("all_written") or r.get("rel_err", 1) >= 1e-2]
+    print("bad configs:", len(bad), [(r.get("error"), r.get("rel_err")) for r in bad[:3]])
+PY
+      ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
     nvfp4-decode)  # only the decode benchmark

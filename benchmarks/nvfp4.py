@@ -24,6 +24,7 @@ the library tunes over). Results go to ``--out`` as ``nvfp4_<device>.md`` / ``.j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -241,6 +242,16 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
                  for kw, split in ((1, 2), (1, 4), (1, 8), (2, 1), (4, 1)) for rw in (1, 2, 4)
                  for groups in (1, 2) for ahead in (1, 2)]
         return list(dict.fromkeys(cfgs))
+    if focus == "maxnreg" and m <= 16:
+        # Register caps (more warps per SM, some spills) on the best tile-order configurations.
+        bm = 8 if m <= 8 else 16
+        base = [C(bm, 32, 128, 1, 4, 1, "mma", a, 1, x_late=1, kwarps=4) for a in (1, 2)]
+        base += [C(bm, 64, 128, 1, 8, 1, "mma", a, 1, x_late=1, kwarps=4) for a in (1, 2)]
+        base += [C(bm, 64, 128, s, 2, 1, "mma", a, 1, x_late=1) for s in (4, 8) for a in (1, 2)]
+        base += [C(bm, 32, 128, 4, 1, 1, "mma", 1, 1, x_late=1)]
+        if m <= 8:
+            base += [C(bm, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4), C(bm, 32, 128, 8, 2, 1, "mma", 1, 1, x_late=1)]
+        return [dataclasses.replace(c, maxnreg=r) for c in base for r in (0, 104, 96, 80)]
     if focus == "xlate2" and m <= 16:
         # x read per chunk (x_late 2) against per tile (1), on the weight in tile order.
         bm = 8 if m <= 8 else 16
@@ -298,9 +309,9 @@ def run_sweep(m_values, deadline, save, focus="", shapes=None) -> list[dict]:
         w_rows = nv.pack_nvfp4(weight)
         # Row order except for the "tiled" focus, which times every configuration on both orders.
         layouts = {False: rotating_copies(weight, w_rows)[1]}
-        if focus in ("tiled", "xlate2"):
+        if focus in ("tiled", "xlate2", "maxnreg"):
             layouts[True] = nv.weight_copies(nv.to_tiled(w_rows), len(layouts[False]))
-        if focus == "xlate2":
+        if focus in ("xlate2", "maxnreg"):
             del layouts[False]
         weight_copies = rotating_copies(weight, w_rows)[0]
         w = w_rows
@@ -586,7 +597,8 @@ def main() -> None:
     parser.add_argument("--sweep-focus", default="", help="'xlate': only the MMA kernel with x read late or with the words; "
                         "'kwarps': the MMA kernel with warps splitting K inside the program; "
                         "'tiled': the MMA kernel on the tile-ordered weight against the row layout; "
-                        "'xlate2': x read per chunk against per tile (tile order)")
+                        "'xlate2': x read per chunk against per tile (tile order); "
+                        "'maxnreg': register caps on the best tile-order configurations")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

@@ -1292,6 +1292,7 @@ class NVFP4GemmConfig:
     reduce: str = "kernel"  # mma split-K: "kernel" (a second kernel) or "atomic" (the last program)
     x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers); 2 = per chunk
     kwarps: int = 1  # mma: warps sharing the same rows, each on 1 / kwarps of the K tiles, summed in the program
+    maxnreg: int = 0  # mma: register cap per thread (0: the compiler's choice; lower caps spill, more warps fit)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1458,7 +1459,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
             counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws, IN_KERNEL_REDUCE=in_kernel,
             X_LATE=cfg.x_late, KWARPS=kw, TILED=w.tiled, KT=k // 128,
-            num_warps=cfg.num_warps, num_stages=1,
+            num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )
         if in_kernel:
             return
