@@ -1346,10 +1346,13 @@ def _candidates(bucket: int, k: int, mma: bool = False) -> list[NVFP4GemmConfig]
         # splitting K per 16 rows, summed in the program (M = 1: 15.3 us; two row groups: M = 16
         # 19.6 us), or one warp per 16 or 32 rows with split-K 4 (15.6 / 19.9 us); K = 14336 wants
         # split-K 8 (sweep 10, tile order: two warps of one row group 16.6 us at M = 1, of two row
-        # groups 19.5 us at M = 16). Reading x per chunk (x_late 2) measured no faster (sweep 10).
+        # groups 19.5 us at M = 16). Reading x per chunk (x_late 2) measured no faster (sweep 10),
+        # register caps slower (sweep 11, H100: M = 16 24-37 us against 20.2 uncapped); on the
+        # H100, M = 16 was fastest with two row groups on each of 2 x 4 warps (20.2 us).
         bm = 8 if bucket <= 8 else 16
         cands += [C(bm, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4),
                   C(bm, 32, 128, 1, 4, 1, "mma", 2, 1, x_late=1, kwarps=4),
+                  C(bm, 64, 128, 1, 8, 1, "mma", 2, 1, x_late=1, kwarps=4),
                   C(bm, 16, 128, 4, 1, 1, "mma", 1, 1, x_late=1), C(bm, 32, 128, 4, 1, 1, "mma", 1, 1, x_late=1),
                   C(bm, 32, 128, 8, 2, 1, "mma", 1, 1, x_late=1), C(bm, 64, 128, 8, 2, 1, "mma", 2, 1, x_late=1),
                   C(bm, 64, 128, 4, 4, 1, "mma", 1, 1, x_late=1), C(bm, 128, 128, 8, 4, 1, "mma", 2, 1, x_late=1),
@@ -1713,6 +1716,11 @@ def nvfp4_linear(
     return nvfp4_linear_reference(x, w, bias)
 
 
+def _prefers_tiles(device: torch.device, shape: tuple[int, int]) -> bool:
+    """The automatic choice of :class:`NVFP4Linear`: the tile order where the MMA kernel reads it."""
+    return device.type == "cuda" and _capability(device) >= (9, 0) and can_tile(shape)
+
+
 class NVFP4Linear(nn.Module):
     """A bias-optional linear layer whose weight is stored in NVFP4 (inference only).
 
@@ -1721,7 +1729,8 @@ class NVFP4Linear(nn.Module):
     :meth:`from_linear`, or construct an empty one of the same shape and ``load_state_dict``.
 
     ``tiled``: the buffers hold their bytes in tile order (:func:`to_tiled`), which the MMA kernel
-    reads faster; :meth:`from_linear` chooses it on compute capability 9.0+ when the shape allows.
+    reads faster; by default (``None``) it is chosen on a CUDA device of compute capability 9.0+
+    when the shape allows (:func:`can_tile`).
     ``state_dict()`` is always in row order and loading converts back, so checkpoints do not
     depend on it.
     """
@@ -1733,10 +1742,17 @@ class NVFP4Linear(nn.Module):
         bias: bool = True,
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
+        tiled: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if in_features % BLOCK_SIZE != 0:
             raise ValueError(f"NVFP4 needs in_features divisible by {BLOCK_SIZE}; got K={in_features}")
+        shape = (out_features, in_features)
+        if tiled is None:
+            tiled = _prefers_tiles(torch.device(device) if device is not None else torch.device("cpu"), shape)
+        elif tiled and not can_tile(shape):
+            raise ValueError(f"the tile order needs N % 16 == 0 and K % 128 == 0, got N={out_features}, "
+                             f"K={in_features}")
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
@@ -1748,7 +1764,7 @@ class NVFP4Linear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_buffer("bias", None)
-        self.tiled = False
+        self.tiled = bool(tiled)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, tiled: Optional[bool] = None) -> "NVFP4Linear":
@@ -1765,8 +1781,7 @@ class NVFP4Linear(nn.Module):
         )
         w = pack_nvfp4(linear.weight)
         if tiled is None:
-            dev = linear.weight.device
-            tiled = dev.type == "cuda" and _capability(dev) >= (9, 0) and can_tile(w.shape)
+            tiled = _prefers_tiles(linear.weight.device, w.shape)
         if tiled:
             w = to_tiled(w)
         module.packed = w.packed

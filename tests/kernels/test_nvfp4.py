@@ -407,6 +407,14 @@ def test_opcheck():
         (x, w.packed, w.scales.view(torch.uint8), w.global_scale, torch.randn(16, device=DEVICE).to(torch.bfloat16)),
         test_utils=("test_schema", "test_faketensor"),
     )
+    # The tile order travels as the op's last argument.
+    w2 = nv.to_tiled(pack_nvfp4(torch.randn(16, 128, device=DEVICE)))
+    x2 = torch.randn(3, 128, device=DEVICE).to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.rewriter.nvfp4_linear.default,
+                          (x2, w2.packed, w2.scales.view(torch.uint8), w2.global_scale, None, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    y = torch.ops.rewriter.nvfp4_linear(x2, w2.packed, w2.scales.view(torch.uint8), w2.global_scale, None, True)
+    assert torch.equal(y, nvfp4_gemm(x2, nv.to_rows(w2)))
 
 
 def test_grad_raises():
@@ -642,6 +650,9 @@ def test_module_in_tile_order_keeps_row_order_checkpoints():
     with torch.no_grad():
         assert torch.equal(fresh(x), rows(x))
     assert not NVFP4Linear.from_linear(lin).tiled  # automatic choice: only on a GPU of compute capability 9.0+
+    assert NVFP4Linear(256, 32, tiled=True).tiled and not NVFP4Linear(256, 32).tiled
+    with pytest.raises(ValueError, match="tile order"):
+        NVFP4Linear(256, 24, tiled=True)
 
 
 def test_kwarps_candidates_need_k_tiles_they_divide():
