@@ -21,12 +21,17 @@ Three kernels: for M <= 16 on compute capability 9.0 a warp-level MMA kernel in 
 a tensor-core tile kernel for everything else (:func:`_nvfp4_gemm_kernel`); the first call per
 shape times the candidates of :func:`_candidates`.
 
-Measured on one H200 (bf16 activations, back-to-back calls on rotating weight copies from a CUDA
-graph; full table in ``benchmarks/results/nvfp4_nvidia-h200.md``): M = 1..4 on a 4096 x 14336 or
-14336 x 4096 weight takes 18-19 us where bf16 ``F.linear`` takes 32-33 us (1.7-1.8x, ~1.8 TB/s
-of packed weight); M = 16: 21-22 us (1.5-1.6x); 4096 x 4096, M = 1: 8.1 us against 13.1 us. The
-MMA kernel waits mostly on its weight loads, with part of the issue slots spent on the nibble
-decode (Nsight Compute profile in benchmarks/NOTES_nvfp4.md).
+On Hopper, :class:`NVFP4Linear` keeps the same bytes in tile order (:func:`to_tiled`: each
+16-row x 128-element tile contiguous), which the MMA kernel reads faster; checkpoints stay in row
+order.
+
+Measured (bf16 activations, back-to-back calls on rotating weight copies from a CUDA graph, tile
+order; tables in ``benchmarks/results/nvfp4_nvidia-*.md``): on an H200, M = 1..4 on a
+4096 x 14336 or 14336 x 4096 weight takes 15.5-16.2 us where bf16 ``F.linear`` takes 32-35 us
+(2.0-2.3x, ~2.1 TB/s of packed weight), M = 16 19-20 us (1.65-1.75x); on an H100 2.6-2.8x at
+M = 1..4 and 2.25-2.4x at M = 16. The MMA kernel is now about as limited by issuing its nibble
+decode as by waiting on loads at M = 1, and by registers (few warps) at M = 16 (Nsight Compute
+profiles in benchmarks/NOTES_nvfp4.md).
 From M = 64 on it is slower than bf16 (0.4-0.9x), so the format pays in decode and small batches,
 and always in memory (0.28x the bytes of bf16).
 """
