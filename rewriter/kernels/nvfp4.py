@@ -175,13 +175,15 @@ def can_tile(shape: tuple[int, int]) -> bool:
 
 def to_tiled(w: NVFP4Weight) -> NVFP4Weight:
     """``w`` with its bytes in tile order (needs N % 16 == 0 and K % 128 == 0; tensor shapes and
-    values unchanged, only the order of the bytes).
+    values unchanged, only the order of the bytes and of the nibbles in each 32-bit word).
 
     A tile is 16 rows x 128 elements. ``packed`` holds the tiles one after another, row block by
     row block and K tile by K tile, each as its 16 rows of 64 bytes (one contiguous kilobyte);
     ``scales`` likewise, 16 rows of 8 scales (128 bytes) per tile. The MMA kernel's warps read a
     tile's eight-row halves as 512 consecutive bytes instead of 64 bytes from each of eight rows
-    (measured on the H200: 15.3 us against 17.3 at M = 1, K = 4096, N = 14336)."""
+    (measured on the H200: 15.3 us against 17.3 at M = 1, K = 4096, N = 14336). Within a word the
+    eight elements are stored as 0, 2, 4, 6, 1, 3, 5, 7, so that the decode's pairs (nibbles p and
+    p + 4) are consecutive elements and x enters the MMA without being permuted."""
     if w.tiled:
         return w
     n, k = w.shape
@@ -190,6 +192,12 @@ def to_tiled(w: NVFP4Weight) -> NVFP4Weight:
     kt = k // 128
     packed = w.packed.reshape(n // 16, 16, kt, 64).permute(0, 2, 1, 3).reshape(n, k // 2)
     scales = w.scales.view(torch.uint8).reshape(n // 16, 16, kt, 8).permute(0, 2, 1, 3).reshape(n, k // 16)
+    # Within each 32-bit word, nibble j holds element (0, 2, 4, 6, 1, 3, 5, 7)[j]: the low nibbles
+    # of the four bytes, then the high ones.
+    b = packed.reshape(-1, 4)
+    lo, hi = b & 0xF, b >> 4
+    packed = torch.stack([lo[:, 0] | (lo[:, 1] << 4), lo[:, 2] | (lo[:, 3] << 4),
+                          hi[:, 0] | (hi[:, 1] << 4), hi[:, 2] | (hi[:, 3] << 4)], dim=1).reshape(n, k // 2)
     return NVFP4Weight(packed.contiguous(), scales.contiguous().view(torch.float8_e4m3fn), w.global_scale,
                        w.shape, True)
 
@@ -200,7 +208,11 @@ def to_rows(w: NVFP4Weight) -> NVFP4Weight:
         return w
     n, k = w.shape
     kt = k // 128
-    packed = w.packed.reshape(n // 16, kt, 16, 64).permute(0, 2, 1, 3).reshape(n, k // 2)
+    b = w.packed.reshape(-1, 4)
+    even = torch.stack([b[:, 0] & 0xF, b[:, 0] >> 4, b[:, 1] & 0xF, b[:, 1] >> 4], dim=1)  # elements 0, 2, 4, 6
+    odd = torch.stack([b[:, 2] & 0xF, b[:, 2] >> 4, b[:, 3] & 0xF, b[:, 3] >> 4], dim=1)  # elements 1, 3, 5, 7
+    packed = (even | (odd << 4)).reshape(n, k // 2)
+    packed = packed.reshape(n // 16, kt, 16, 64).permute(0, 2, 1, 3).reshape(n, k // 2)
     scales = w.scales.view(torch.uint8).reshape(n // 16, kt, 16, 8).permute(0, 2, 1, 3).reshape(n, k // 16)
     return NVFP4Weight(packed.contiguous(), scales.contiguous().view(torch.float8_e4m3fn), w.global_scale,
                        w.shape, False)
@@ -288,10 +300,11 @@ def _split_halves(b, DT: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _dequant_tile(wd, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr, INTERPRET: tl.constexpr):
+def _dequant_tile(wd, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr, INTERPRET: tl.constexpr,
+                  TILED: tl.constexpr = 0):
     """uint32 words ``wd`` [BLOCK_N, BLOCK_K // 8] and E4M3 scale bytes ``s`` (uint8
     [BLOCK_N, BLOCK_K // 16]) -> [BLOCK_N, BLOCK_K] of ``e2m1 * scale * 2**-8`` (bf16) or
-    ``e2m1 * scale * 2**-14`` (fp16)."""
+    ``e2m1 * scale * 2**-14`` (fp16). TILED: the words' nibbles in tile order (:func:`to_tiled`)."""
     s16 = ((s.to(tl.uint16) & 0x7F) << 7).to(tl.float16, bitcast=True)  # scale * 2**-8
     if BF16:
         DT: tl.constexpr = tl.bfloat16
@@ -326,6 +339,9 @@ def _dequant_tile(wd, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.
     e5 = (e5 * sw).to(DT)
     e6 = (e6 * sw).to(DT)
     e7 = (e7 * sw).to(DT)
+    if TILED:
+        # Nibble j holds element (0, 2, 4, 6, 1, 3, 5, 7)[j].
+        e1, e2, e3, e4, e5, e6 = e4, e1, e5, e2, e6, e3
     # Back into K order: element 8j + i at [:, 8j + i]. join stacks along a new last axis, so
     # join(join(a, b), join(c, d)) is indexed [.., i, j] -> element 2j + i; the permutes make the
     # row-major reshape read them in order.
@@ -363,7 +379,7 @@ def _nvfp4_k_step(acc, x_rows, w_rows, s_rows, m_mask, n_mask, k0, K, EVEN_K: tl
         xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
         wd = tl.load(w_rows + offs_kw[None, :], mask=n_mask[:, None] & (offs_kw < K // 8)[None, :], other=0)
         s = tl.load(s_rows + offs_kg[None, :], mask=n_mask[:, None] & (offs_kg < K // 16)[None, :], other=0)
-    w = _dequant_tile(wd.to(tl.uint32, bitcast=True), s, BLOCK_N, BLOCK_K, xt.dtype == tl.bfloat16, INTERPRET)
+    w = _dequant_tile(wd.to(tl.uint32, bitcast=True), s, BLOCK_N, BLOCK_K, xt.dtype == tl.bfloat16, INTERPRET, TILED)
     if INTERPRET:
         # The interpreter's dot multiplies bf16 storage integers too; fp32 operands give the same
         # exact products and an fp32 accumulation, as on the GPU.
@@ -898,6 +914,14 @@ mma.sync.aligned.m16n8k16.row.col.f32.TY.TY.f32 {$0, $1, $2, $3}, {$6, $10, $7, 
 """
 _MMA_CHUNK_F16_PTX = tl.constexpr(_MMA_CHUNK_BODY.replace("TY", "f16"))
 _MMA_CHUNK_BF16_PTX = tl.constexpr(_MMA_CHUNK_BODY.replace("TY", "bf16"))
+# The same for the tile order (nibble j of a word holds element (0, 2, 4, 6, 1, 3, 5, 7)[j], so a
+# decoded pair is two consecutive elements): the x words are the B fragments as loaded.
+_MMA_CHUNK_NAT_BODY = """
+mma.sync.aligned.m16n8k16.row.col.f32.TY.TY.f32 {$0, $1, $2, $3}, {$4, $8, $5, $9}, {$12, $13}, {$16, $17, $18, $19};
+mma.sync.aligned.m16n8k16.row.col.f32.TY.TY.f32 {$0, $1, $2, $3}, {$6, $10, $7, $11}, {$14, $15}, {$0, $1, $2, $3};
+"""
+_MMA_CHUNK_NAT_F16_PTX = tl.constexpr(_MMA_CHUNK_NAT_BODY.replace("TY", "f16"))
+_MMA_CHUNK_NAT_BF16_PTX = tl.constexpr(_MMA_CHUNK_NAT_BODY.replace("TY", "bf16"))
 
 
 @triton.jit
@@ -940,7 +964,18 @@ def _mma_decode(word, scale, BF16: tl.constexpr):
 
 
 @triton.jit
-def _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3, BF16: tl.constexpr):
+def _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3, BF16: tl.constexpr,
+               NAT: tl.constexpr = 0):
+    if NAT:
+        if BF16:
+            return tl.inline_asm_elementwise(
+                _MMA_CHUNK_NAT_BF16_PTX, "=&r,=&r,=&r,=&r," + "r," * 15 + "r",
+                [p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3],
+                dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            _MMA_CHUNK_NAT_F16_PTX, "=&r,=&r,=&r,=&r," + "r," * 15 + "r",
+            [p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3],
+            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
     if BF16:
         return tl.inline_asm_elementwise(
             _MMA_CHUNK_BF16_PTX, "=&r,=&r,=&r,=&r," + "r," * 15 + "r",
@@ -953,7 +988,7 @@ def _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3, B
 
 
 @triton.jit
-def _mma_group(acc, acc2, w0, w1, s0, s1, xv, xv2, BF16: tl.constexpr, TWO_N: tl.constexpr):
+def _mma_group(acc, acc2, w0, w1, s0, s1, xv, xv2, BF16: tl.constexpr, TWO_N: tl.constexpr, NAT: tl.constexpr = 0):
     """One row group's K tile: decode the 4 + 4 words of rows r0 and r1 and run the chunks."""
     a0, a1, a2, a3 = acc
     e0, e1, e2, e3 = acc2
@@ -965,16 +1000,16 @@ def _mma_group(acc, acc2, w0, w1, s0, s1, xv, xv2, BF16: tl.constexpr, TWO_N: tl
         p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16)
         q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16)
         a0, a1, a2, a3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, xv[4 * t], xv[4 * t + 1], xv[4 * t + 2],
-                                    xv[4 * t + 3], a0, a1, a2, a3, BF16)
+                                    xv[4 * t + 3], a0, a1, a2, a3, BF16, NAT)
         if TWO_N:
             e0, e1, e2, e3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, xv2[4 * t], xv2[4 * t + 1],
-                                        xv2[4 * t + 2], xv2[4 * t + 3], e0, e1, e2, e3, BF16)
+                                        xv2[4 * t + 2], xv2[4 * t + 3], e0, e1, e2, e3, BF16, NAT)
     return (a0, a1, a2, a3), (e0, e1, e2, e3)
 
 
 @triton.jit
 def _mma_tile_by_chunk(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xaddr, xaddr2,
-                       BF16: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr):
+                       BF16: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr, NAT: tl.constexpr = 0):
     """One K tile of every row group, chunk by chunk, each chunk's 16 bytes of x (per row set)
     loaded just before its MMAs (x_late 2)."""
     a0, a1, a2, a3 = acc_a
@@ -996,16 +1031,16 @@ def _mma_tile_by_chunk(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2,
             y0, y1, y2, y3 = _mma_ld_words(xaddr2 + 16 * t, 0)
         p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16)
         q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16)
-        a0, a1, a2, a3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, x0, x1, x2, x3, a0, a1, a2, a3, BF16)
+        a0, a1, a2, a3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, x0, x1, x2, x3, a0, a1, a2, a3, BF16, NAT)
         if TWO_N:
-            e0, e1, e2, e3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, y0, y1, y2, y3, e0, e1, e2, e3, BF16)
+            e0, e1, e2, e3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, y0, y1, y2, y3, e0, e1, e2, e3, BF16, NAT)
         if GROUPS == 2:
             p0, p1, p2, p3 = _mma_decode(w2[t], sc2[t], BF16)
             q0, q1, q2, q3 = _mma_decode(w3[t], sc3[t], BF16)
-            b0, b1, b2, b3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, x0, x1, x2, x3, b0, b1, b2, b3, BF16)
+            b0, b1, b2, b3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, x0, x1, x2, x3, b0, b1, b2, b3, BF16, NAT)
             if TWO_N:
                 f0, f1, f2, f3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, y0, y1, y2, y3, f0, f1, f2, f3,
-                                            BF16)
+                                            BF16, NAT)
     return (a0, a1, a2, a3), (e0, e1, e2, e3), (b0, b1, b2, b3), (f0, f1, f2, f3)
 
 
@@ -1180,9 +1215,9 @@ def _nvfp4_mma_kernel(
                 xv2 = _mma_ld_x(xa2 + ox)
             else:
                 xv2 = xv
-            acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N)
+            acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N, TILED)
             if GROUPS == 2:
-                acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N)
+                acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N, TILED)
             ring = ring[1:] + (new,)
     else:
         # Loads run AHEAD tiles ahead of the MMAs (1 or 2); past the end the last tile is re-read.
@@ -1201,7 +1236,7 @@ def _nvfp4_mma_kernel(
                 ox = (first + t).to(tl.int64) * 256
                 acc_a, acc_a2, acc_b, acc_b2 = _mma_tile_by_chunk(
                     acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xa + ox, xa2 + ox,
-                    BF16, TWO_N, GROUPS)
+                    BF16, TWO_N, GROUPS, TILED)
             else:
                 if X_LATE:
                     # x (16 registers per row set) read from L1/L2 just before use instead of two
@@ -1213,9 +1248,9 @@ def _nvfp4_mma_kernel(
                         xv2 = _mma_ld_x(xa2 + ox)
                     else:
                         xv2 = xv
-                acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N)
+                acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N, TILED)
                 if GROUPS == 2:
-                    acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N)
+                    acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N, TILED)
             if AHEAD == 2:
                 cur = nxt
                 nxt = new

@@ -595,9 +595,16 @@ def test_tile_order_layout_and_round_trip():
     kt = k // 128
     pk, sc = t.packed.reshape(-1), t.scales.view(torch.uint8).reshape(-1)
     rows_s = w.scales.view(torch.uint8)
+    def word_nibbles(bytes4):  # the eight 4-bit fields of a little-endian word, nibble 0 first
+        word = int.from_bytes(bytes(bytes4.tolist()), "little")
+        return [(word >> (4 * j)) & 0xF for j in range(8)]
+
     for row, tile in itertools.product(range(n), range(kt)):
         start = ((row // 16) * kt + tile) * 16 + row % 16
-        assert torch.equal(pk[start * 64:(start + 1) * 64], w.packed[row, tile * 64:(tile + 1) * 64])
+        got, want = pk[start * 64:(start + 1) * 64], w.packed[row, tile * 64:(tile + 1) * 64]
+        for j in range(16):  # nibble i of a tile-order word holds element (0, 2, 4, 6, 1, 3, 5, 7)[i]
+            elements = word_nibbles(want[4 * j:4 * j + 4])
+            assert word_nibbles(got[4 * j:4 * j + 4]) == [elements[e] for e in (0, 2, 4, 6, 1, 3, 5, 7)]
         assert torch.equal(sc[start * 8:(start + 1) * 8], rows_s[row, tile * 8:(tile + 1) * 8])
     back = nv.to_rows(t)
     assert not back.tiled and torch.equal(back.packed, w.packed)
@@ -721,12 +728,15 @@ def test_gpu_mma_configs(block):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("x_late", [0, 1])
-def test_gpu_mma_exact_on_exact_data(x_late):
-    # Representable weights (subnormal scales included) and small-integer activations: exact sums.
+@pytest.mark.parametrize("x_late,tiled", [(0, False), (1, False), (1, True), (2, True), (0, True)])
+def test_gpu_mma_exact_on_exact_data(x_late, tiled):
+    # Representable weights (subnormal scales included) and small-integer activations: exact sums
+    # (in tile order too, where x enters the MMA unpermuted).
     gen = torch.Generator().manual_seed(21)
     wt, _ = representable_weight(48, 256, 2.0**-12, gen, scale_bits=(0x38, 0x57))
     w = pack_nvfp4(wt.cuda())
+    if tiled:
+        w = nv.to_tiled(w)
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randint(-3, 4, (5, 256), generator=gen).to(dtype).cuda()
         y = nvfp4_gemm(x, w, config=NVFP4GemmConfig(8, 64, 128, 1, 4, 1, "mma", x_late=x_late))
