@@ -168,6 +168,14 @@ def pack_nvfp4(weight: Tensor) -> NVFP4Weight:
     return NVFP4Weight(packed.contiguous(), scales.contiguous(), global_scale.reshape(()), (n, k))
 
 
+# Tile order, bits of a 32-bit word: element e of the word's eight (code bits m, e0, e1, sign) at
+# bits _TILE_BITS[e]. A bf16 pair pattern has an element's m, e0, e1 at bits 6, 7, 8 and its sign at
+# 15 (the other element 16 higher): elements 0/1 sit there already, 2/3 three bits lower, 4/5 six
+# bits lower (one shift and one mask each); 6/7 fill the remaining bits (three shifts and masks).
+_TILE_BITS = ((6, 7, 8, 15), (22, 23, 24, 31), (3, 4, 5, 12), (19, 20, 21, 28),
+              (0, 1, 2, 9), (16, 17, 18, 25), (13, 10, 11, 14), (29, 26, 27, 30))
+
+
 def can_tile(shape: tuple[int, int]) -> bool:
     """Whether a weight of ``shape`` (N, K) has a tile order (:func:`to_tiled`)."""
     return shape[0] % 16 == 0 and shape[1] % 128 == 0
@@ -181,9 +189,10 @@ def to_tiled(w: NVFP4Weight) -> NVFP4Weight:
     row block and K tile by K tile, each as its 16 rows of 64 bytes (one contiguous kilobyte);
     ``scales`` likewise, 16 rows of 8 scales (128 bytes) per tile. The MMA kernel's warps read a
     tile's eight-row halves as 512 consecutive bytes instead of 64 bytes from each of eight rows
-    (measured on the H200: 15.3 us against 17.3 at M = 1, K = 4096, N = 14336). Within a word the
-    eight elements are stored as 0, 2, 4, 6, 1, 3, 5, 7, so that the decode's pairs (nibbles p and
-    p + 4) are consecutive elements and x enters the MMA without being permuted."""
+    (measured on the H200: 15.3 us against 17.3 at M = 1, K = 4096, N = 14336). Within a 32-bit
+    word the bits of the eight codes are placed for the decode (``_TILE_BITS``): its pairs are
+    consecutive elements, so x enters the MMA without being permuted, and three of the four pairs
+    need one shift and one mask."""
     if w.tiled:
         return w
     n, k = w.shape
@@ -192,12 +201,16 @@ def to_tiled(w: NVFP4Weight) -> NVFP4Weight:
     kt = k // 128
     packed = w.packed.reshape(n // 16, 16, kt, 64).permute(0, 2, 1, 3).reshape(n, k // 2)
     scales = w.scales.view(torch.uint8).reshape(n // 16, 16, kt, 8).permute(0, 2, 1, 3).reshape(n, k // 16)
-    # Within each 32-bit word, nibble j holds element (0, 2, 4, 6, 1, 3, 5, 7)[j]: the low nibbles
-    # of the four bytes, then the high ones.
-    b = packed.reshape(-1, 4)
-    lo, hi = b & 0xF, b >> 4
-    packed = torch.stack([lo[:, 0] | (lo[:, 1] << 4), lo[:, 2] | (lo[:, 3] << 4),
-                          hi[:, 0] | (hi[:, 1] << 4), hi[:, 2] | (hi[:, 3] << 4)], dim=1).reshape(n, k // 2)
+    # Within each 32-bit word, the bits of the eight codes go where the decode wants them
+    # (_TILE_BITS): a bf16 pair of elements (0, 1), (2, 3) or (4, 5) comes out of one shift and one
+    # mask, (6, 7) out of three.
+    codes = packed.reshape(-1, 4).to(torch.int64)
+    codes = torch.stack([(codes[:, i // 2] >> (4 * (i % 2))) & 0xF for i in range(8)], dim=1)
+    word = torch.zeros(codes.shape[0], dtype=torch.int64, device=codes.device)
+    for e, (m, e0, e1, sg) in enumerate(_TILE_BITS):
+        c = codes[:, e]
+        word |= ((c & 1) << m) | (((c >> 1) & 1) << e0) | (((c >> 2) & 1) << e1) | (((c >> 3) & 1) << sg)
+    packed = torch.stack([(word >> (8 * j)) & 0xFF for j in range(4)], dim=1).to(torch.uint8).reshape(n, k // 2)
     return NVFP4Weight(packed.contiguous(), scales.contiguous().view(torch.float8_e4m3fn), w.global_scale,
                        w.shape, True)
 
@@ -208,10 +221,11 @@ def to_rows(w: NVFP4Weight) -> NVFP4Weight:
         return w
     n, k = w.shape
     kt = k // 128
-    b = w.packed.reshape(-1, 4)
-    even = torch.stack([b[:, 0] & 0xF, b[:, 0] >> 4, b[:, 1] & 0xF, b[:, 1] >> 4], dim=1)  # elements 0, 2, 4, 6
-    odd = torch.stack([b[:, 2] & 0xF, b[:, 2] >> 4, b[:, 3] & 0xF, b[:, 3] >> 4], dim=1)  # elements 1, 3, 5, 7
-    packed = (even | (odd << 4)).reshape(n, k // 2)
+    b = w.packed.reshape(-1, 4).to(torch.int64)
+    word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
+    codes = [((word >> m) & 1) | (((word >> e0) & 1) << 1) | (((word >> e1) & 1) << 2) | (((word >> sg) & 1) << 3)
+             for m, e0, e1, sg in _TILE_BITS]
+    packed = torch.stack([codes[2 * j] | (codes[2 * j + 1] << 4) for j in range(4)], dim=1).to(torch.uint8)
     packed = packed.reshape(n // 16, kt, 16, 64).permute(0, 2, 1, 3).reshape(n, k // 2)
     scales = w.scales.view(torch.uint8).reshape(n // 16, kt, 16, 8).permute(0, 2, 1, 3).reshape(n, k // 16)
     return NVFP4Weight(packed.contiguous(), scales.contiguous().view(torch.float8_e4m3fn), w.global_scale,
@@ -309,17 +323,29 @@ def _dequant_tile(wd, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.
     if BF16:
         DT: tl.constexpr = tl.bfloat16
         scale = (s16.to(tl.float32) * 8.507059173023462e37).to(DT)  # * 2**126 -> scale * 2**118
-        b0 = _e2m1_pair_bits(wd, 12, 6, 0x01C001C0)
-        b1 = _e2m1_pair_bits(wd, 8, 2, 0x01C001C0)
-        b2 = _e2m1_pair_bits(wd, 4, -2, 0x01C001C0)
-        b3 = _e2m1_pair_bits(wd, 0, -6, 0x01C001C0)
+        if TILED:  # _TILE_BITS: pairs (0, 1), (2, 3), (4, 5), (6, 7)
+            b0 = wd & 0x81C081C0
+            b1 = (wd << 3) & 0x81C081C0
+            b2 = (wd << 6) & 0x81C081C0
+            b3 = ((wd << 1) & 0x80008000) | ((wd >> 3) & 0x01800180) | ((wd >> 7) & 0x00400040)
+        else:
+            b0 = _e2m1_pair_bits(wd, 12, 6, 0x01C001C0)
+            b1 = _e2m1_pair_bits(wd, 8, 2, 0x01C001C0)
+            b2 = _e2m1_pair_bits(wd, 4, -2, 0x01C001C0)
+            b3 = _e2m1_pair_bits(wd, 0, -6, 0x01C001C0)
     else:
         DT: tl.constexpr = tl.float16
         scale = s16 * 256.0
-        b0 = _e2m1_pair_bits(wd, 12, 9, 0x0E000E00)
-        b1 = _e2m1_pair_bits(wd, 8, 5, 0x0E000E00)
-        b2 = _e2m1_pair_bits(wd, 4, 1, 0x0E000E00)
-        b3 = _e2m1_pair_bits(wd, 0, -3, 0x0E000E00)
+        if TILED:
+            b0 = (wd & 0x80008000) | ((wd << 3) & 0x0E000E00)
+            b1 = ((wd << 3) & 0x80008000) | ((wd << 6) & 0x0E000E00)
+            b2 = ((wd << 6) & 0x80008000) | ((wd << 9) & 0x0E000E00)
+            b3 = ((wd << 1) & 0x80008000) | (wd & 0x0C000C00) | ((wd >> 4) & 0x02000200)
+        else:
+            b0 = _e2m1_pair_bits(wd, 12, 9, 0x0E000E00)
+            b1 = _e2m1_pair_bits(wd, 8, 5, 0x0E000E00)
+            b2 = _e2m1_pair_bits(wd, 4, 1, 0x0E000E00)
+            b3 = _e2m1_pair_bits(wd, 0, -3, 0x0E000E00)
     # One scale per two words.
     sw = tl.reshape(tl.broadcast_to(tl.expand_dims(scale, 2), (BLOCK_N, BLOCK_K // 16, 2)), (BLOCK_N, BLOCK_K // 8))
     if INTERPRET:
@@ -340,7 +366,7 @@ def _dequant_tile(wd, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.
     e6 = (e6 * sw).to(DT)
     e7 = (e7 * sw).to(DT)
     if TILED:
-        # Nibble j holds element (0, 2, 4, 6, 1, 3, 5, 7)[j].
+        # b0..b3 held elements (0, 1), (2, 3), (4, 5), (6, 7).
         e1, e2, e3, e4, e5, e6 = e4, e1, e5, e2, e6, e3
     # Back into K order: element 8j + i at [:, 8j + i]. join stacks along a new last axis, so
     # join(join(a, b), join(c, d)) is indexed [.., i, j] -> element 2j + i; the permutes make the
@@ -899,6 +925,29 @@ _MMA_DECODE_F16_PTX = tl.constexpr(
 _MMA_DECODE_BF16_PTX = tl.constexpr(
     "{\n.reg .b32 a, b;\n" + "".join(_pair_ptx("$4", "$5", f"${p}", p, "bf16") for p in range(4)) + "}\n")
 
+# The same for a word in tile order (_TILE_BITS): pairs of elements (0, 1), (2, 3), (4, 5), (6, 7).
+_MMA_DECODE_TILE_BF16_PTX = tl.constexpr("""
+{
+.reg .b32 a, b;
+and.b32 a, $4, 0x81C081C0; mul.rn.bf16x2 $0, a, $5;
+shl.b32 a, $4, 3; and.b32 a, a, 0x81C081C0; mul.rn.bf16x2 $1, a, $5;
+shl.b32 a, $4, 6; and.b32 a, a, 0x81C081C0; mul.rn.bf16x2 $2, a, $5;
+shl.b32 a, $4, 1; and.b32 a, a, 0x80008000; shr.b32 b, $4, 3; and.b32 b, b, 0x01800180; or.b32 a, a, b;
+shr.b32 b, $4, 7; and.b32 b, b, 0x00400040; or.b32 a, a, b; mul.rn.bf16x2 $3, a, $5;
+}
+""")
+_MMA_DECODE_TILE_F16_PTX = tl.constexpr("""
+{
+.reg .b32 a, b, t3, t6;
+shl.b32 t3, $4, 3; shl.b32 t6, $4, 6;
+and.b32 a, $4, 0x80008000; and.b32 b, t3, 0x0E000E00; or.b32 a, a, b; mul.rn.f16x2 $0, a, $5;
+and.b32 a, t3, 0x80008000; and.b32 b, t6, 0x0E000E00; or.b32 a, a, b; mul.rn.f16x2 $1, a, $5;
+shl.b32 b, $4, 9; and.b32 b, b, 0x0E000E00; and.b32 a, t6, 0x80008000; or.b32 a, a, b; mul.rn.f16x2 $2, a, $5;
+shl.b32 a, $4, 1; and.b32 a, a, 0x80008000; and.b32 b, $4, 0x0C000C00; or.b32 a, a, b;
+shr.b32 b, $4, 4; and.b32 b, b, 0x02000200; or.b32 a, a, b; mul.rn.f16x2 $3, a, $5;
+}
+""")
+
 # One chunk: row r0 pairs $4-$7, row r1 pairs $8-$11, the x word's 16 bytes $12-$15, accumulators
 # $16-$19 -> accumulators.
 _MMA_CHUNK_BODY = """
@@ -955,7 +1004,13 @@ def _mma_scales(sb, BF16: tl.constexpr):
 
 
 @triton.jit
-def _mma_decode(word, scale, BF16: tl.constexpr):
+def _mma_decode(word, scale, BF16: tl.constexpr, TILED: tl.constexpr = 0):
+    if TILED:
+        if BF16:
+            return tl.inline_asm_elementwise(_MMA_DECODE_TILE_BF16_PTX, "=&r,=&r,=&r,=&r,r,r", [word, scale],
+                                             dtype=(tl.uint32,) * 4, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_MMA_DECODE_TILE_F16_PTX, "=&r,=&r,=&r,=&r,r,r", [word, scale],
+                                         dtype=(tl.uint32,) * 4, is_pure=True, pack=1)
     if BF16:
         return tl.inline_asm_elementwise(_MMA_DECODE_BF16_PTX, "=&r,=&r,=&r,=&r,r,r", [word, scale],
                                          dtype=(tl.uint32,) * 4, is_pure=True, pack=1)
@@ -997,8 +1052,8 @@ def _mma_group(acc, acc2, w0, w1, s0, s1, xv, xv2, BF16: tl.constexpr, TWO_N: tl
     sc0 = (s0a, s0a, s0b, s0b)
     sc1 = (s1a, s1a, s1b, s1b)
     for t in tl.static_range(4):
-        p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16)
-        q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16)
+        p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16, NAT)
+        q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16, NAT)
         a0, a1, a2, a3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, xv[4 * t], xv[4 * t + 1], xv[4 * t + 2],
                                     xv[4 * t + 3], a0, a1, a2, a3, BF16, NAT)
         if TWO_N:
@@ -1029,14 +1084,14 @@ def _mma_tile_by_chunk(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2,
         x0, x1, x2, x3 = _mma_ld_words(xaddr + 16 * t, 0)
         if TWO_N:
             y0, y1, y2, y3 = _mma_ld_words(xaddr2 + 16 * t, 0)
-        p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16)
-        q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16)
+        p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16, NAT)
+        q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16, NAT)
         a0, a1, a2, a3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, x0, x1, x2, x3, a0, a1, a2, a3, BF16, NAT)
         if TWO_N:
             e0, e1, e2, e3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, y0, y1, y2, y3, e0, e1, e2, e3, BF16, NAT)
         if GROUPS == 2:
-            p0, p1, p2, p3 = _mma_decode(w2[t], sc2[t], BF16)
-            q0, q1, q2, q3 = _mma_decode(w3[t], sc3[t], BF16)
+            p0, p1, p2, p3 = _mma_decode(w2[t], sc2[t], BF16, NAT)
+            q0, q1, q2, q3 = _mma_decode(w3[t], sc3[t], BF16, NAT)
             b0, b1, b2, b3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, x0, x1, x2, x3, b0, b1, b2, b3, BF16, NAT)
             if TWO_N:
                 f0, f1, f2, f3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, y0, y1, y2, y3, f0, f1, f2, f3,

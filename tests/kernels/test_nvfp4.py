@@ -595,16 +595,21 @@ def test_tile_order_layout_and_round_trip():
     kt = k // 128
     pk, sc = t.packed.reshape(-1), t.scales.view(torch.uint8).reshape(-1)
     rows_s = w.scales.view(torch.uint8)
-    def word_nibbles(bytes4):  # the eight 4-bit fields of a little-endian word, nibble 0 first
-        word = int.from_bytes(bytes(bytes4.tolist()), "little")
-        return [(word >> (4 * j)) & 0xF for j in range(8)]
+    def word(bytes4):
+        return int.from_bytes(bytes(bytes4.tolist()), "little")
 
+    # Bits (m, e0, e1, sign) of each of a word's eight codes in tile order: pairs (0, 1), (2, 3),
+    # (4, 5) sit 0, 3 and 6 bits below the bf16 positions (6, 7, 8, 15) / (22, 23, 24, 31).
+    positions = ((6, 7, 8, 15), (22, 23, 24, 31), (3, 4, 5, 12), (19, 20, 21, 28),
+                 (0, 1, 2, 9), (16, 17, 18, 25), (13, 10, 11, 14), (29, 26, 27, 30))
     for row, tile in itertools.product(range(n), range(kt)):
         start = ((row // 16) * kt + tile) * 16 + row % 16
         got, want = pk[start * 64:(start + 1) * 64], w.packed[row, tile * 64:(tile + 1) * 64]
-        for j in range(16):  # nibble i of a tile-order word holds element (0, 2, 4, 6, 1, 3, 5, 7)[i]
-            elements = word_nibbles(want[4 * j:4 * j + 4])
-            assert word_nibbles(got[4 * j:4 * j + 4]) == [elements[e] for e in (0, 2, 4, 6, 1, 3, 5, 7)]
+        for j in range(16):
+            g, r = word(got[4 * j:4 * j + 4]), word(want[4 * j:4 * j + 4])
+            for e, bits in enumerate(positions):
+                code = (r >> (4 * e)) & 0xF  # element e of the row-order word
+                assert [(g >> b) & 1 for b in bits] == [(code >> i) & 1 for i in range(4)], (row, tile, j, e)
         assert torch.equal(sc[start * 8:(start + 1) * 8], rows_s[row, tile * 8:(tile + 1) * 8])
     back = nv.to_rows(t)
     assert not back.tiled and torch.equal(back.packed, w.packed)
@@ -622,13 +627,14 @@ def test_tile_order_layout_and_round_trip():
 @pytest.mark.parametrize("config", [
     NVFP4GemmConfig(16, 32, 128, 1, 1, 1), NVFP4GemmConfig(16, 32, 256, 2, 1, 1, mode="dot_swap"),
     NVFP4GemmConfig(16, 16, 64, 3, 1, 1), NVFP4GemmConfig(2, 32, 64, 2, 1, 1, mode="gemv")])
-def test_kernels_read_the_tile_order(config):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernels_read_the_tile_order(config, dtype):
     # The same products from the tile order as from the row order (K = 384: a 256-wide K tile
-    # runs past K in the tile order too).
+    # runs past K in the tile order too; both decodes of the tile order's bit layout).
     torch.manual_seed(32)
-    x = torch.randn(2, 384).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(2, 384).to(dtype).to(DEVICE)
     w = pack_nvfp4(torch.randn(48, 384).to(DEVICE))
-    bias = torch.randn(48).to(torch.bfloat16).to(DEVICE)
+    bias = torch.randn(48).to(dtype).to(DEVICE)
     y_rows = nvfp4_gemm(x, w, bias, config=config)
     y_tiles = nvfp4_gemm(x, nv.to_tiled(w), bias, config=config)
     assert torch.equal(y_rows, y_tiles)
