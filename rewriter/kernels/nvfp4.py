@@ -860,8 +860,8 @@ def _nvfp4_gemv_kernel(
 #
 # Decode: as the GEMV kernel for fp16 (``e2m1 * 2**-14`` patterns, ``mul.rn.f16x2`` by the scale);
 # for bf16 the nibble goes to a bf16 pattern (sign, exponent field ``000000ee``, mantissa bit ``m``:
-# ``e2m1 * 2**-126``, code 1 the subnormal 2**-127) multiplied by ``scale * 2**100`` (made in fp32
-# from the E4M3 bits, then ``cvt.rn.bf16x2.f32``): ``e2m1 * scale * 2**-26``, at most 6 significant
+# ``e2m1 * 2**-126``, code 1 the subnormal 2**-127) multiplied by ``scale * 2**100`` (the E4M3
+# bytes through ``cvt.rn.f16x2.e4m3x2``, fp32 and ``cvt.rn.bf16x2.f32``): ``e2m1 * scale * 2**-26``, at most 6 significant
 # bits and at least 2**-36, so exact; the accumulators are scaled back once at the end.
 
 _MMA_SETUP_PTX = tl.constexpr("""
@@ -900,22 +900,23 @@ mov.b32 {h, u}, t;
 cvt.rn.f16x2.e4m3x2 $1, h;
 }
 """)
+# bf16: both bytes to f16 at once (exact: E4M3 values, subnormals included, are f16 normals), then
+# each to fp32, times 2**100, and to a replicated bf16 pair (exact: at most 4 significant bits).
 _MMA_SCALE_BF16_PTX = tl.constexpr("""
 {
 .reg .b32 t;
-.reg .f32 f;
-and.b32 t, $2, 0x7F;
-shl.b32 t, t, 20;
-mov.b32 f, t;
-mul.rn.f32 f, f, 0f76800000;
-mul.rn.f32 f, f, 0f76800000;
-cvt.rn.bf16x2.f32 $0, f, f;
-bfe.u32 t, $2, 8, 7;
-shl.b32 t, t, 20;
-mov.b32 f, t;
-mul.rn.f32 f, f, 0f76800000;
-mul.rn.f32 f, f, 0f76800000;
-cvt.rn.bf16x2.f32 $1, f, f;
+.reg .b16 h, u;
+.reg .f16 a, b;
+.reg .f32 fa, fb;
+mov.b32 {h, u}, $2;
+cvt.rn.f16x2.e4m3x2 t, h;
+mov.b32 {a, b}, t;
+cvt.f32.f16 fa, a;
+cvt.f32.f16 fb, b;
+mul.rn.f32 fa, fa, 0f71800000;
+mul.rn.f32 fb, fb, 0f71800000;
+cvt.rn.bf16x2.f32 $0, fa, fa;
+cvt.rn.bf16x2.f32 $1, fb, fb;
 }
 """)
 
