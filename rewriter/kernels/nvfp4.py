@@ -27,8 +27,8 @@ order.
 
 Measured (bf16 activations, back-to-back calls on rotating weight copies from a CUDA graph, tile
 order; tables in ``benchmarks/results/nvfp4_nvidia-*.md``): on an H200, M = 1..4 on a
-4096 x 14336 or 14336 x 4096 weight takes 13.3-15.2 us where bf16 ``F.linear`` takes 32-33 us
-(2.2-2.4x, ~2.4 TB/s of packed weight), M = 16 18-18.5 us (1.8x); on an H100 2.7-3.0x at
+4096 x 14336 or 14336 x 4096 weight takes 13.4-15.0 us where bf16 ``F.linear`` takes 32-33 us
+(2.2-2.5x, ~2.4 TB/s of packed weight), M = 16 17.6-18 us (1.8x); on an H100 2.7-3.0x at
 M = 1..4 and 2.4x at M = 16. At M = 1 the MMA kernel is limited about as much by issuing its
 decode as by waiting on loads, at M = 16 by registers (few warps per SM) (Nsight Compute
 profiles in benchmarks/NOTES_nvfp4.md).
