@@ -204,15 +204,36 @@ def to_tiled(w: NVFP4Weight) -> NVFP4Weight:
     # Within each 32-bit word, the bits of the eight codes go where the decode wants them
     # (_TILE_BITS): a bf16 pair of elements (0, 1), (2, 3) or (4, 5) comes out of one shift and one
     # mask, (6, 7) out of three.
-    codes = packed.reshape(-1, 4).to(torch.int64)
-    codes = torch.stack([(codes[:, i // 2] >> (4 * (i % 2))) & 0xF for i in range(8)], dim=1)
-    word = torch.zeros(codes.shape[0], dtype=torch.int64, device=codes.device)
-    for e, (m, e0, e1, sg) in enumerate(_TILE_BITS):
-        c = codes[:, e]
-        word |= ((c & 1) << m) | (((c >> 1) & 1) << e0) | (((c >> 2) & 1) << e1) | (((c >> 3) & 1) << sg)
-    packed = torch.stack([(word >> (8 * j)) & 0xFF for j in range(4)], dim=1).to(torch.uint8).reshape(n, k // 2)
+    packed = _map_words(packed.reshape(-1, 4), _words_to_tiles).reshape(n, k // 2)
     return NVFP4Weight(packed.contiguous(), scales.contiguous().view(torch.float8_e4m3fn), w.global_scale,
                        w.shape, True)
+
+
+def _map_words(b: Tensor, fn) -> Tensor:
+    """``fn`` applied to the little-endian 32-bit words of the uint8 rows of ``b`` (words, 4), a
+    million words at a time (its int64 temporaries stay under ~100 MB); uint8 (words, 4) back."""
+    out = torch.empty_like(b)
+    for i in range(0, b.shape[0], 1 << 20):
+        c = b[i:i + (1 << 20)].to(torch.int64)
+        word = fn(c[:, 0] | (c[:, 1] << 8) | (c[:, 2] << 16) | (c[:, 3] << 24))
+        out[i:i + (1 << 20)] = torch.stack([(word >> (8 * j)) & 0xFF for j in range(4)], dim=1).to(torch.uint8)
+    return out
+
+
+def _words_to_tiles(word: Tensor) -> Tensor:
+    out = torch.zeros_like(word)
+    for e, (m, e0, e1, sg) in enumerate(_TILE_BITS):
+        c = (word >> (4 * e)) & 0xF
+        out |= ((c & 1) << m) | (((c >> 1) & 1) << e0) | (((c >> 2) & 1) << e1) | (((c >> 3) & 1) << sg)
+    return out
+
+
+def _words_to_rows(word: Tensor) -> Tensor:
+    out = torch.zeros_like(word)
+    for e, (m, e0, e1, sg) in enumerate(_TILE_BITS):
+        out |= (((word >> m) & 1) | (((word >> e0) & 1) << 1) | (((word >> e1) & 1) << 2)
+                | (((word >> sg) & 1) << 3)) << (4 * e)
+    return out
 
 
 def to_rows(w: NVFP4Weight) -> NVFP4Weight:
@@ -221,11 +242,7 @@ def to_rows(w: NVFP4Weight) -> NVFP4Weight:
         return w
     n, k = w.shape
     kt = k // 128
-    b = w.packed.reshape(-1, 4).to(torch.int64)
-    word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
-    codes = [((word >> m) & 1) | (((word >> e0) & 1) << 1) | (((word >> e1) & 1) << 2) | (((word >> sg) & 1) << 3)
-             for m, e0, e1, sg in _TILE_BITS]
-    packed = torch.stack([codes[2 * j] | (codes[2 * j + 1] << 4) for j in range(4)], dim=1).to(torch.uint8)
+    packed = _map_words(w.packed.reshape(-1, 4), _words_to_rows)
     packed = packed.reshape(n // 16, kt, 16, 64).permute(0, 2, 1, 3).reshape(n, k // 2)
     scales = w.scales.view(torch.uint8).reshape(n // 16, kt, 16, 8).permute(0, 2, 1, 3).reshape(n, k // 16)
     return NVFP4Weight(packed.contiguous(), scales.contiguous().view(torch.float8_e4m3fn), w.global_scale,
@@ -318,7 +335,7 @@ def _dequant_tile(wd, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.
                   TILED: tl.constexpr = 0):
     """uint32 words ``wd`` [BLOCK_N, BLOCK_K // 8] and E4M3 scale bytes ``s`` (uint8
     [BLOCK_N, BLOCK_K // 16]) -> [BLOCK_N, BLOCK_K] of ``e2m1 * scale * 2**-8`` (bf16) or
-    ``e2m1 * scale * 2**-14`` (fp16). TILED: the words' nibbles in tile order (:func:`to_tiled`)."""
+    ``e2m1 * scale * 2**-14`` (fp16). TILED: the words' bits in tile order (:func:`to_tiled`)."""
     s16 = ((s.to(tl.uint16) & 0x7F) << 7).to(tl.float16, bitcast=True)  # scale * 2**-8
     if BF16:
         DT: tl.constexpr = tl.bfloat16
