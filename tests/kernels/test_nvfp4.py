@@ -662,6 +662,9 @@ def test_module_in_tile_order_keeps_row_order_checkpoints():
                                                                     tiles.scales.view(torch.uint8))
     with torch.no_grad():
         assert torch.equal(fresh(x), rows(x))
+        # Compiled and exported, the tile-order module gives the same output.
+        assert torch.equal(torch.compile(tiles)(x), rows(x))
+        assert torch.equal(torch.export.export(tiles, (x,)).module()(x), rows(x))
     assert not NVFP4Linear.from_linear(lin).tiled  # automatic choice: only on a GPU of compute capability 9.0+
     assert NVFP4Linear(256, 32, tiled=True).tiled and not NVFP4Linear(256, 32).tiled
     with pytest.raises(ValueError, match="tile order"):
