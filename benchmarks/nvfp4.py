@@ -164,6 +164,9 @@ def make_int4(weight: torch.Tensor, notes: list[str]):
 def kernel_table(m_values, notes) -> list[dict]:
     rows = []
     int4_note_done = False
+    if torch.cuda.get_device_capability() >= (9, 0):
+        notes.append("NVFP4 weights in tile order (rewriter.kernels.nvfp4.to_tiled), as NVFP4Linear stores them "
+                     "on this GPU")
     for k, n in SHAPES:
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
