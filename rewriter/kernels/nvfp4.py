@@ -1023,41 +1023,34 @@ def _mma_scales(sb, BF16: tl.constexpr):
 
 @triton.jit
 def _mma_decode(word, scale, BF16: tl.constexpr, TILED: tl.constexpr = 0):
+    """One word and its scale pair -> four bf16x2 / f16x2 pairs (TILED: the tile order's bits)."""
     if TILED:
-        if BF16:
-            return tl.inline_asm_elementwise(_MMA_DECODE_TILE_BF16_PTX, "=&r,=&r,=&r,=&r,r,r", [word, scale],
-                                             dtype=(tl.uint32,) * 4, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(_MMA_DECODE_TILE_F16_PTX, "=&r,=&r,=&r,=&r,r,r", [word, scale],
-                                         dtype=(tl.uint32,) * 4, is_pure=True, pack=1)
-    if BF16:
-        return tl.inline_asm_elementwise(_MMA_DECODE_BF16_PTX, "=&r,=&r,=&r,=&r,r,r", [word, scale],
-                                         dtype=(tl.uint32,) * 4, is_pure=True, pack=1)
-    return tl.inline_asm_elementwise(_MMA_DECODE_F16_PTX, "=&r,=&r,=&r,=&r,r,r", [word, scale],
-                                     dtype=(tl.uint32,) * 4, is_pure=True, pack=1)
+        asm: tl.constexpr = _MMA_DECODE_TILE_BF16_PTX if BF16 else _MMA_DECODE_TILE_F16_PTX
+    else:
+        asm: tl.constexpr = _MMA_DECODE_BF16_PTX if BF16 else _MMA_DECODE_F16_PTX
+    return tl.inline_asm_elementwise(asm, "=&r,=&r,=&r,=&r,r,r", [word, scale], dtype=(tl.uint32,) * 4,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
 def _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3, BF16: tl.constexpr,
                NAT: tl.constexpr = 0):
+    """Two MMAs of one word per row (NAT: x words as loaded, for the tile order)."""
     if NAT:
-        if BF16:
-            return tl.inline_asm_elementwise(
-                _MMA_CHUNK_NAT_BF16_PTX, "=&r,=&r,=&r,=&r," + "r," * 15 + "r",
-                [p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3],
-                dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(
-            _MMA_CHUNK_NAT_F16_PTX, "=&r,=&r,=&r,=&r," + "r," * 15 + "r",
-            [p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3],
-            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-    if BF16:
-        return tl.inline_asm_elementwise(
-            _MMA_CHUNK_BF16_PTX, "=&r,=&r,=&r,=&r," + "r," * 15 + "r",
-            [p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3],
-            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        asm: tl.constexpr = _MMA_CHUNK_NAT_BF16_PTX if BF16 else _MMA_CHUNK_NAT_F16_PTX
+    else:
+        asm: tl.constexpr = _MMA_CHUNK_BF16_PTX if BF16 else _MMA_CHUNK_F16_PTX
     return tl.inline_asm_elementwise(
-        _MMA_CHUNK_F16_PTX, "=&r,=&r,=&r,=&r," + "r," * 15 + "r",
-        [p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3],
+        asm, "=&r,=&r,=&r,=&r," + "r," * 15 + "r", [p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3],
         dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_scale_quads(s0, s1, BF16: tl.constexpr):
+    """The scale pairs of rows r0 and r1 for the lane's four words each."""
+    s0a, s0b = _mma_scales(s0, BF16)
+    s1a, s1b = _mma_scales(s1, BF16)
+    return (s0a, s0a, s0b, s0b), (s1a, s1a, s1b, s1b)
 
 
 @triton.jit
@@ -1065,10 +1058,7 @@ def _mma_group(acc, acc2, w0, w1, s0, s1, xv, xv2, BF16: tl.constexpr, TWO_N: tl
     """One row group's K tile: decode the 4 + 4 words of rows r0 and r1 and run the chunks."""
     a0, a1, a2, a3 = acc
     e0, e1, e2, e3 = acc2
-    s0a, s0b = _mma_scales(s0, BF16)
-    s1a, s1b = _mma_scales(s1, BF16)
-    sc0 = (s0a, s0a, s0b, s0b)
-    sc1 = (s1a, s1a, s1b, s1b)
+    sc0, sc1 = _mma_scale_quads(s0, s1, BF16)
     for t in tl.static_range(4):
         p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16, NAT)
         q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16, NAT)
@@ -1089,15 +1079,9 @@ def _mma_tile_by_chunk(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2,
     e0, e1, e2, e3 = acc_a2
     b0, b1, b2, b3 = acc_b
     f0, f1, f2, f3 = acc_b2
-    s0a, s0b = _mma_scales(s0, BF16)
-    s1a, s1b = _mma_scales(s1, BF16)
-    sc0 = (s0a, s0a, s0b, s0b)
-    sc1 = (s1a, s1a, s1b, s1b)
+    sc0, sc1 = _mma_scale_quads(s0, s1, BF16)
     if GROUPS == 2:
-        s2a, s2b = _mma_scales(s2, BF16)
-        s3a, s3b = _mma_scales(s3, BF16)
-        sc2 = (s2a, s2a, s2b, s2b)
-        sc3 = (s3a, s3a, s3b, s3b)
+        sc2, sc3 = _mma_scale_quads(s2, s3, BF16)
     for t in tl.static_range(4):
         x0, x1, x2, x3 = _mma_ld_words(xaddr + 16 * t, 0)
         if TWO_N:
