@@ -12,6 +12,14 @@ else
   export PYTHONPATH=.
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+# One focused sweep of benchmarks/nvfp4.py and its summary: focus_sweep FOCUS SUFFIX BY TOP
+# (SWEEP_M, SWEEP_SHAPES, SWEEP_S override the M values, the K:N shapes and the time budget).
+focus_sweep() {
+  python3 benchmarks/nvfp4.py --sweep --sweep-focus "$1" --sweep-m "${SWEEP_M:-1,16}" \
+    --sweep-shapes "${SWEEP_SHAPES:-4096:14336}" --suffix "$2" --budget-s "${SWEEP_S:-300}" --out "$OUT" 2>&1 \
+    | grep -v Warning | tail -6
+  python3 benchmarks/sweep_summary.py "$OUT" "$2" --by "$3" --top "$4"
+}
 for stage in "$@"; do
   start=$(date +%s)
   case "$stage" in
@@ -33,105 +41,18 @@ for stage in "$@"; do
     nvfp4-sweep)  # kernel configurations for M = 1, 2, 4
       python3 benchmarks/nvfp4.py --sweep --sweep-m 1,4,8,16 --budget-s "${SWEEP_S:-200}" --out "$OUT" 2>&1 \
         | grep -v Warning | tail -20 ;;
-    nvfp4-xlate)  # the MMA kernel with x read late (fewer registers) against x read with the words
-      python3 benchmarks/nvfp4.py --sweep --sweep-focus xlate --sweep-m "${SWEEP_M:-1,16}" --sweep-shapes 4096:14336 \
-        --suffix 7_xlate --budget-s "${SWEEP_S:-240}" --out "$OUT" 2>&1 | grep -v Warning | tail -4
-      python3 - "$OUT" <<'PY'
-import glob, json, sys
-for path in glob.glob(sys.argv[1] + "/nvfp4_sweep7_xlate_*.json"):
-    rows = [r for r in json.load(open(path))["results"] if "us" in r]
-    for m in sorted({r["M"] for r in rows}):
-        best = {}
-        for r in rows:
-            if r["M"] == m and r.get("all_written") and r["rel_err"] < 1e-2:
-                key = (r["x_late"], r["ahead"])
-                if key not in best or r["us"] < best[key]["us"]:
-                    best[key] = r
-        for (xl, ah), r in sorted(best.items()):
-            print(f"M={m} x_late={xl} ahead={ah}: {r['us']:.1f} us ({r['speedup']:.2f}x bf16 {r['bf16_us']:.1f}) "
-                  f"w{r['num_warps']} bn{r['block_n']} s{r['split_k']} err {r['rel_err']:.1e}")
-PY
-      ;;
+    nvfp4-xlate)  # the MMA kernel with x read late or with the words
+      focus_sweep xlate 7_xlate x_late,ahead 1 ;;
     nvfp4-floor)  # how fast the packed weight's bytes can be read at all
       python3 benchmarks/nvfp4_floor.py 2>&1 | tee "$OUT/nvfp4_floor.txt" | grep -v Warning ;;
     nvfp4-kwarps)  # the MMA kernel with K split between the warps of a program
-      python3 benchmarks/nvfp4.py --sweep --sweep-focus kwarps --sweep-m "${SWEEP_M:-1,16}" \
-        --sweep-shapes "${SWEEP_SHAPES:-4096:14336}" --suffix 8_kwarps --budget-s "${SWEEP_S:-300}" --out "$OUT" 2>&1 \
-        | grep -v Warning | tail -6
-      python3 - "$OUT" <<'PY'
-import glob, json, sys
-for path in glob.glob(sys.argv[1] + "/nvfp4_sweep8_kwarps_*.json"):
-    rows = [r for r in json.load(open(path))["results"] if "us" in r and r.get("all_written") and r["rel_err"] < 1e-2]
-    for key in sorted({(r["M"], r["K"], r["N"]) for r in rows}):
-        sel = sorted((r for r in rows if (r["M"], r["K"], r["N"]) == key), key=lambda r: r["us"])
-        print(key, "bf16", round(sel[0]["bf16_us"], 1))
-        for r in sel[:10]:
-            print(f"   {r['us']:.1f} us {r['speedup']:.2f}x kw{r['kwarps']} w{r['num_warps']} bn{r['block_n']} "
-                  f"s{r['split_k']} a{r['ahead']} xl{r['x_late']}")
-    errs = [r for r in json.load(open(path))["results"] if "error" in r or r.get("rel_err", 0) >= 1e-2]
-    print("bad configs:", len(errs), errs[:3])
-PY
-      ;;
+      focus_sweep kwarps 8_kwarps "" 10 ;;
     nvfp4-tiled)  # the MMA kernel reading the weight in tile order against the row layout
-      python3 benchmarks/nvfp4.py --sweep --sweep-focus tiled --sweep-m "${SWEEP_M:-1,16}" \
-        --sweep-shapes "${SWEEP_SHAPES:-4096:14336}" --suffix 9_tiled --budget-s "${SWEEP_S:-300}" --out "$OUT" 2>&1 \
-        | grep -v Warning | tail -6
-      python3 - "$OUT" <<'PY'
-import glob, json, sys
-for path in glob.glob(sys.argv[1] + "/nvfp4_sweep9_tiled_*.json"):
-    res = json.load(open(path))["results"]
-    rows = [r for r in res if "us" in r and r.get("all_written") and r["rel_err"] < 1e-2]
-    for key in sorted({(r["M"], r["K"], r["N"]) for r in rows}):
-        print(key, "bf16", round([r for r in rows if (r["M"], r["K"], r["N"]) == key][0]["bf16_us"], 1))
-        for tiled in (0, 1):
-            sel = sorted((r for r in rows if (r["M"], r["K"], r["N"]) == key and r["tiled"] == tiled), key=lambda r: r["us"])
-            for r in sel[:5]:
-                print(f"   tiled={tiled} {r['us']:.1f} us {r['speedup']:.2f}x kw{r['kwarps']} w{r['num_warps']} "
-                      f"bn{r['block_n']} s{r['split_k']} a{r['ahead']}")
-    bad = [r for r in res if "error" in r or not r.get("all_written") or r.get("rel_err", 1) >= 1e-2]
-    print("bad configs:", len(bad), [(r.get("error"), r.get("rel_err"), r.get("tiled")) for r in bad[:3]])
-PY
-      ;;
+      focus_sweep tiled 9_tiled "tiled" 5 ;;
     nvfp4-xlate2)  # x read per chunk against per tile, weight in tile order
-      python3 benchmarks/nvfp4.py --sweep --sweep-focus xlate2 --sweep-m "${SWEEP_M:-1,16}" \
-        --sweep-shapes "${SWEEP_SHAPES:-4096:14336}" --suffix 10_xlate2 --budget-s "${SWEEP_S:-300}" --out "$OUT" 2>&1 \
-        | grep -v Warning | tail -6
-      python3 - "$OUT" <<'PY'
-import glob, json, sys
-for path in glob.glob(sys.argv[1] + "/nvfp4_sweep10_xlate2_*.json"):
-    res = json.load(open(path))["results"]
-    rows = [r for r in res if "us" in r and r.get("all_written") and r["rel_err"] < 1e-2]
-    for key in sorted({(r["M"], r["K"], r["N"]) for r in rows}):
-        print(key, "bf16", round([r for r in rows if (r["M"], r["K"], r["N"]) == key][0]["bf16_us"], 1))
-        for xl in (1, 2):
-            sel = sorted((r for r in rows if (r["M"], r["K"], r["N"]) == key and r["x_late"] == xl), key=lambda r: r["us"])
-            for r in sel[:4]:
-                print(f"   x_late={xl} {r['us']:.1f} us {r['speedup']:.2f}x kw{r['kwarps']} w{r['num_warps']} "
-                      f"bn{r['block_n']} s{r['split_k']} a{r['ahead']}")
-    bad = [r for r in res if "error" in r or not r.get("all_written") or r.get("rel_err", 1) >= 1e-2]
-    print("bad configs:", len(bad), [(r.get("error"), r.get("rel_err")) for r in bad[:3]])
-PY
-      ;;
+      focus_sweep xlate2 10_xlate2 "x_late" 4 ;;
     nvfp4-maxnreg)  # register caps on the best tile-order configurations
-      python3 benchmarks/nvfp4.py --sweep --sweep-focus maxnreg --sweep-m "${SWEEP_M:-1,16}" \
-        --sweep-shapes "${SWEEP_SHAPES:-4096:14336}" --suffix 11_maxnreg --budget-s "${SWEEP_S:-300}" --out "$OUT" 2>&1 \
-        | grep -v Warning | tail -6
-      python3 - "$OUT" <<'PY'
-import glob, json, sys
-for path in glob.glob(sys.argv[1] + "/nvfp4_sweep11_maxnreg_*.json"):
-    res = json.load(open(path))["results"]
-    rows = [r for r in res if "us" in r and r.get("all_written") and r["rel_err"] < 1e-2]
-    for key in sorted({(r["M"], r["K"], r["N"]) for r in rows}):
-        print(key, "bf16", round([r for r in rows if (r["M"], r["K"], r["N"]) == key][0]["bf16_us"], 1))
-        for cap in (0, 104, 96, 80):
-            sel = sorted((r for r in rows if (r["M"], r["K"], r["N"]) == key and r["maxnreg"] == cap), key=lambda r: r["us"])
-            for r in sel[:3]:
-                print(f"   maxnreg={cap} {r['us']:.1f} us {r['speedup']:.2f}x kw{r['kwarps']} w{r['num_warps']} "
-                      f"bn{r['block_n']} s{r['split_k']} a{r['ahead']}")
-    bad = [r for r in res if "error" in r or not r.get("all_written") or r.get("rel_err", 1) >= 1e-2]
-    print("bad configs:", len(bad), [(r.get("error"), r.get("rel_err")) for r in bad[:3]])
-PY
-      ;;
+      focus_sweep maxnreg 11_maxnreg "maxnreg" 3 ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
     nvfp4-decode)  # only the decode benchmark
