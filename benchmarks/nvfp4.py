@@ -229,6 +229,15 @@ def kernel_table(m_values, notes) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
+TILE_ONLY_FOCUSES = ("xlate2", "maxnreg")  # sweep foci timed on the tile order only
+
+
+def mma_cfg(bm, groups, rw, kw, split, ahead, x_late=1) -> nv.NVFP4GemmConfig:
+    """An MMA configuration of ``rw`` warps with rows of their own (``groups`` row groups of 16
+    each), ``kw`` warps splitting K per row set, split-K ``split`` over the grid, L2 hint on."""
+    return nv.NVFP4GemmConfig(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", x_late, kw)
+
+
 def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
     C = nv.NVFP4GemmConfig
     if focus == "xlate" and m <= 16:
@@ -241,7 +250,7 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
         # Every configuration on the weight in tile order (to_tiled) and in row order.
         bm = 8 if m <= 8 else 16
         cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
-        cfgs += [C(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", 1, kw)
+        cfgs += [mma_cfg(bm, groups, rw, kw, split, ahead)
                  for kw, split in ((1, 2), (1, 4), (1, 8), (2, 1), (4, 1)) for rw in (1, 2, 4)
                  for groups in (1, 2) for ahead in (1, 2)]
         return list(dict.fromkeys(cfgs))
@@ -258,18 +267,18 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
     if focus == "xlate2" and m <= 16:
         # x read per chunk (x_late 2) against per tile (1), on the weight in tile order.
         bm = 8 if m <= 8 else 16
-        return [C(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", xl, kw)
+        return [mma_cfg(bm, groups, rw, kw, split, ahead, xl)
                 for xl in (2, 1) for kw, split in ((1, 2), (1, 4), (1, 8), (2, 1), (4, 1)) for rw in (1, 2)
                 for groups in (1, 2) for ahead in (1, 2)]
     if focus == "kwarps" and m <= 16:
         # Warps sharing rows, K split inside the program (kwarps), against the library's candidates.
         bm = 8 if m <= 8 else 16
         cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
-        cfgs += [C(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", 1, kw)
+        cfgs += [mma_cfg(bm, groups, rw, kw, split, ahead)
                  for kw in (2, 4) for rw in (1, 2, 4) for groups in (1, 2) for split in (1, 2)
                  for ahead in (1, 2) if ahead == 1 or groups == 1]
         # Deeper rings of tiles in flight (ahead >= 3), with and without the in-program K split.
-        cfgs += [C(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", 1, kw)
+        cfgs += [mma_cfg(bm, groups, rw, kw, split, ahead)
                  for kw, split in ((1, 2), (1, 4), (2, 1), (2, 2), (4, 1)) for rw in (1, 2, 4)
                  for groups in (1, 2) for ahead in (3, 4, 6) if groups == 1 or ahead == 3]
         return cfgs
@@ -309,15 +318,13 @@ def run_sweep(m_values, deadline, save, focus="", shapes=None) -> list[dict]:
     for k, n in sorted(shapes or SHAPES, key=lambda s: s != (4096, 14336)):
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-        w_rows = nv.pack_nvfp4(weight)
-        # Row order except for the "tiled" focus, which times every configuration on both orders.
-        layouts = {False: rotating_copies(weight, w_rows)[1]}
-        if focus in ("tiled", "xlate2", "maxnreg"):
-            layouts[True] = nv.weight_copies(nv.to_tiled(w_rows), len(layouts[False]))
-        if focus in ("xlate2", "maxnreg"):
-            del layouts[False]
-        weight_copies = rotating_copies(weight, w_rows)[0]
-        w = w_rows
+        w = nv.pack_nvfp4(weight)
+        # Weight copies per order timed: row order, both orders ("tiled"), or tile order only.
+        weight_copies, row_copies = rotating_copies(weight, w)
+        layouts = {} if focus in TILE_ONLY_FOCUSES else {False: row_copies}
+        if focus == "tiled" or focus in TILE_ONLY_FOCUSES:
+            layouts[True] = nv.weight_copies(nv.to_tiled(w), len(row_copies))
+        del row_copies
         for m in m_values:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = nv.nvfp4_linear_reference(x.float(), w)
