@@ -31,10 +31,6 @@ for stage in "$@"; do
       python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -k "mma or subnormal" tests/kernels/test_nvfp4.py \
         > "$OUT/tests_mma.log" 2>&1
       grep -E "^E  |^FAILED|passed|failed" "$OUT/tests_mma.log" | head -30 ;;
-    tests-pipe)  # GPU tests of the pipelined NVFP4 MMA kernel only
-      python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -k pipelined tests/kernels/test_nvfp4.py \
-        > "$OUT/tests_pipe.log" 2>&1
-      grep -E "^E  |^FAILED|passed|failed" "$OUT/tests_pipe.log" | head -30 ;;
     tests-flex)  # GPU tests of the Flex path only
       python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/kernels/test_flex.py \
         tests/passes/test_attention_flex.py > "$OUT/tests_flex.log" 2>&1
@@ -57,8 +53,6 @@ for stage in "$@"; do
       focus_sweep xlate2 10_xlate2 "x_late" 4 ;;
     nvfp4-maxnreg)  # register caps on the best tile-order configurations
       focus_sweep maxnreg 11_maxnreg "maxnreg" 3 ;;
-    nvfp4-pipe)  # the pipelined MMA kernel (cp.async ring) against the candidates, tile order
-      focus_sweep pipe 12_pipe "stages" 4 ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
     nvfp4-decode)  # only the decode benchmark

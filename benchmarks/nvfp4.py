@@ -229,15 +229,13 @@ def kernel_table(m_values, notes) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-TILE_ONLY_FOCUSES = ("xlate2", "maxnreg", "pipe")  # sweep foci timed on the tile order only
+TILE_ONLY_FOCUSES = ("xlate2", "maxnreg")  # sweep foci timed on the tile order only
 
 
-def mma_cfg(bm, groups, rw, kw, split, ahead, x_late=1, stages=0) -> nv.NVFP4GemmConfig:
+def mma_cfg(bm, groups, rw, kw, split, ahead, x_late=1) -> nv.NVFP4GemmConfig:
     """An MMA configuration of ``rw`` warps with rows of their own (``groups`` row groups of 16
-    each), ``kw`` warps splitting K per row set, split-K ``split`` over the grid, L2 hint on
-    (``stages`` > 0: the pipelined kernel, whose ring replaces ahead / hint / x_late)."""
-    return nv.NVFP4GemmConfig(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", x_late, kw,
-                              stages=stages)
+    each), ``kw`` warps splitting K per row set, split-K ``split`` over the grid, L2 hint on."""
+    return nv.NVFP4GemmConfig(bm, 16 * groups * rw, 128, split, rw * kw, 1, "mma", ahead, 1, "kernel", x_late, kw)
 
 
 def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
@@ -272,17 +270,6 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
         return [mma_cfg(bm, groups, rw, kw, split, ahead, xl)
                 for xl in (2, 1) for kw, split in ((1, 2), (1, 4), (1, 8), (2, 1), (4, 1)) for rw in (1, 2)
                 for groups in (1, 2) for ahead in (1, 2)]
-    if focus == "pipe" and m <= 16:
-        # The pipelined kernel (cp.async ring of `stages` tiles) against the library's candidates,
-        # on the weight in tile order.
-        bm = 8 if m <= 8 else 16
-        cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
-        cfgs += [mma_cfg(bm, groups, rw, kw, split, 1, 1, st)
-                 for st in (3, 4, 6)
-                 for kw, rw, groups, split in ((4, 1, 1, 1), (4, 1, 2, 1), (4, 2, 1, 1), (2, 1, 1, 1), (2, 2, 1, 1),
-                                               (8, 1, 1, 1), (1, 1, 1, 4), (1, 1, 2, 4), (1, 2, 1, 4), (1, 4, 1, 4),
-                                               (1, 1, 1, 8), (1, 2, 1, 8), (1, 1, 2, 2), (1, 2, 2, 2))]
-        return list(dict.fromkeys(cfgs))
     if focus == "kwarps" and m <= 16:
         # Warps sharing rows, K split inside the program (kwarps), against the library's candidates.
         bm = 8 if m <= 8 else 16
@@ -621,8 +608,7 @@ def main() -> None:
                         "'kwarps': the MMA kernel with warps splitting K inside the program; "
                         "'tiled': the MMA kernel on the tile-ordered weight against the row layout; "
                         "'xlate2': x read per chunk against per tile (tile order); "
-                        "'maxnreg': register caps on the best tile-order configurations; "
-                        "'pipe': the pipelined MMA kernel (cp.async ring) against the candidates (tile order)")
+                        "'maxnreg': register caps on the best tile-order configurations")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

@@ -1373,120 +1373,6 @@ def _nvfp4_mma_kernel(
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit
-def _pipe_words(words_ptr, off, R: tl.constexpr):
-    """Four consecutive 32-bit words per thread (``off``: the first, a multiple of 4) as four
-    per-thread scalars. A plain ``tl.load``, so that Triton's pipeliner can turn it into a
-    ``cp.async`` into its shared-memory ring."""
-    v = tl.load(words_ptr + (off[:, None] + tl.arange(0, 4)[None, :]))
-    a, b = tl.split(tl.reshape(v, (R, 2, 2)))  # a: words 0, 2; b: words 1, 3
-    a0, a1 = tl.split(a)
-    b0, b1 = tl.split(b)
-    return a0, b0, a1, b1
-
-
-@triton.jit(do_not_specialize=["M"])
-def _nvfp4_mma_pipe_kernel(
-    x_ptr, words_ptr, scales_ptr, gscale_ptr, bias_ptr, out_ptr, ws_ptr,
-    M, N, stride_xm, stride_om, tiles_per_split, KT,
-    HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
-    NUM_WARPS: tl.constexpr, KWARPS: tl.constexpr, STAGES: tl.constexpr,
-):
-    """The MMA kernel's arithmetic (``_mma_group``) on a weight in tile order, with the words and
-    scales read by plain loads in a loop that Triton software-pipelines over ``STAGES`` tiles:
-    ``cp.async`` copies into a shared-memory ring, so the tiles in flight hold no registers (the
-    register ring of ``_nvfp4_mma_kernel`` costs 10 registers per tile and row group). x is read
-    when its tile is used (inline PTX, L1/L2 hits). Positions are computed from ``tl.arange``, whose
-    element i lives in thread i (a one-dimensional tensor of one element per thread), which the MMA
-    fragments need; words_ptr and scales_ptr are int32 views. Grid and split as the MMA kernel."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
-    R: tl.constexpr = NUM_WARPS * 32
-    RW: tl.constexpr = NUM_WARPS // KWARPS  # warps with rows of their own
-    tid = tl.arange(0, R)
-    lane = tid % 32
-    w = tid // 32
-    g = lane // 4
-    c = lane % 4
-    last_blk = N // 16 - 1
-    blk = pid_n * (GROUPS * RW) + (w % RW) * GROUPS
-    blk0 = tl.minimum(blk, last_blk)
-    blk1 = tl.minimum(blk + 1, last_blk)
-    # A tile: 256 words (rows 0-7 in the first 128, rows 8-15 in the next), 32 words of scales
-    # (row r's eight bytes at byte 8 r: this lane's two at byte 8 g + 2 c, i.e. half c % 2 of word
-    # 2 g + c // 2).
-    wo0 = blk0 * KT * 256 + lane * 4
-    wo1 = blk1 * KT * 256 + lane * 4
-    so0 = blk0 * KT * 32 + g * 2 + c // 2
-    so1 = blk1 * KT * 32 + g * 2 + c // 2
-    shift = (c % 2) * 16
-    xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 64
-    xa = xb + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm * 2)
-    xa2 = xb + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm * 2)
-
-    zero = tl.zeros((R,), dtype=tl.float32)
-    acc_a = (zero, zero, zero, zero)
-    acc_a2 = (zero, zero, zero, zero)
-    acc_b = (zero, zero, zero, zero)
-    acc_b2 = (zero, zero, zero, zero)
-    tiles = tiles_per_split // KWARPS
-    first = pid_k * tiles_per_split + (w // RW) * tiles
-    for t in tl.range(0, tiles, num_stages=STAGES):
-        tile = first + t
-        w0 = _pipe_words(words_ptr, wo0 + tile * 256, R)
-        w1 = _pipe_words(words_ptr, wo0 + tile * 256 + 128, R)
-        s0 = (tl.load(scales_ptr + so0 + tile * 32) >> shift).to(tl.uint32)
-        s1 = (tl.load(scales_ptr + so0 + tile * 32 + 16) >> shift).to(tl.uint32)
-        if GROUPS == 2:
-            w2 = _pipe_words(words_ptr, wo1 + tile * 256, R)
-            w3 = _pipe_words(words_ptr, wo1 + tile * 256 + 128, R)
-            s2 = (tl.load(scales_ptr + so1 + tile * 32) >> shift).to(tl.uint32)
-            s3 = (tl.load(scales_ptr + so1 + tile * 32 + 16) >> shift).to(tl.uint32)
-        ox = tile.to(tl.int64) * 256
-        xv = _mma_ld_x(xa + ox)
-        if TWO_N:
-            xv2 = _mma_ld_x(xa2 + ox)
-        else:
-            xv2 = xv
-        acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N, 1)
-        if GROUPS == 2:
-            acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N, 1)
-
-    if BF16:
-        gscale = tl.load(gscale_ptr) * 67108864.0
-    else:
-        gscale = tl.load(gscale_ptr) * 16384.0
-    if KWARPS > 1:
-        acc_a = _mma_sum_kwarps(acc_a, KWARPS, RW)
-        if TWO_N:
-            acc_a2 = _mma_sum_kwarps(acc_a2, KWARPS, RW)
-        if GROUPS == 2:
-            acc_b = _mma_sum_kwarps(acc_b, KWARPS, RW)
-            if TWO_N:
-                acc_b2 = _mma_sum_kwarps(acc_b2, KWARPS, RW)
-        tid = tl.arange(0, RW * 32)
-        lane = tid % 32
-        c = lane % 4
-        g = lane // 4
-        w = tid // 32
-    r0 = (pid_n * (GROUPS * RW) + w * GROUPS) * 16 + g
-    r1 = r0 + 8
-    r2 = r0 + 16
-    r3 = r0 + 24
-    col = 2 * c
-    _mma_store(acc_a, r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, HAS_BIAS, USE_WS)
-    if TWO_N:
-        _mma_store(acc_a2, r0, r1, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, HAS_BIAS,
-                   USE_WS)
-    if GROUPS == 2:
-        _mma_store(acc_b, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, HAS_BIAS,
-                   USE_WS)
-        if TWO_N:
-            _mma_store(acc_b2, r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k,
-                       HAS_BIAS, USE_WS)
-
-
 @dataclass(frozen=True)
 class NVFP4GemmConfig:
     """Launch parameters of :func:`_nvfp4_gemm_kernel`."""
@@ -1504,8 +1390,6 @@ class NVFP4GemmConfig:
     x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers); 2 = per chunk
     kwarps: int = 1  # mma: warps sharing the same rows, each on 1 / kwarps of the K tiles, summed in the program
     maxnreg: int = 0  # mma: register cap per thread (0: the compiler's choice; lower caps spill, more warps fit)
-    stages: int = 0  # mma on tile order: > 0 = the pipelined kernel (cp.async ring of this many tiles; ahead,
-    #                  hint and x_late do not apply)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1667,31 +1551,18 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         if x.dtype == torch.bfloat16:
             undo = 67108864.0  # 2**26
         grid_n = triton.cdiv(n, cfg.block_n)
-        if cfg.stages:
-            if not w.tiled:
-                raise ValueError(f"the pipelined MMA kernel (stages={cfg.stages}) reads weights in tile order "
-                                 "(to_tiled)")
-            if n * k // 8 >= 2**31:
-                raise ValueError(f"the pipelined MMA kernel indexes words with int32; N * K = {n * k} is too large")
-            _nvfp4_mma_pipe_kernel[(grid_n, split)](
-                x, w.packed.view(torch.int32), w.scales.view(torch.int32), w.global_scale, bias_arg, out, ws,
-                m, n, x.stride(0), out.stride(0), tiles_per_split, k // 128,
-                HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
-                NUM_WARPS=cfg.num_warps, KWARPS=kw, STAGES=cfg.stages, num_warps=cfg.num_warps, num_stages=1,
-            )
-        else:
-            in_kernel = split > 1 and cfg.reduce == "atomic"
-            _nvfp4_mma_kernel[(grid_n, split)](
-                x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
-                m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
-                HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
-                NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
-                counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws, IN_KERNEL_REDUCE=in_kernel,
-                X_LATE=cfg.x_late, KWARPS=kw, TILED=w.tiled, KT=k // 128,
-                num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
-            )
-            if in_kernel:
-                return
+        in_kernel = split > 1 and cfg.reduce == "atomic"
+        _nvfp4_mma_kernel[(grid_n, split)](
+            x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
+            m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
+            HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
+            NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
+            counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws, IN_KERNEL_REDUCE=in_kernel,
+            X_LATE=cfg.x_late, KWARPS=kw, TILED=w.tiled, KT=k // 128,
+            num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+        )
+        if in_kernel:
+            return
     elif cfg.mode in _GEMV_DECODES:
         w = to_rows(w)  # (not tuned for the tile order: a tiled weight is re-ordered per call)
         if m > cfg.block_m or cfg.block_m > 4:

@@ -752,67 +752,6 @@ def test_gpu_mma_exact_on_exact_data(x_late, tiled):
         assert torch.equal(y, nvfp4_linear_reference(x, w)), dtype
 
 
-# The pipelined MMA kernel (stages > 0): (block_m, block_n, split, warps, kwarps, stages); N = 1008
-# leaves the last program's row blocks clamped, K = 1024 gives a warp fewer tiles than stages.
-_PIPE_CONFIGS = [(8, 16, 1, 4, 4, 4), (16, 32, 1, 4, 4, 3), (16, 16, 1, 4, 4, 8), (8, 32, 4, 1, 1, 4),
-                 (16, 32, 4, 1, 1, 2), (16, 64, 2, 2, 1, 6), (8, 64, 1, 8, 4, 3), (16, 32, 2, 2, 2, 4)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("block", _PIPE_CONFIGS)
-def test_gpu_mma_pipelined_configs(block):
-    bm, bn, split, warps, kwarps, stages = block
-    cfg = NVFP4GemmConfig(bm, bn, 128, split, warps, 1, "mma", kwarps=kwarps, stages=stages)
-    torch.manual_seed(19)
-    from rewriter.kernels.nvfp4 import _launch
-    for k, n in ((4096, 1008), (1024, 14336)):
-        w = nv.to_tiled(pack_nvfp4(torch.randn(n, k, device="cuda")))
-        for m in sorted({1, 3, 8, bm}):
-            for dtype in (torch.bfloat16, torch.float16):
-                x = torch.randn(m, k, device="cuda").to(dtype)
-                bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
-                y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-                _launch(x, w, bias, y, cfg)
-                ref = nvfp4_linear_reference(x.float(), w, None if bias is None else bias.float())
-                assert torch.isfinite(y).all()
-                err = float((y.float() - ref).norm() / ref.norm())
-                assert err < (4e-3 if dtype == torch.bfloat16 else 1e-3), (block, m, k, n, dtype, err)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [5, 16])
-def test_gpu_mma_pipelined_exact_on_exact_data(m):
-    gen = torch.Generator().manual_seed(23)
-    wt, _ = representable_weight(48, 512, 2.0**-12, gen, scale_bits=(0x38, 0x57))
-    w = nv.to_tiled(pack_nvfp4(wt.cuda()))
-    for dtype in (torch.float16, torch.bfloat16):
-        x = torch.randint(-3, 4, (m, 512), generator=gen).to(dtype).cuda()
-        y = nvfp4_gemm(x, w, config=NVFP4GemmConfig(16, 32, 128, 1, 4, 1, "mma", kwarps=2, stages=3))
-        assert torch.equal(y, nvfp4_linear_reference(x, w)), dtype
-
-
-@pytest.mark.gpu
-def test_gpu_mma_pipelined_subnormal_scales():
-    torch.manual_seed(22)
-    wt = torch.randn(64, 512, device="cuda")
-    wt[::3] *= 1e-5
-    w = nv.to_tiled(pack_nvfp4(wt))
-    for dtype in (torch.bfloat16, torch.float16):
-        x = torch.randn(3, 512, device="cuda").to(dtype)
-        y = nvfp4_gemm(x, w, config=NVFP4GemmConfig(8, 16, 128, 1, 4, 1, "mma", kwarps=4, stages=4)).float()
-        ref = nvfp4_linear_reference(x.float(), w)
-        row_err = (y - ref).norm(dim=0) / ref.norm(dim=0)
-        assert float(row_err.max()) < (4e-3 if dtype == torch.bfloat16 else 2e-3), (dtype, float(row_err.max()))
-
-
-@pytest.mark.gpu
-def test_gpu_mma_pipelined_needs_tile_order():
-    w = pack_nvfp4(torch.randn(64, 512, device="cuda"))
-    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="tile order"):
-        nvfp4_gemm(x, w, config=NVFP4GemmConfig(8, 16, 128, 1, 4, 1, "mma", kwarps=4, stages=4))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["mma", "mma_x_late", "gemv"])
 def test_gpu_small_blocks_with_subnormal_scales(mode):
