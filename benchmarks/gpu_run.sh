@@ -53,8 +53,6 @@ for stage in "$@"; do
       focus_sweep xlate2 10_xlate2 "x_late" 4 ;;
     nvfp4-maxnreg)  # register caps on the best tile-order configurations
       focus_sweep maxnreg 11_maxnreg "maxnreg" 3 ;;
-    nvfp4-quads)  # the tile order against its quads variant (x read contiguously per quad)
-      focus_sweep quads 13_quads "tiled" 4 ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
     nvfp4-decode)  # only the decode benchmark

@@ -229,7 +229,7 @@ def kernel_table(m_values, notes) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-TILE_ONLY_FOCUSES = ("xlate2", "maxnreg", "quads")  # sweep foci timed on the tile order only
+TILE_ONLY_FOCUSES = ("xlate2", "maxnreg")  # sweep foci timed on the tile order only
 
 
 def mma_cfg(bm, groups, rw, kw, split, ahead, x_late=1) -> nv.NVFP4GemmConfig:
@@ -270,15 +270,6 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
         return [mma_cfg(bm, groups, rw, kw, split, ahead, xl)
                 for xl in (2, 1) for kw, split in ((1, 2), (1, 4), (1, 8), (2, 1), (4, 1)) for rw in (1, 2)
                 for groups in (1, 2) for ahead in (1, 2)]
-    if focus == "quads" and m <= 16:
-        # The candidates and their neighbours, each on the tile order and on its quads variant
-        # (run_sweep times both).
-        bm = 8 if m <= 8 else 16
-        cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
-        cfgs += [mma_cfg(bm, groups, rw, kw, split, ahead)
-                 for kw, rw, groups, split, ahead in ((4, 1, 2, 1, 1), (4, 2, 1, 1, 1), (2, 1, 2, 1, 1),
-                                                      (1, 1, 2, 4, 2), (1, 2, 2, 4, 1), (1, 1, 2, 2, 1))]
-        return list(dict.fromkeys(cfgs))
     if focus == "kwarps" and m <= 16:
         # Warps sharing rows, K split inside the program (kwarps), against the library's candidates.
         bm = 8 if m <= 8 else 16
@@ -333,8 +324,6 @@ def run_sweep(m_values, deadline, save, focus="", shapes=None) -> list[dict]:
         layouts = {} if focus in TILE_ONLY_FOCUSES else {False: row_copies}
         if focus == "tiled" or focus in TILE_ONLY_FOCUSES:
             layouts[True] = nv.weight_copies(nv.to_tiled(w), len(row_copies))
-        if focus == "quads":
-            layouts[2] = nv.weight_copies(nv.to_tiled(w, quads=True), len(row_copies))
         del row_copies
         for m in m_values:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -619,8 +608,7 @@ def main() -> None:
                         "'kwarps': the MMA kernel with warps splitting K inside the program; "
                         "'tiled': the MMA kernel on the tile-ordered weight against the row layout; "
                         "'xlate2': x read per chunk against per tile (tile order); "
-                        "'maxnreg': register caps on the best tile-order configurations; "
-                        "'quads': the tile order against its x-contiguous quads variant")
+                        "'maxnreg': register caps on the best tile-order configurations")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

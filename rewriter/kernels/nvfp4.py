@@ -181,7 +181,7 @@ def can_tile(shape: tuple[int, int]) -> bool:
     return shape[0] % 16 == 0 and shape[1] % 128 == 0
 
 
-def to_tiled(w: NVFP4Weight, quads: bool = False) -> NVFP4Weight:
+def to_tiled(w: NVFP4Weight) -> NVFP4Weight:
     """``w`` with its bytes in tile order (needs N % 16 == 0 and K % 128 == 0; tensor shapes and
     values unchanged, only the order of the bytes and of the nibbles in each 32-bit word).
 
@@ -205,13 +205,8 @@ def to_tiled(w: NVFP4Weight, quads: bool = False) -> NVFP4Weight:
     # (_TILE_BITS): a bf16 pair of elements (0, 1), (2, 3) or (4, 5) comes out of one shift and one
     # mask, (6, 7) out of three.
     packed = _map_words(packed.reshape(-1, 4), _words_to_tiles).reshape(n, k // 2)
-    if quads:
-        # Within each row of a tile, word 4 c + t <- word 4 t + c and scale 4 h + t <- scale 2 t + h:
-        # lane c's four words are then 32 elements apart and the quad's x loads contiguous.
-        packed = packed.reshape(-1, 4, 4, 4).transpose(1, 2).reshape(n, k // 2)
-        scales = scales.reshape(-1, 4, 2).transpose(1, 2).reshape(n, k // 16)
     return NVFP4Weight(packed.contiguous(), scales.contiguous().view(torch.float8_e4m3fn), w.global_scale,
-                       w.shape, 2 if quads else True)
+                       w.shape, True)
 
 
 def _map_words(b: Tensor, fn) -> Tensor:
@@ -247,13 +242,9 @@ def to_rows(w: NVFP4Weight) -> NVFP4Weight:
         return w
     n, k = w.shape
     kt = k // 128
-    packed, scales = w.packed, w.scales.view(torch.uint8)
-    if w.tiled == 2:
-        packed = packed.reshape(-1, 4, 4, 4).transpose(1, 2)
-        scales = scales.reshape(-1, 2, 4).transpose(1, 2)
-    packed = _map_words(packed.reshape(-1, 4), _words_to_rows)
+    packed = _map_words(w.packed.reshape(-1, 4), _words_to_rows)
     packed = packed.reshape(n // 16, kt, 16, 64).permute(0, 2, 1, 3).reshape(n, k // 2)
-    scales = scales.reshape(n // 16, kt, 16, 8).permute(0, 2, 1, 3).reshape(n, k // 16)
+    scales = w.scales.view(torch.uint8).reshape(n // 16, kt, 16, 8).permute(0, 2, 1, 3).reshape(n, k // 16)
     return NVFP4Weight(packed.contiguous(), scales.contiguous().view(torch.float8_e4m3fn), w.global_scale,
                        w.shape, False)
 
@@ -413,12 +404,8 @@ def _nvfp4_k_step(acc, x_rows, w_rows, s_rows, m_mask, n_mask, k0, K, EVEN_K: tl
     offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     offs_kg = k0 // 16 + tl.arange(0, BLOCK_K // 16)
     if TILED:
-        if TILED == 2:
-            w_offs = ((offs_kw // 16) * 256 + (offs_kw % 4) * 4 + (offs_kw % 16) // 4)[None, :]
-            s_offs = ((offs_kg // 8) * 128 + (offs_kg % 2) * 4 + (offs_kg % 8) // 2)[None, :]
-        else:
-            w_offs = ((offs_kw // 16) * 256 + offs_kw % 16)[None, :]
-            s_offs = ((offs_kg // 8) * 128 + offs_kg % 8)[None, :]
+        w_offs = ((offs_kw // 16) * 256 + offs_kw % 16)[None, :]
+        s_offs = ((offs_kg // 8) * 128 + offs_kg % 8)[None, :]
         if EVEN_K:
             xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
             wd = tl.load(w_rows + w_offs, mask=n_mask[:, None], other=0)
@@ -908,7 +895,6 @@ _MMA_LD_W_PTX = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
 # The same with a 256-byte L2 fetch (the row's next three tiles come with it).
 _MMA_LD_W_L2_PTX = tl.constexpr("ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {$0, $1, $2, $3}, [$4];")
 _MMA_LD_S_PTX = tl.constexpr("ld.global.nc.u16 $0, [$1];")
-_MMA_LD_S32_PTX = tl.constexpr("ld.global.nc.u32 $0, [$1];")
 # x rows past M read row M - 1 instead (the addresses are clamped): a column of the MMA depends
 # only on its own x row, and the output columns past M are never stored.
 _MMA_LD_X_PTX = tl.constexpr("""
@@ -916,12 +902,6 @@ ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$16];
 ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$16+16];
 ld.global.nc.v4.b32 {$8, $9, $10, $11}, [$16+32];
 ld.global.nc.v4.b32 {$12, $13, $14, $15}, [$16+48];
-""")
-_MMA_LD_XQ_PTX = tl.constexpr("""
-ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$16];
-ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$16+64];
-ld.global.nc.v4.b32 {$8, $9, $10, $11}, [$16+128];
-ld.global.nc.v4.b32 {$12, $13, $14, $15}, [$16+192];
 """)
 
 # Two E4M3 bytes -> two packed scale pairs (low byte: words 0-1 of the lane, high byte: words 2-3).
@@ -1021,20 +1001,14 @@ def _mma_ld_words(addr, HINT: tl.constexpr):
 
 
 @triton.jit
-def _mma_ld_scales(addr, QUAD: tl.constexpr = 0):
-    """The lane's scale bytes of one row: two (one per two words), or four (QUAD: one per word)."""
-    if QUAD:
-        return tl.inline_asm_elementwise(_MMA_LD_S32_PTX, "=r,l", [addr], dtype=tl.uint32, is_pure=True, pack=1)
+def _mma_ld_scales(addr):
     return tl.inline_asm_elementwise(_MMA_LD_S_PTX, "=h,l", [addr], dtype=tl.uint16, is_pure=True,
                                      pack=1).to(tl.uint32)
 
 
 @triton.jit
-def _mma_ld_x(addr, QUAD: tl.constexpr = 0):
-    """The lane's x under its four words: 64 consecutive bytes, or (QUAD) four 16-byte pieces 64
-    bytes apart, so that the quad's four lanes read 64 consecutive bytes per load."""
-    asm: tl.constexpr = _MMA_LD_XQ_PTX if QUAD else _MMA_LD_X_PTX
-    return tl.inline_asm_elementwise(asm, "=&r," * 16 + "l", [addr], dtype=(tl.uint32,) * 16,
+def _mma_ld_x(addr):
+    return tl.inline_asm_elementwise(_MMA_LD_X_PTX, "=&r," * 16 + "l", [addr], dtype=(tl.uint32,) * 16,
                                      is_pure=True, pack=1)
 
 
@@ -1072,15 +1046,10 @@ def _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, v0, v1, v2, v3, c0, c1, c2, c3, B
 
 
 @triton.jit
-def _mma_scale_quads(s0, s1, BF16: tl.constexpr, QUAD: tl.constexpr = 0):
-    """The scale pairs of rows r0 and r1 for the lane's four words each (QUAD: four scale bytes
-    per row, one per word; otherwise two, one per two words)."""
+def _mma_scale_quads(s0, s1, BF16: tl.constexpr):
+    """The scale pairs of rows r0 and r1 for the lane's four words each."""
     s0a, s0b = _mma_scales(s0, BF16)
     s1a, s1b = _mma_scales(s1, BF16)
-    if QUAD:
-        s0c, s0d = _mma_scales(s0 >> 16, BF16)
-        s1c, s1d = _mma_scales(s1 >> 16, BF16)
-        return (s0a, s0b, s0c, s0d), (s1a, s1b, s1c, s1d)
     return (s0a, s0a, s0b, s0b), (s1a, s1a, s1b, s1b)
 
 
@@ -1089,7 +1058,7 @@ def _mma_group(acc, acc2, w0, w1, s0, s1, xv, xv2, BF16: tl.constexpr, TWO_N: tl
     """One row group's K tile: decode the 4 + 4 words of rows r0 and r1 and run the chunks."""
     a0, a1, a2, a3 = acc
     e0, e1, e2, e3 = acc2
-    sc0, sc1 = _mma_scale_quads(s0, s1, BF16, NAT == 2)
+    sc0, sc1 = _mma_scale_quads(s0, s1, BF16)
     for t in tl.static_range(4):
         p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16, NAT)
         q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16, NAT)
@@ -1110,14 +1079,13 @@ def _mma_tile_by_chunk(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2,
     e0, e1, e2, e3 = acc_a2
     b0, b1, b2, b3 = acc_b
     f0, f1, f2, f3 = acc_b2
-    sc0, sc1 = _mma_scale_quads(s0, s1, BF16, NAT == 2)
+    sc0, sc1 = _mma_scale_quads(s0, s1, BF16)
     if GROUPS == 2:
-        sc2, sc3 = _mma_scale_quads(s2, s3, BF16, NAT == 2)
-    XSTEP: tl.constexpr = 64 if NAT == 2 else 16
+        sc2, sc3 = _mma_scale_quads(s2, s3, BF16)
     for t in tl.static_range(4):
-        x0, x1, x2, x3 = _mma_ld_words(xaddr + XSTEP * t, 0)
+        x0, x1, x2, x3 = _mma_ld_words(xaddr + 16 * t, 0)
         if TWO_N:
-            y0, y1, y2, y3 = _mma_ld_words(xaddr2 + XSTEP * t, 0)
+            y0, y1, y2, y3 = _mma_ld_words(xaddr2 + 16 * t, 0)
         p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16, NAT)
         q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16, NAT)
         a0, a1, a2, a3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, x0, x1, x2, x3, a0, a1, a2, a3, BF16, NAT)
@@ -1191,13 +1159,13 @@ def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, tile,
     ox = tile.to(tl.int64) * 256
     w0 = _mma_ld_words(wa0 + ow, HINT)
     w1 = _mma_ld_words(wa1 + ow, HINT)
-    s0 = _mma_ld_scales(sa0 + os, TILED == 2)
-    s1 = _mma_ld_scales(sa1 + os, TILED == 2)
+    s0 = _mma_ld_scales(sa0 + os)
+    s1 = _mma_ld_scales(sa1 + os)
     if GROUPS == 2:
         w2 = _mma_ld_words(wa2 + ow, HINT)
         w3 = _mma_ld_words(wa3 + ow, HINT)
-        s2 = _mma_ld_scales(sa2 + os, TILED == 2)
-        s3 = _mma_ld_scales(sa3 + os, TILED == 2)
+        s2 = _mma_ld_scales(sa2 + os)
+        s3 = _mma_ld_scales(sa3 + os)
     else:
         w2 = w0
         w3 = w1
@@ -1208,9 +1176,9 @@ def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, tile,
         xv = ox
         xv2 = ox
     else:
-        xv = _mma_ld_x(xa + ox, TILED == 2)
+        xv = _mma_ld_x(xa + ox)
         if TWO_N:
-            xv2 = _mma_ld_x(xa2 + ox, TILED == 2)
+            xv2 = _mma_ld_x(xa2 + ox)
         else:
             xv2 = xv
     return w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2
@@ -1253,10 +1221,7 @@ def _nvfp4_mma_kernel(
         blk0 = tl.minimum(blk, last_blk).to(tl.int64)
         blk1 = tl.minimum(blk + 1, last_blk).to(tl.int64)
         wbase = words_ptr.to(tl.int64, bitcast=True) + (g * 64 + c * 16).to(tl.int64)
-        if TILED == 2:
-            sbase = scales_ptr.to(tl.int64, bitcast=True) + (g * 8 + (c // 2) * 4).to(tl.int64)
-        else:
-            sbase = scales_ptr.to(tl.int64, bitcast=True) + (g * 8 + c * 2).to(tl.int64)
+        sbase = scales_ptr.to(tl.int64, bitcast=True) + (g * 8 + c * 2).to(tl.int64)
         wa0 = wbase + blk0 * KT * 1024
         wa1 = wa0 + 512
         wa2 = wbase + blk1 * KT * 1024
@@ -1274,10 +1239,7 @@ def _nvfp4_mma_kernel(
         sa1 = sbase + tl.minimum(r1, N - 1).to(tl.int64) * stride_sn
         sa2 = sbase + tl.minimum(r2, N - 1).to(tl.int64) * stride_sn
         sa3 = sbase + tl.minimum(r3, N - 1).to(tl.int64) * stride_sn
-    if TILED == 2:
-        xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 16
-    else:
-        xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 64
+    xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 64
     xa = xb + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm * 2)
     xa2 = xb + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm * 2)
 
@@ -1305,9 +1267,9 @@ def _nvfp4_mma_kernel(
                                   first + tl.minimum(t + AHEAD, last), GROUPS, TWO_N, HINT, 1, TILED)
             w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = ring[0]
             ox = (first + t).to(tl.int64) * 256
-            xv = _mma_ld_x(xa + ox, TILED == 2)
+            xv = _mma_ld_x(xa + ox)
             if TWO_N:
-                xv2 = _mma_ld_x(xa2 + ox, TILED == 2)
+                xv2 = _mma_ld_x(xa2 + ox)
             else:
                 xv2 = xv
             acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N, TILED)
@@ -1338,9 +1300,9 @@ def _nvfp4_mma_kernel(
                     # tiles ahead: fewer registers, more warps per SM to keep the weight loads in
                     # flight.
                     ox = (first + t).to(tl.int64) * 256
-                    xv = _mma_ld_x(xa + ox, TILED == 2)
+                    xv = _mma_ld_x(xa + ox)
                     if TWO_N:
-                        xv2 = _mma_ld_x(xa2 + ox, TILED == 2)
+                        xv2 = _mma_ld_x(xa2 + ox)
                     else:
                         xv2 = xv
                 acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N, TILED)

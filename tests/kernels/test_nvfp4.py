@@ -624,31 +624,11 @@ def test_tile_order_layout_and_round_trip():
             nv.to_tiled(pack_nvfp4(torch.randn(*shape)))
 
 
-def test_tile_order_quads_layout_and_round_trip():
-    # The quads variant: within each tile row, word 4 c + t is the plain tile order's word 4 t + c
-    # and scale byte 4 h + t its scale 2 t + h.
-    torch.manual_seed(33)
-    w = pack_nvfp4(torch.randn(32, 256))
-    t1, t2 = nv.to_tiled(w), nv.to_tiled(w, quads=True)
-    assert t2.tiled == 2
-    p1, p2 = t1.packed.reshape(-1, 16, 4), t2.packed.reshape(-1, 16, 4)
-    s1, s2 = t1.scales.view(torch.uint8).reshape(-1, 8), t2.scales.view(torch.uint8).reshape(-1, 8)
-    for c, t in itertools.product(range(4), range(4)):
-        assert torch.equal(p2[:, 4 * c + t], p1[:, 4 * t + c])
-    for h, t in itertools.product(range(2), range(4)):
-        assert torch.equal(s2[:, 4 * h + t], s1[:, 2 * t + h])
-    back = nv.to_rows(t2)
-    assert not back.tiled and torch.equal(back.packed, w.packed)
-    assert torch.equal(back.scales.view(torch.uint8), w.scales.view(torch.uint8))
-    assert torch.equal(unpack_nvfp4(t2), unpack_nvfp4(w))
-
-
-@pytest.mark.parametrize("quads", [False, True])
 @pytest.mark.parametrize("config", [
     NVFP4GemmConfig(16, 32, 128, 1, 1, 1), NVFP4GemmConfig(16, 32, 256, 2, 1, 1, mode="dot_swap"),
     NVFP4GemmConfig(16, 16, 64, 3, 1, 1), NVFP4GemmConfig(2, 32, 64, 2, 1, 1, mode="gemv")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernels_read_the_tile_order(config, dtype, quads):
+def test_kernels_read_the_tile_order(config, dtype):
     # The same products from the tile order as from the row order (K = 384: a 256-wide K tile
     # runs past K in the tile order too; both decodes of the tile order's bit layout).
     torch.manual_seed(32)
@@ -656,7 +636,7 @@ def test_kernels_read_the_tile_order(config, dtype, quads):
     w = pack_nvfp4(torch.randn(48, 384).to(DEVICE))
     bias = torch.randn(48).to(dtype).to(DEVICE)
     y_rows = nvfp4_gemm(x, w, bias, config=config)
-    y_tiles = nvfp4_gemm(x, nv.to_tiled(w, quads=quads), bias, config=config)
+    y_tiles = nvfp4_gemm(x, nv.to_tiled(w), bias, config=config)
     assert torch.equal(y_rows, y_tiles)
     ref = nvfp4_linear_reference(x.float(), w, bias.float())
     assert float((y_tiles.float() - ref).norm() / ref.norm()) < 1e-2
@@ -727,11 +707,7 @@ def test_mma_kernel_needs_a_gpu():
                                    (8, 64, 128, 4, 4, 4, 1, "atomic", 1, 1, 1), (16, 32, 128, 2, 1, 2, 0, "kernel", 0, 1, 1),
                                    # x read per chunk
                                    (16, 32, 128, 1, 4, 1, 1, "kernel", 2, 4, 1), (8, 16, 128, 4, 1, 2, 1, "kernel", 2),
-                                   (16, 64, 128, 2, 2, 1, 1, "atomic", 2, 1, 1),
-                                   # tile order with x-contiguous quads (to_tiled(quads=True))
-                                   (8, 16, 128, 1, 4, 1, 1, "kernel", 1, 4, 2), (16, 32, 128, 1, 4, 1, 1, "kernel", 1, 4, 2),
-                                   (16, 32, 128, 4, 1, 1, 1, "kernel", 1, 1, 2), (16, 64, 128, 2, 2, 2, 0, "atomic", 0, 1, 2),
-                                   (16, 32, 128, 1, 4, 1, 1, "kernel", 2, 4, 2), (8, 32, 128, 1, 2, 4, 1, "kernel", 1, 1, 2)])
+                                   (16, 64, 128, 2, 2, 1, 1, "atomic", 2, 1, 1)])
 def test_gpu_mma_configs(block):
     bm, bn, bk, split, warps, ahead, hint, reduce = block[:8]
     x_late = block[8] if len(block) > 8 else 0
@@ -742,7 +718,7 @@ def test_gpu_mma_configs(block):
     for k, n in ((4096, 1008 if tiled else 1000), (1024, 14336)):
         w = pack_nvfp4(torch.randn(n, k, device="cuda"))
         if tiled:
-            w = nv.to_tiled(w, quads=tiled == 2)
+            w = nv.to_tiled(w)
         for m in sorted({1, 2, 3, 8, bm}):
             for dtype in (torch.bfloat16, torch.float16):
                 x = torch.randn(m, k, device="cuda").to(dtype)
@@ -761,7 +737,7 @@ def test_gpu_mma_configs(block):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("x_late,tiled", [(0, False), (1, False), (1, True), (2, True), (0, True), (1, 2), (2, 2)])
+@pytest.mark.parametrize("x_late,tiled", [(0, False), (1, False), (1, True), (2, True), (0, True)])
 def test_gpu_mma_exact_on_exact_data(x_late, tiled):
     # Representable weights (subnormal scales included) and small-integer activations: exact sums
     # (in tile order too, where x enters the MMA unpermuted).
@@ -769,7 +745,7 @@ def test_gpu_mma_exact_on_exact_data(x_late, tiled):
     wt, _ = representable_weight(48, 256, 2.0**-12, gen, scale_bits=(0x38, 0x57))
     w = pack_nvfp4(wt.cuda())
     if tiled:
-        w = nv.to_tiled(w, quads=tiled == 2)
+        w = nv.to_tiled(w)
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randint(-3, 4, (5, 256), generator=gen).to(dtype).cuda()
         y = nvfp4_gemm(x, w, config=NVFP4GemmConfig(8, 64, 128, 1, 4, 1, "mma", x_late=x_late))
