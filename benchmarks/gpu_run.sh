@@ -55,6 +55,8 @@ for stage in "$@"; do
       focus_sweep maxnreg 11_maxnreg "maxnreg" 3 ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
+    nvfp4-variants)  # fp16 activations and bias against bf16
+      python3 benchmarks/nvfp4.py --variants --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
     nvfp4-decode)  # only the decode benchmark
       python3 benchmarks/nvfp4.py --decode-only --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
     tests-attn)  # GPU tests of the attention kernel and pass

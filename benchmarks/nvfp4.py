@@ -224,6 +224,59 @@ def kernel_table(m_values, notes) -> list[dict]:
     return rows
 
 
+def variants_table(m_values=(1, 4, 16), shapes=((4096, 14336), (14336, 4096))) -> list[dict]:
+    """fp16 activations and a bias against bf16 without one: back-to-back GPU time of NVFP4 and of
+    F.linear with the same dtype and bias, each checked against the reference (the kernel tunes
+    separately per dtype)."""
+    rows = []
+    for k, n in shapes:
+        torch.manual_seed(0)
+        weight32 = torch.randn(n, k, device="cuda") * 0.02
+        w = nv.pack_nvfp4(weight32)
+        if torch.cuda.get_device_capability() >= (9, 0) and nv.can_tile(w.shape):
+            w = nv.to_tiled(w)
+        w_copies = nv.weight_copies(w, nv.copies_for(w.nbytes()))
+        for dtype in (torch.bfloat16, torch.float16):
+            weight = weight32.to(dtype)
+            dense = [weight] + [weight.clone() for _ in range(nv.copies_for(weight.numel() * 2) - 1)]
+            for has_bias in (False, True):
+                bias = (torch.randn(n, device="cuda") * 0.1).to(dtype) if has_bias else None
+                for m in m_values:
+                    x = torch.randn(m, k, device="cuda", dtype=dtype)
+                    y = nv.nvfp4_gemm(x, w, bias)
+                    err = rel_err(y, nv.nvfp4_linear_reference(x.float(), w, None if bias is None else bias.float()))
+                    if not err < 1e-2:
+                        raise RuntimeError(f"NVFP4 wrong at M={m} K={k} N={n} {dtype} bias={has_bias}: {err}")
+                    with torch.no_grad():
+                        t_dense = rotating_us([lambda wt=wt: F.linear(x, wt, bias) for wt in dense])
+                        t_q = rotating_us([lambda wq=wq: nv.nvfp4_gemm(x, wq, bias) for wq in w_copies])
+                    cfg = nv._TUNED.get((x.device.index, nv._m_bucket(m), n, k, dtype))
+                    rows.append({"M": m, "K": k, "N": n, "dtype": str(dtype).replace("torch.", ""), "bias": has_bias,
+                                 "dense_us": t_dense, "nvfp4_us": t_q, "speedup": t_dense / t_q, "rel_err": err,
+                                 "config": None if cfg is None else cfg.__dict__})
+                    print(f"M={m:3d} K={k} N={n} {rows[-1]['dtype']} bias={has_bias}: F.linear {t_dense:.1f} us, "
+                          f"NVFP4 {t_q:.1f} us ({t_dense / t_q:.2f}x)", flush=True)
+            del dense
+        del w_copies
+        torch.cuda.empty_cache()
+    return rows
+
+
+def variants_markdown(info, rows) -> str:
+    lines = [f"# NVFP4 with fp16 activations and a bias on {info['device']}", "",
+             f"torch {info['torch']}, triton {info['triton']}, {info['date']}. Back-to-back GPU time per call "
+             "(CUDA graph over rotating weight copies, median of 20 replays), F.linear with the same "
+             "activation dtype and bias in the same run; weights in tile order on compute capability 9.0+.", "",
+             "| M | K | N | activations | bias | F.linear us | NVFP4 us | speedup | kernel | rel err |",
+             "|---:|---:|---:|---|---|---:|---:|---:|---|---:|"]
+    for r in rows:
+        c = r["config"]
+        kern = "-" if c is None else f"{c['mode']} n{c['block_n']} s{c['split_k']} w{c['num_warps']} kw{c['kwarps']}"
+        lines.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['dtype']} | {'yes' if r['bias'] else 'no'} | "
+                     f"{r['dense_us']:.1f} | {r['nvfp4_us']:.1f} | {r['speedup']:.2f}x | {kern} | {r['rel_err']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------------
 # Configuration sweep
 # --------------------------------------------------------------------------------------------------
@@ -611,6 +664,8 @@ def main() -> None:
                         "'maxnreg': register caps on the best tile-order configurations")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
+    parser.add_argument("--variants", action="store_true",
+                        help="only fp16 activations and bias against bf16 (nvfp4_variants_<device>.md)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -628,6 +683,14 @@ def main() -> None:
 
         shapes = [tuple(int(v) for v in p.split(":")) for p in args.sweep_shapes.split(",")] if args.sweep_shapes else None
         run_sweep([int(v) for v in args.sweep_m.split(",")], time.time() + args.budget_s, save, args.sweep_focus, shapes)
+        return
+
+    if args.variants:
+        rows = variants_table()
+        with open(os.path.join(args.out, f"nvfp4_variants_{name}.md"), "w") as f:
+            f.write(variants_markdown(info, rows))
+        with open(os.path.join(args.out, f"nvfp4_variants_{name}.json"), "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
         return
 
     notes: list[str] = []
