@@ -282,7 +282,7 @@ def variants_markdown(info, rows) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-TILE_ONLY_FOCUSES = ("xlate2", "maxnreg")  # sweep foci timed on the tile order only
+TILE_ONLY_FOCUSES = ("xlate2", "maxnreg", "balance")  # sweep foci timed on the tile order only
 
 
 def mma_cfg(bm, groups, rw, kw, split, ahead, x_late=1) -> nv.NVFP4GemmConfig:
@@ -323,6 +323,15 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
         return [mma_cfg(bm, groups, rw, kw, split, ahead, xl)
                 for xl in (2, 1) for kw, split in ((1, 2), (1, 4), (1, 8), (2, 1), (4, 1)) for rw in (1, 2)
                 for groups in (1, 2) for ahead in (1, 2)]
+    if focus == "balance" and m <= 16:
+        # K split inside the program (kwarps) and over the grid together: more, shorter programs,
+        # so that the SMs get nearly equal work (benchmarks/nvfp4_balance.py), tile order.
+        bm = 8 if m <= 8 else 16
+        cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
+        cfgs += [dataclasses.replace(mma_cfg(bm, groups, rw, kw, split, 1), reduce=reduce)
+                 for kw, rw, groups in ((4, 1, 2), (4, 1, 1), (2, 1, 2), (4, 2, 1), (2, 2, 1))
+                 for split in (2, 4) for reduce in ("kernel", "atomic")]
+        return list(dict.fromkeys(cfgs))
     if focus == "kwarps" and m <= 16:
         # Warps sharing rows, K split inside the program (kwarps), against the library's candidates.
         bm = 8 if m <= 8 else 16
