@@ -1071,6 +1071,28 @@ def _mma_group(acc, acc2, w0, w1, s0, s1, xv, xv2, BF16: tl.constexpr, TWO_N: tl
 
 
 @triton.jit
+def _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2, BF16: tl.constexpr,
+                TWO_N: tl.constexpr, GROUPS: tl.constexpr, NAT: tl.constexpr = 0):
+    """One K tile of every row group (:func:`_mma_group` for rows r0 / r1, and r2 / r3 if GROUPS == 2)."""
+    acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N, NAT)
+    if GROUPS == 2:
+        acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N, NAT)
+    return acc_a, acc_a2, acc_b, acc_b2
+
+
+@triton.jit
+def _mma_ld_x_tile(xa, xa2, tile, TWO_N: tl.constexpr):
+    """x under K tile ``tile`` for x row g (and g + 8 if TWO_N; otherwise the first set twice)."""
+    ox = tile.to(tl.int64) * 256
+    xv = _mma_ld_x(xa + ox)
+    if TWO_N:
+        xv2 = _mma_ld_x(xa2 + ox)
+    else:
+        xv2 = xv
+    return xv, xv2
+
+
+@triton.jit
 def _mma_tile_by_chunk(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xaddr, xaddr2,
                        BF16: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr, NAT: tl.constexpr = 0):
     """One K tile of every row group, chunk by chunk, each chunk's 16 bytes of x (per row set)
@@ -1156,7 +1178,6 @@ def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, tile,
     else:
         ow = tile.to(tl.int64) * 64
         os = tile.to(tl.int64) * 8
-    ox = tile.to(tl.int64) * 256
     w0 = _mma_ld_words(wa0 + ow, HINT)
     w1 = _mma_ld_words(wa1 + ow, HINT)
     s0 = _mma_ld_scales(sa0 + os)
@@ -1173,14 +1194,10 @@ def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, tile,
         s3 = s1
     if X_LATE:
         # x is read when its tile is consumed (see X_LATE in the kernel): placeholders here.
-        xv = ox
-        xv2 = ox
+        xv = ow
+        xv2 = ow
     else:
-        xv = _mma_ld_x(xa + ox)
-        if TWO_N:
-            xv2 = _mma_ld_x(xa2 + ox)
-        else:
-            xv2 = xv
+        xv, xv2 = _mma_ld_x_tile(xa, xa2, tile, TWO_N)
     return w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2
 
 
@@ -1266,15 +1283,9 @@ def _nvfp4_mma_kernel(
             new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                                   first + tl.minimum(t + AHEAD, last), GROUPS, TWO_N, HINT, 1, TILED)
             w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = ring[0]
-            ox = (first + t).to(tl.int64) * 256
-            xv = _mma_ld_x(xa + ox)
-            if TWO_N:
-                xv2 = _mma_ld_x(xa2 + ox)
-            else:
-                xv2 = xv
-            acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N, TILED)
-            if GROUPS == 2:
-                acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N, TILED)
+            xv, xv2 = _mma_ld_x_tile(xa, xa2, first + t, TWO_N)
+            acc_a, acc_a2, acc_b, acc_b2 = _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3,
+                                                       xv, xv2, BF16, TWO_N, GROUPS, TILED)
             ring = ring[1:] + (new,)
     else:
         # Loads run AHEAD tiles ahead of the MMAs (1 or 2); past the end the last tile is re-read.
@@ -1299,15 +1310,9 @@ def _nvfp4_mma_kernel(
                     # x (16 registers per row set) read from L1/L2 just before use instead of two
                     # tiles ahead: fewer registers, more warps per SM to keep the weight loads in
                     # flight.
-                    ox = (first + t).to(tl.int64) * 256
-                    xv = _mma_ld_x(xa + ox)
-                    if TWO_N:
-                        xv2 = _mma_ld_x(xa2 + ox)
-                    else:
-                        xv2 = xv
-                acc_a, acc_a2 = _mma_group(acc_a, acc_a2, w0, w1, s0, s1, xv, xv2, BF16, TWO_N, TILED)
-                if GROUPS == 2:
-                    acc_b, acc_b2 = _mma_group(acc_b, acc_b2, w2, w3, s2, s3, xv, xv2, BF16, TWO_N, TILED)
+                    xv, xv2 = _mma_ld_x_tile(xa, xa2, first + t, TWO_N)
+                acc_a, acc_a2, acc_b, acc_b2 = _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2,
+                                                           s3, xv, xv2, BF16, TWO_N, GROUPS, TILED)
             if AHEAD == 2:
                 cur = nxt
                 nxt = new
