@@ -105,10 +105,14 @@ def rotating_us(fns, reps=20) -> float:
     return nv.back_to_back_ms(fns, reps) * 1e3
 
 
+def dense_copies(weight: torch.Tensor) -> list:
+    """``weight`` and clones of it, together at least 3x L2, for :func:`rotating_us`."""
+    return [weight] + [weight.clone() for _ in range(nv.copies_for(weight.numel() * weight.element_size()) - 1)]
+
+
 def rotating_copies(weight: torch.Tensor, w: nv.NVFP4Weight) -> tuple[list, list]:
     """Copies of the bf16 weight and of its NVFP4 form for :func:`rotating_us` (the originals first)."""
-    dense = [weight] + [weight.clone() for _ in range(nv.copies_for(weight.numel() * weight.element_size()) - 1)]
-    return dense, nv.weight_copies(w, nv.copies_for(w.nbytes()))
+    return dense_copies(weight), nv.weight_copies(w, nv.copies_for(w.nbytes()))
 
 
 def checked_run(x, w, cfg=None) -> tuple[torch.Tensor, bool]:
@@ -237,8 +241,7 @@ def variants_table(m_values=(1, 4, 16), shapes=((4096, 14336), (14336, 4096))) -
             w = nv.to_tiled(w)
         w_copies = nv.weight_copies(w, nv.copies_for(w.nbytes()))
         for dtype in (torch.bfloat16, torch.float16):
-            weight = weight32.to(dtype)
-            dense = [weight] + [weight.clone() for _ in range(nv.copies_for(weight.numel() * 2) - 1)]
+            dense = dense_copies(weight32.to(dtype))
             for has_bias in (False, True):
                 bias = (torch.randn(n, device="cuda") * 0.1).to(dtype) if has_bias else None
                 for m in m_values:
@@ -670,7 +673,8 @@ def main() -> None:
                         "'kwarps': the MMA kernel with warps splitting K inside the program; "
                         "'tiled': the MMA kernel on the tile-ordered weight against the row layout; "
                         "'xlate2': x read per chunk against per tile (tile order); "
-                        "'maxnreg': register caps on the best tile-order configurations")
+                        "'maxnreg': register caps on the best tile-order configurations; "
+                        "'balance': K split in the program and over the grid together (tile order)")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--variants", action="store_true",
