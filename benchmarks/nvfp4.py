@@ -285,7 +285,7 @@ def variants_markdown(info, rows) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-TILE_ONLY_FOCUSES = ("xlate2", "maxnreg", "balance")  # sweep foci timed on the tile order only
+TILE_ONLY_FOCUSES = ("xlate2", "maxnreg", "balance", "persist")  # sweep foci timed on the tile order only
 
 
 def mma_cfg(bm, groups, rw, kw, split, ahead, x_late=1) -> nv.NVFP4GemmConfig:
@@ -334,6 +334,21 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
         cfgs += [dataclasses.replace(mma_cfg(bm, groups, rw, kw, split, 1), reduce=reduce)
                  for kw, rw, groups in ((4, 1, 2), (4, 1, 1), (2, 1, 2), (4, 2, 1), (2, 2, 1))
                  for split in (2, 4) for reduce in ("kernel", "atomic")]
+        return list(dict.fromkeys(cfgs))
+    if focus == "persist" and m <= 16:
+        # The persistent, evenly split grid (stream-K, ``persist`` programs per SM) against the
+        # library's candidates, tile order. Programs per SM around what fits (registers).
+        bm = 8 if m <= 8 else 16
+        cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
+        fits = {1: (8, 12, 16, 24), 2: (4, 6, 8, 12), 4: (2, 3, 4, 5, 6, 7, 8), 8: (1, 2, 3, 4)}
+        for kw, rw, groups in ((4, 1, 1), (4, 1, 2), (2, 1, 2), (2, 2, 1), (1, 1, 1), (1, 1, 2), (1, 2, 1)):
+            for ahead in ((1, 2) if kw == 4 else (1,)):
+                # Register caps at the original kernel's counts (58 and 128: 8 and 4 programs per SM).
+                caps = (0, 128) if groups == 2 and kw > 1 and m > 8 else (0, 64) if groups == 1 and kw == 4 else (0,)
+                for nreg in caps:
+                    for per_sm in fits[rw * kw]:
+                        cfgs.append(dataclasses.replace(mma_cfg(bm, groups, rw, kw, 1, ahead), maxnreg=nreg,
+                                                        persist=per_sm))
         return list(dict.fromkeys(cfgs))
     if focus == "kwarps" and m <= 16:
         # Warps sharing rows, K split inside the program (kwarps), against the library's candidates.
@@ -674,7 +689,8 @@ def main() -> None:
                         "'tiled': the MMA kernel on the tile-ordered weight against the row layout; "
                         "'xlate2': x read per chunk against per tile (tile order); "
                         "'maxnreg': register caps on the best tile-order configurations; "
-                        "'balance': K split in the program and over the grid together (tile order)")
+                        "'balance': K split in the program and over the grid together (tile order); "
+                        "'persist': the persistent, evenly split grid (stream-K, tile order)")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--variants", action="store_true",

@@ -1378,6 +1378,213 @@ def _nvfp4_mma_kernel(
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
+# --------------------------------------------------------------------------------------------------
+# The MMA kernel on a persistent, evenly split grid (stream-K)
+# --------------------------------------------------------------------------------------------------
+# With one program per (row block, K split), the programs rarely divide evenly over the SMs: at
+# K = 4096, N = 14336, M = 16 the best grid leaves 52 SMs with four programs and 80 with three, and
+# the kernel runs at 0.547 us per MB of weight against 0.480 when every SM has the same count
+# (benchmarks/nvfp4_balance.py). Here the grid is one wave of ``programs`` (a multiple of the SM
+# count) and the work is a line of units, a unit being one step of KWARPS K tiles (one per K warp)
+# of one row block; program p takes units [p * U // programs, (p + 1) * U // programs), so every
+# program has the same work to within one unit whatever the shape. A program's range may start or
+# end inside a row block: it keeps one set of accumulators, and when its range leaves a row block
+# it stores the row block's output if it did all of its K, and otherwise its partial sums into its
+# own slot of a workspace, after which the last of the row block's programs to arrive (one atomic
+# counter per row block, counting K steps) adds the slots in order and stores the output. Nothing
+# waits on another program, so no schedule can deadlock, and the sum order is fixed by the shape:
+# results are reproducible. The loads run ahead across row-block boundaries, so the pipeline does
+# not drain where a program moves to its next row block.
+
+
+@triton.jit
+def _sk_owner(u, units, programs):
+    """The program whose range holds unit ``u``: the largest p with p * units // programs <= u."""
+    return (((u + 1).to(tl.int64) * programs - 1) // units).to(tl.int32)
+
+
+@triton.jit
+def _sk_tile_loads(u, upb: tl.constexpr, KT: tl.constexpr, wbase, sbase, wrow, kq, last_blk, xa, xa2,
+                   GROUPS: tl.constexpr, RW: tl.constexpr, KWARPS: tl.constexpr, TWO_N: tl.constexpr,
+                   HINT: tl.constexpr):
+    """The loads of unit ``u`` (row block u // upb, K step u % upb) for this thread, tile order."""
+    b = u // upb
+    s = u - b * upb
+    blk = b * (GROUPS * RW) + wrow
+    blk0 = tl.minimum(blk, last_blk).to(tl.int64)
+    blk1 = tl.minimum(blk + 1, last_blk).to(tl.int64)
+    wa0 = wbase + blk0 * KT * 1024
+    wa2 = wbase + blk1 * KT * 1024
+    sa0 = sbase + blk0 * KT * 128
+    sa2 = sbase + blk1 * KT * 128
+    return _mma_tile_loads(wa0, wa0 + 512, wa2, wa2 + 512, sa0, sa0 + 64, sa2, sa2 + 64, xa, xa2,
+                           s * KWARPS + kq, GROUPS, TWO_N, HINT, 1, 1)
+
+
+@triton.jit
+def _sk_store_all(acc_a, acc_a2, acc_b, acc_b2, r0, r1, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
+                  stride_om, slot, HAS_BIAS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
+                  USE_WS: tl.constexpr):
+    """Every row group's accumulators to the output, or (USE_WS) to workspace slot ``slot``."""
+    _mma_store(acc_a, r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slot, HAS_BIAS, USE_WS)
+    if TWO_N:
+        _mma_store(acc_a2, r0, r1, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slot, HAS_BIAS,
+                   USE_WS)
+    if GROUPS == 2:
+        _mma_store(acc_b, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slot, HAS_BIAS, USE_WS)
+        if TWO_N:
+            _mma_store(acc_b2, r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slot, HAS_BIAS,
+                       USE_WS)
+
+
+@triton.jit
+def _sk_flush(acc_a, acc_a2, acc_b, acc_b2, b, steps, upb: tl.constexpr, p, units, programs, c, g, w, M, N, gscale,
+              bias_ptr, out_ptr, ws_ptr, counter_ptr, stride_om,
+              HAS_BIAS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr, RW: tl.constexpr,
+              KWARPS: tl.constexpr):
+    """Row block ``b`` leaves this program after ``steps`` of its ``upb`` K steps: store it, or
+    its partial sums (and, in the last program to arrive, the sum of all of them)."""
+    if KWARPS > 1:
+        acc_a = _mma_sum_kwarps(acc_a, KWARPS, RW)
+        if TWO_N:
+            acc_a2 = _mma_sum_kwarps(acc_a2, KWARPS, RW)
+        if GROUPS == 2:
+            acc_b = _mma_sum_kwarps(acc_b, KWARPS, RW)
+            if TWO_N:
+                acc_b2 = _mma_sum_kwarps(acc_b2, KWARPS, RW)
+        tid = tl.arange(0, RW * 32)
+        lane = tid % 32
+        c = lane % 4
+        base = b * (16 * GROUPS * RW) + (tid // 32) * (16 * GROUPS) + lane // 4
+    else:
+        tid = w
+        base = b * (16 * GROUPS * RW) + w * (16 * GROUPS) + g
+    r0 = base
+    r1 = base + 8
+    r2 = base + 16
+    r3 = base + 24
+    col = 2 * c
+    if steps == upb:
+        _sk_store_all(acc_a, acc_a2, acc_b, acc_b2, r0, r1, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
+                      stride_om, 0, HAS_BIAS, TWO_N, GROUPS, False)
+    else:
+        slot = p - _sk_owner(b * upb, units, programs)
+        _sk_store_all(acc_a, acc_a2, acc_b, acc_b2, r0, r1, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
+                      stride_om, slot, HAS_BIAS, TWO_N, GROUPS, True)
+        # Partials visible device-wide, then count this program's K steps in; the program that
+        # completes the row block's count sums the slots and resets the counter for the next call.
+        tl.inline_asm_elementwise(_FENCE_PTX, "=r,r", [tid], dtype=tl.int32, is_pure=False, pack=1)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + b, steps, sem="acq_rel", scope="gpu")
+        if arrived + steps == upb:
+            slots = _sk_owner((b + 1) * upb - 1, units, programs) - _sk_owner(b * upb, units, programs) + 1
+            _mma_finish(acc_a, r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS)
+            if TWO_N:
+                _mma_finish(acc_a2, r0, r1, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots,
+                            HAS_BIAS)
+            if GROUPS == 2:
+                _mma_finish(acc_b, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots,
+                            HAS_BIAS)
+                if TWO_N:
+                    _mma_finish(acc_b2, r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om,
+                                slots, HAS_BIAS)
+            tl.debug_barrier()
+            tl.atomic_xchg(counter_ptr + b, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _sk_reset(acc, flush):
+    a0, a1, a2, a3 = acc
+    return (tl.where(flush, 0.0, a0), tl.where(flush, 0.0, a1), tl.where(flush, 0.0, a2), tl.where(flush, 0.0, a3))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _nvfp4_mma_sk_kernel(
+    x_ptr, words_ptr, scales_ptr, gscale_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, stride_xm, stride_om, units,
+    KT: tl.constexpr, HAS_BIAS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr, NUM_WARPS: tl.constexpr,
+    KWARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 1,
+):
+    """:func:`_nvfp4_mma_kernel` (x read when used, weight in tile order) on a persistent grid
+    with the work split evenly (see the comment above). Grid ``(programs,)`` with
+    ``programs <= units = cdiv(N, 16 * GROUPS * NUM_WARPS // KWARPS) * (KT // KWARPS)``;
+    ``counter_ptr``: one zeroed int32 per row block; ``ws_ptr``: fp32 partials, one (M, N) slot per
+    program that can share a row block (:func:`_sk_slots`). ``KT`` = K / 128 is a compile-time
+    constant (a model has few K values): the unit-to-(row block, K step) divisions become multiplies."""
+    p = tl.program_id(0)
+    programs = tl.num_programs(0)
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    tid = tl.arange(0, NUM_WARPS * 32)
+    c, g, w = tl.inline_asm_elementwise(_MMA_SETUP_PTX, "=r,=r,=r,r", [tid], dtype=(tl.int32,) * 3,
+                                        is_pure=True, pack=1)
+    RW: tl.constexpr = NUM_WARPS // KWARPS
+    kq = w // RW
+    wrow = (w % RW) * GROUPS
+    upb: tl.constexpr = KT // KWARPS
+    u0 = ((p.to(tl.int64) * units) // programs).to(tl.int32)
+    u1 = (((p + 1).to(tl.int64) * units) // programs).to(tl.int32)
+    n = u1 - u0
+    last_blk = N // 16 - 1
+    wbase = words_ptr.to(tl.int64, bitcast=True) + (g * 64 + c * 16).to(tl.int64)
+    sbase = scales_ptr.to(tl.int64, bitcast=True) + (g * 8 + c * 2).to(tl.int64)
+    xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 64
+    xa = xb + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm * 2)
+    xa2 = xb + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm * 2)
+    if BF16:
+        gscale = tl.load(gscale_ptr) * 67108864.0
+    else:
+        gscale = tl.load(gscale_ptr) * 16384.0
+
+    zero = tl.zeros((NUM_WARPS * 32,), dtype=tl.float32)
+    acc_a = (zero, zero, zero, zero)
+    acc_a2 = (zero, zero, zero, zero)
+    acc_b = (zero, zero, zero, zero)
+    acc_b2 = (zero, zero, zero, zero)
+    cur = _sk_tile_loads(u0, upb, KT, wbase, sbase, wrow, kq, last_blk, xa, xa2, GROUPS, RW, KWARPS, TWO_N, HINT)
+    nxt = _sk_tile_loads(tl.minimum(u0 + 1, u1 - 1), upb, KT, wbase, sbase, wrow, kq, last_blk, xa, xa2,
+                         GROUPS, RW, KWARPS, TWO_N, HINT)
+    for i in range(0, n):
+        u = u0 + i
+        b = u // upb
+        s = u - b * upb
+        if AHEAD == 2:
+            new = _sk_tile_loads(tl.minimum(u + 2, u1 - 1), upb, KT, wbase, sbase, wrow, kq, last_blk, xa, xa2,
+                                 GROUPS, RW, KWARPS, TWO_N, HINT)
+        w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = cur
+        xv, xv2 = _mma_ld_x_tile(xa, xa2, s * KWARPS + kq, TWO_N)
+        acc_a, acc_a2, acc_b, acc_b2 = _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3,
+                                                   xv, xv2, BF16, TWO_N, GROUPS, 1)
+        cur = nxt
+        if AHEAD == 2:
+            nxt = new
+        else:
+            nxt = _sk_tile_loads(tl.minimum(u + 2, u1 - 1), upb, KT, wbase, sbase, wrow, kq, last_blk, xa, xa2,
+                                 GROUPS, RW, KWARPS, TWO_N, HINT)
+        flush = (s == upb - 1) | (i == n - 1)
+        if flush:
+            _sk_flush(acc_a, acc_a2, acc_b, acc_b2, b, u - tl.maximum(u0, b * upb) + 1, upb, p, units, programs,
+                      c, g, w, M, N, gscale, bias_ptr, out_ptr, ws_ptr, counter_ptr, stride_om,
+                      HAS_BIAS, TWO_N, GROUPS, RW, KWARPS)
+        acc_a = _sk_reset(acc_a, flush)
+        acc_a2 = _sk_reset(acc_a2, flush)
+        acc_b = _sk_reset(acc_b, flush)
+        acc_b2 = _sk_reset(acc_b2, flush)
+
+
+@functools.lru_cache(maxsize=256)
+def _sk_slots(units: int, programs: int, upb: int) -> int:
+    """The most programs whose ranges share one row block (the stream-K workspace's slot count)."""
+    def owner(u: int) -> int:
+        return ((u + 1) * programs - 1) // units
+    return max(owner((b + 1) * upb - 1) - owner(b * upb) + 1 for b in range(units // upb))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+
 @dataclass(frozen=True)
 class NVFP4GemmConfig:
     """Launch parameters of :func:`_nvfp4_gemm_kernel`."""
@@ -1395,6 +1602,7 @@ class NVFP4GemmConfig:
     x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers); 2 = per chunk
     kwarps: int = 1  # mma: warps sharing the same rows, each on 1 / kwarps of the K tiles, summed in the program
     maxnreg: int = 0  # mma: register cap per thread (0: the compiler's choice; lower caps spill, more warps fit)
+    persist: int = 0  # mma, tile order: programs per SM of a persistent, evenly split grid (stream-K); 0 = off
 
 
 @functools.lru_cache(maxsize=None)
@@ -1556,6 +1764,23 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         if x.dtype == torch.bfloat16:
             undo = 67108864.0  # 2**26
         grid_n = triton.cdiv(n, cfg.block_n)
+        if cfg.persist:
+            if not w.tiled or split > 1 or cfg.x_late != 1 or cfg.ahead not in (1, 2):
+                raise ValueError(f"the persistent MMA kernel reads the tile order and x late, 1-2 tiles ahead, "
+                                 f"without split-K; got {cfg} (tiled={w.tiled})")
+            upb = k_tiles // kw
+            units = grid_n * upb
+            programs = min(units, _sm_count_of(x.device.index if x.device.index is not None
+                                               else torch.cuda.current_device()) * cfg.persist)
+            ws = torch.empty((_sk_slots(units, programs, upb), m, n), dtype=torch.float32, device=x.device)
+            _nvfp4_mma_sk_kernel[(programs,)](
+                x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
+                _split_counters(x.device, grid_n), m, n, x.stride(0), out.stride(0), units, KT=k_tiles,
+                HAS_BIAS=bias is not None, TWO_N=cfg.block_m > 8, GROUPS=groups, NUM_WARPS=cfg.num_warps,
+                KWARPS=kw, AHEAD=cfg.ahead, HINT=cfg.hint, num_warps=cfg.num_warps, num_stages=1,
+                **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+            )
+            return
         in_kernel = split > 1 and cfg.reduce == "atomic"
         _nvfp4_mma_kernel[(grid_n, split)](
             x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,

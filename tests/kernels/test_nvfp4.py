@@ -736,6 +736,74 @@ def test_gpu_mma_configs(block):
                 assert torch.equal(y2, y)
 
 
+def _sk_ranges(units, programs):
+    return [(p * units // programs, (p + 1) * units // programs) for p in range(programs)]
+
+
+@pytest.mark.parametrize("units,programs,upb", [(3584, 528, 8), (7168, 1056, 8), (14336, 2112, 32), (8, 8, 8),
+                                                (9, 4, 3), (100, 99, 10), (64, 1, 8), (48, 48, 1)])
+def test_persistent_split_covers_every_unit_once_and_counts_slots(units, programs, upb):
+    # The persistent MMA kernel's partition (program p: units [p U / P, (p + 1) U / P)): every unit
+    # belongs to exactly one program, the ranges differ in length by at most one, and the slot
+    # count of the workspace is the most programs that share a row block, which the kernel's
+    # closed-form owner (largest p with p U / P <= u) must agree with.
+    ranges = _sk_ranges(units, programs)
+    owned = [p for p, (a, b) in enumerate(ranges) for _ in range(a, b)]
+    assert len(owned) == units and owned == sorted(owned)
+    lengths = {b - a for a, b in ranges}
+    assert max(lengths) - min(lengths) <= 1 and min(lengths) >= 1
+    for u in range(units):
+        assert ((u + 1) * programs - 1) // units == owned[u]
+    sharing = [len({owned[u] for u in range(blk * upb, (blk + 1) * upb)}) for blk in range(units // upb)]
+    assert nv._sk_slots(units, programs, upb) == max(sharing)
+
+
+# Persistent (stream-K) MMA configurations: (block_m, block_n, warps, kwarps, ahead, programs per SM, maxnreg).
+_PERSIST = [(8, 16, 4, 4, 1, 8, 0), (16, 32, 4, 4, 1, 4, 128), (16, 32, 4, 4, 2, 3, 0), (8, 32, 2, 1, 1, 12, 0),
+            (16, 32, 1, 1, 1, 16, 0), (16, 64, 4, 2, 1, 2, 0), (8, 64, 8, 4, 2, 2, 0), (16, 16, 1, 1, 2, 1, 0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", _PERSIST)
+def test_gpu_mma_persistent(block):
+    bm, bn, warps, kwarps, ahead, persist, maxnreg = block
+    cfg = NVFP4GemmConfig(bm, bn, 128, 1, warps, 1, "mma", ahead, 1, "kernel", 1, kwarps, maxnreg, persist)
+    from rewriter.kernels.nvfp4 import _launch
+    torch.manual_seed(23)
+    # N = 1008: the last row block clamped; K = 128 / 512 with 1056 programs: more programs than
+    # units (the grid shrinks to one unit each, every row block shared); K = 4096 at full size.
+    for k, n in ((4096, 1008), (1024, 14336), (128 * kwarps, 48), (512 * kwarps, 4096)):
+        w = nv.to_tiled(pack_nvfp4(torch.randn(n, k, device="cuda")))
+        for m in sorted({1, 3, 8, bm}):
+            for dtype in (torch.bfloat16, torch.float16):
+                x = torch.randn(m, k, device="cuda").to(dtype)
+                bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
+                y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                _launch(x, w, bias, y, cfg)
+                ref = nvfp4_linear_reference(x.float(), w, None if bias is None else bias.float())
+                assert torch.isfinite(y).all(), (m, k, n, dtype)
+                err = float((y.float() - ref).norm() / ref.norm())
+                assert err < (4e-3 if dtype == torch.bfloat16 else 1e-3), (m, k, n, dtype, err)
+                # Again: the counters were left at zero and the sum order is fixed (bitwise equal).
+                y2 = torch.full_like(y, float("nan"))
+                _launch(x, w, bias, y2, cfg)
+                assert torch.equal(y2, y), (m, k, n, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_mma_persistent_exact_on_exact_data_and_refuses_row_order():
+    gen = torch.Generator().manual_seed(24)
+    wt, _ = representable_weight(48, 1024, 2.0**-12, gen, scale_bits=(0x38, 0x57))
+    w = pack_nvfp4(wt.cuda())
+    cfg = NVFP4GemmConfig(8, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4, persist=8)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randint(-3, 4, (5, 1024), generator=gen).to(dtype).cuda()
+        y = nvfp4_gemm(x, nv.to_tiled(w), config=cfg)
+        assert torch.equal(y, nvfp4_linear_reference(x, w)), dtype
+    with pytest.raises(ValueError, match="tile order"):
+        nvfp4_gemm(x, w, config=cfg)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("x_late,tiled", [(0, False), (1, False), (1, True), (2, True), (0, True)])
 def test_gpu_mma_exact_on_exact_data(x_late, tiled):
