@@ -1379,28 +1379,32 @@ def _nvfp4_mma_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
-# The MMA kernel on a persistent, evenly split grid (stream-K)
+# The MMA kernel on one wave of programs with the work split evenly (data-parallel + stream-K)
 # --------------------------------------------------------------------------------------------------
 # With one program per (row block, K split), the programs rarely divide evenly over the SMs: at
 # K = 4096, N = 14336, M = 16 the best grid leaves 52 SMs with four programs and 80 with three, and
 # the kernel runs at 0.547 us per MB of weight against 0.480 when every SM has the same count
-# (benchmarks/nvfp4_balance.py). Here the grid is one wave of ``programs`` (a multiple of the SM
-# count) and the work is a line of units, a unit being one step of KWARPS K tiles (one per K warp)
-# of one row block; program p takes units [p * U // programs, (p + 1) * U // programs), so every
-# program has the same work to within one unit whatever the shape. A program's range may start or
-# end inside a row block: it keeps one set of accumulators, and when its range leaves a row block
-# it stores the row block's output if it did all of its K, and otherwise its partial sums into its
-# own slot of a workspace, after which the last of the row block's programs to arrive (one atomic
-# counter per row block, counting K steps) adds the slots in order and stores the output. Nothing
-# waits on another program, so no schedule can deadlock, and the sum order is fixed by the shape:
-# results are reproducible. The loads run ahead across row-block boundaries, so the pipeline does
-# not drain where a program moves to its next row block.
+# (benchmarks/nvfp4_balance.py). Here the grid is one wave, ``persist`` programs per SM. The work is
+# a line of units, a unit being one step of KWARPS K tiles (one per K warp) of one row block. The
+# first D programs (D a multiple of the SM count, at most NB and at most persist - 1 per SM) each
+# take one whole row block, as in the plain kernel. The other S programs split the units of the
+# remaining row blocks evenly (stream-K): program D + q takes units [q SU / S, (q + 1) SU / S) of
+# them, so every SM gets the same share of the weight to within one unit. A stream-K range may
+# start or end inside a row block (at most one such part at each end): the program keeps one set
+# of accumulators, stores a row block it did whole directly, and the partial sums of a part into
+# its own slot of a workspace. Only when its range is done does it make its slots visible (one
+# fence, with no weight loads left in flight to wait for) and count its K steps into each part's
+# row block (one atomic counter per row block); the program that completes a count adds the
+# slots in order and stores the output. Nothing waits on another program, so no schedule can
+# deadlock, and the sum order is fixed by the shape, so results are reproducible. The loads run
+# ahead across row-block boundaries.
 
 
 @triton.jit
-def _sk_owner(u, units, programs):
-    """The program whose range holds unit ``u``: the largest p with p * units // programs <= u."""
-    return (((u + 1).to(tl.int64) * programs - 1) // units).to(tl.int32)
+def _sk_owner(u, dp, dpu, sku, skp):
+    """The stream-K program whose range holds unit ``u`` (a unit of the stream-K part, u >= dpu):
+    D + the largest q with q * SU // S <= u - DU."""
+    return dp + ((((u - dpu) + 1).to(tl.int64) * skp - 1) // sku).to(tl.int32)
 
 
 @triton.jit
@@ -1422,6 +1426,19 @@ def _sk_tile_loads(u, upb: tl.constexpr, KT: tl.constexpr, wbase, sbase, wrow, k
 
 
 @triton.jit
+def _sk_rows(b, w, g, GROUPS: tl.constexpr, RW: tl.constexpr, KWARPS: tl.constexpr):
+    """Output rows (r0, r1, r2, r3) of this thread's entries of row block ``b``, in the
+    accumulators' layout after the K warps are summed (:func:`_mma_sum_kwarps`)."""
+    if KWARPS > 1:
+        tid = tl.arange(0, RW * 32)
+        lane = tid % 32
+        base = b * (16 * GROUPS * RW) + (tid // 32) * (16 * GROUPS) + lane // 4
+    else:
+        base = b * (16 * GROUPS * RW) + w * (16 * GROUPS) + g
+    return base, base + 8, base + 16, base + 24
+
+
+@triton.jit
 def _sk_store_all(acc_a, acc_a2, acc_b, acc_b2, r0, r1, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
                   stride_om, slot, HAS_BIAS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
                   USE_WS: tl.constexpr):
@@ -1438,12 +1455,10 @@ def _sk_store_all(acc_a, acc_a2, acc_b, acc_b2, r0, r1, r2, r3, col, M, N, gscal
 
 
 @triton.jit
-def _sk_flush(acc_a, acc_a2, acc_b, acc_b2, b, steps, upb: tl.constexpr, p, units, programs, c, g, w, M, N, gscale,
-              bias_ptr, out_ptr, ws_ptr, counter_ptr, stride_om,
-              HAS_BIAS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr, RW: tl.constexpr,
+def _sk_flush(acc_a, acc_a2, acc_b, acc_b2, b, whole, slot, c, g, w, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
+              stride_om, HAS_BIAS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr, RW: tl.constexpr,
               KWARPS: tl.constexpr):
-    """Row block ``b`` leaves this program after ``steps`` of its ``upb`` K steps: store it, or
-    its partial sums (and, in the last program to arrive, the sum of all of them)."""
+    """Row block ``b`` leaves this program: store it (``whole``) or its partial sums into ``slot``."""
     if KWARPS > 1:
         acc_a = _mma_sum_kwarps(acc_a, KWARPS, RW)
         if TWO_N:
@@ -1452,44 +1467,43 @@ def _sk_flush(acc_a, acc_a2, acc_b, acc_b2, b, steps, upb: tl.constexpr, p, unit
             acc_b = _mma_sum_kwarps(acc_b, KWARPS, RW)
             if TWO_N:
                 acc_b2 = _mma_sum_kwarps(acc_b2, KWARPS, RW)
-        tid = tl.arange(0, RW * 32)
-        lane = tid % 32
-        c = lane % 4
-        base = b * (16 * GROUPS * RW) + (tid // 32) * (16 * GROUPS) + lane // 4
+        col = 2 * (tl.arange(0, RW * 32) % 4)
     else:
-        tid = w
-        base = b * (16 * GROUPS * RW) + w * (16 * GROUPS) + g
-    r0 = base
-    r1 = base + 8
-    r2 = base + 16
-    r3 = base + 24
-    col = 2 * c
-    if steps == upb:
+        col = 2 * c
+    r0, r1, r2, r3 = _sk_rows(b, w, g, GROUPS, RW, KWARPS)
+    if whole:
         _sk_store_all(acc_a, acc_a2, acc_b, acc_b2, r0, r1, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
                       stride_om, 0, HAS_BIAS, TWO_N, GROUPS, False)
     else:
-        slot = p - _sk_owner(b * upb, units, programs)
         _sk_store_all(acc_a, acc_a2, acc_b, acc_b2, r0, r1, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
                       stride_om, slot, HAS_BIAS, TWO_N, GROUPS, True)
-        # Partials visible device-wide, then count this program's K steps in; the program that
-        # completes the row block's count sums the slots and resets the counter for the next call.
-        tl.inline_asm_elementwise(_FENCE_PTX, "=r,r", [tid], dtype=tl.int32, is_pure=False, pack=1)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + b, steps, sem="acq_rel", scope="gpu")
-        if arrived + steps == upb:
-            slots = _sk_owner((b + 1) * upb - 1, units, programs) - _sk_owner(b * upb, units, programs) + 1
-            _mma_finish(acc_a, r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS)
+
+
+@triton.jit
+def _sk_publish(b, steps, upb: tl.constexpr, dp, dpu, sku, skp, c, g, w, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
+                counter_ptr, stride_om, HAS_BIAS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
+                RW: tl.constexpr, KWARPS: tl.constexpr):
+    """Count ``steps`` K steps into row block ``b``'s counter (its partials are already visible);
+    the program that completes the count sums the block's slots and stores the output, then resets
+    the counter to zero for the next call."""
+    arrived = tl.atomic_add(counter_ptr + b, steps, sem="acq_rel", scope="gpu")
+    if arrived + steps == upb:
+        slots = _sk_owner((b + 1) * upb - 1, dp, dpu, sku, skp) - _sk_owner(b * upb, dp, dpu, sku, skp) + 1
+        if KWARPS > 1:
+            col = 2 * (tl.arange(0, RW * 32) % 4)
+        else:
+            col = 2 * c
+        r0, r1, r2, r3 = _sk_rows(b, w, g, GROUPS, RW, KWARPS)
+        _mma_finish(r0, r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS)
+        if TWO_N:
+            _mma_finish(r0, r0, r1, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS)
+        if GROUPS == 2:
+            _mma_finish(r0, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS)
             if TWO_N:
-                _mma_finish(acc_a2, r0, r1, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots,
+                _mma_finish(r0, r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots,
                             HAS_BIAS)
-            if GROUPS == 2:
-                _mma_finish(acc_b, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots,
-                            HAS_BIAS)
-                if TWO_N:
-                    _mma_finish(acc_b2, r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om,
-                                slots, HAS_BIAS)
-            tl.debug_barrier()
-            tl.atomic_xchg(counter_ptr + b, 0, sem="relaxed", scope="gpu")
+        tl.debug_barrier()
+        tl.atomic_xchg(counter_ptr + b, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -1501,18 +1515,19 @@ def _sk_reset(acc, flush):
 @triton.jit(do_not_specialize=["M"])
 def _nvfp4_mma_sk_kernel(
     x_ptr, words_ptr, scales_ptr, gscale_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
-    M, N, stride_xm, stride_om, units,
+    M, N, stride_xm, stride_om, dp, sku,
     KT: tl.constexpr, HAS_BIAS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr, NUM_WARPS: tl.constexpr,
     KWARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 1,
 ):
-    """:func:`_nvfp4_mma_kernel` (x read when used, weight in tile order) on a persistent grid
-    with the work split evenly (see the comment above). Grid ``(programs,)`` with
-    ``programs <= units = cdiv(N, 16 * GROUPS * NUM_WARPS // KWARPS) * (KT // KWARPS)``;
-    ``counter_ptr``: one zeroed int32 per row block; ``ws_ptr``: fp32 partials, one (M, N) slot per
-    program that can share a row block (:func:`_sk_slots`). ``KT`` = K / 128 is a compile-time
-    constant (a model has few K values): the unit-to-(row block, K step) divisions become multiplies."""
+    """:func:`_nvfp4_mma_kernel` (x read when used, weight in tile order) on one wave of programs
+    with the work split evenly (see the comment above). Grid ``(programs,)``: ``dp`` programs of
+    one whole row block each (row blocks 0..dp-1), then ``programs - dp`` stream-K programs over the
+    ``sku`` units of the rest (``programs - dp <= sku``). ``counter_ptr``: one zeroed int32 per row
+    block; ``ws_ptr``: fp32 partials, one (M, N) slot per stream-K program that can share a row block
+    (:func:`_sk_slots`). ``KT`` = K / 128 is a compile-time constant (a model has few K values): the
+    unit-to-(row block, K step) divisions become multiplies."""
     p = tl.program_id(0)
-    programs = tl.num_programs(0)
+    skp = tl.maximum(tl.num_programs(0) - dp, 1)
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     tid = tl.arange(0, NUM_WARPS * 32)
     c, g, w = tl.inline_asm_elementwise(_MMA_SETUP_PTX, "=r,=r,=r,r", [tid], dtype=(tl.int32,) * 3,
@@ -1521,8 +1536,11 @@ def _nvfp4_mma_sk_kernel(
     kq = w // RW
     wrow = (w % RW) * GROUPS
     upb: tl.constexpr = KT // KWARPS
-    u0 = ((p.to(tl.int64) * units) // programs).to(tl.int32)
-    u1 = (((p + 1).to(tl.int64) * units) // programs).to(tl.int32)
+    dpu = dp * upb
+    sku_ = tl.maximum(sku, 1)
+    q = tl.maximum(p - dp, 0)
+    u0 = tl.where(p < dp, p * upb, dpu + ((q.to(tl.int64) * sku) // skp).to(tl.int32))
+    u1 = tl.where(p < dp, p * upb + upb, dpu + (((q + 1).to(tl.int64) * sku) // skp).to(tl.int32))
     n = u1 - u0
     last_blk = N // 16 - 1
     wbase = words_ptr.to(tl.int64, bitcast=True) + (g * 64 + c * 16).to(tl.int64)
@@ -1540,6 +1558,11 @@ def _nvfp4_mma_sk_kernel(
     acc_a2 = (zero, zero, zero, zero)
     acc_b = (zero, zero, zero, zero)
     acc_b2 = (zero, zero, zero, zero)
+    # The row blocks this program did in part (-1: none) and their K step counts.
+    hb = p * 0 - 1
+    hs = p * 0
+    tb = p * 0 - 1
+    ts = p * 0
     cur = _sk_tile_loads(u0, upb, KT, wbase, sbase, wrow, kq, last_blk, xa, xa2, GROUPS, RW, KWARPS, TWO_N, HINT)
     nxt = _sk_tile_loads(tl.minimum(u0 + 1, u1 - 1), upb, KT, wbase, sbase, wrow, kq, last_blk, xa, xa2,
                          GROUPS, RW, KWARPS, TWO_N, HINT)
@@ -1561,22 +1584,58 @@ def _nvfp4_mma_sk_kernel(
             nxt = _sk_tile_loads(tl.minimum(u + 2, u1 - 1), upb, KT, wbase, sbase, wrow, kq, last_blk, xa, xa2,
                                  GROUPS, RW, KWARPS, TWO_N, HINT)
         flush = (s == upb - 1) | (i == n - 1)
+        steps = u - tl.maximum(u0, b * upb) + 1
+        whole = steps == upb
         if flush:
-            _sk_flush(acc_a, acc_a2, acc_b, acc_b2, b, u - tl.maximum(u0, b * upb) + 1, upb, p, units, programs,
-                      c, g, w, M, N, gscale, bias_ptr, out_ptr, ws_ptr, counter_ptr, stride_om,
-                      HAS_BIAS, TWO_N, GROUPS, RW, KWARPS)
+            slot = p - _sk_owner(b * upb, dp, dpu, sku_, skp)
+            _sk_flush(acc_a, acc_a2, acc_b, acc_b2, b, whole, slot, c, g, w, M, N, gscale, bias_ptr, out_ptr,
+                      ws_ptr, stride_om, HAS_BIAS, TWO_N, GROUPS, RW, KWARPS)
+        part = flush & (steps != upb)
+        first = part & (hb < 0)
+        second = part & (hb >= 0)
+        hs = tl.where(first, steps, hs)
+        tb = tl.where(second, b, tb)
+        ts = tl.where(second, steps, ts)
+        hb = tl.where(first, b, hb)
         acc_a = _sk_reset(acc_a, flush)
         acc_a2 = _sk_reset(acc_a2, flush)
         acc_b = _sk_reset(acc_b, flush)
         acc_b2 = _sk_reset(acc_b2, flush)
+    if hb >= 0:
+        # This program's partials visible device-wide (its weight loads are all done: nothing in
+        # flight for the fence to wait for), then count its parts in.
+        tl.inline_asm_elementwise(_FENCE_PTX, "=r,r", [tid], dtype=tl.int32, is_pure=False, pack=1)
+        tl.debug_barrier()
+        _sk_publish(hb, hs, upb, dp, dpu, sku_, skp, c, g, w, M, N, gscale, bias_ptr, out_ptr, ws_ptr, counter_ptr,
+                    stride_om, HAS_BIAS, TWO_N, GROUPS, RW, KWARPS)
+        if tb >= 0:
+            _sk_publish(tb, ts, upb, dp, dpu, sku_, skp, c, g, w, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
+                        counter_ptr, stride_om, HAS_BIAS, TWO_N, GROUPS, RW, KWARPS)
 
 
 @functools.lru_cache(maxsize=256)
 def _sk_slots(units: int, programs: int, upb: int) -> int:
-    """The most programs whose ranges share one row block (the stream-K workspace's slot count)."""
+    """The most stream-K programs whose ranges share one row block (``units`` split over
+    ``programs``; the workspace's slot count)."""
+    if units == 0:
+        return 1
+
     def owner(u: int) -> int:
         return ((u + 1) * programs - 1) // units
     return max(owner((b + 1) * upb - 1) - owner(b * upb) + 1 for b in range(units // upb))
+
+
+def sk_plan(blocks: int, upb: int, sms: int, per_sm: int) -> Optional[tuple[int, int]]:
+    """The split of :func:`_nvfp4_mma_sk_kernel`: (programs of one whole row block, stream-K
+    programs) for ``blocks`` row blocks of ``upb`` units on ``sms`` SMs with ``per_sm`` programs
+    each; None when the row blocks fill ``per_sm`` waves or more (the plain grid is balanced
+    enough there)."""
+    whole = min(blocks // sms, per_sm - 1)
+    if blocks // sms >= per_sm:
+        return None
+    dp = whole * sms
+    rest = (blocks - dp) * upb
+    return dp, min(rest, sms * (per_sm - whole))
 
 
 @functools.lru_cache(maxsize=None)
@@ -1602,7 +1661,7 @@ class NVFP4GemmConfig:
     x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers); 2 = per chunk
     kwarps: int = 1  # mma: warps sharing the same rows, each on 1 / kwarps of the K tiles, summed in the program
     maxnreg: int = 0  # mma: register cap per thread (0: the compiler's choice; lower caps spill, more warps fit)
-    persist: int = 0  # mma, tile order: programs per SM of a persistent, evenly split grid (stream-K); 0 = off
+    persist: int = 0  # mma, tile order: programs per SM of one wave with the work split evenly (sk_plan); 0 = off
 
 
 @functools.lru_cache(maxsize=None)
@@ -1764,18 +1823,21 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         if x.dtype == torch.bfloat16:
             undo = 67108864.0  # 2**26
         grid_n = triton.cdiv(n, cfg.block_n)
+        plan = None
         if cfg.persist:
             if not w.tiled or split > 1 or cfg.x_late != 1 or cfg.ahead not in (1, 2):
                 raise ValueError(f"the persistent MMA kernel reads the tile order and x late, 1-2 tiles ahead, "
                                  f"without split-K; got {cfg} (tiled={w.tiled})")
             upb = k_tiles // kw
-            units = grid_n * upb
-            programs = min(units, _sm_count_of(x.device.index if x.device.index is not None
-                                               else torch.cuda.current_device()) * cfg.persist)
-            ws = torch.empty((_sk_slots(units, programs, upb), m, n), dtype=torch.float32, device=x.device)
-            _nvfp4_mma_sk_kernel[(programs,)](
+            plan = sk_plan(grid_n, upb, _sm_count_of(x.device.index if x.device.index is not None
+                                                     else torch.cuda.current_device()), cfg.persist)
+        if plan is not None:
+            dp, skp = plan
+            sku = (grid_n - dp) * upb
+            ws = torch.empty((_sk_slots(sku, skp, upb), m, n), dtype=torch.float32, device=x.device)
+            _nvfp4_mma_sk_kernel[(dp + skp,)](
                 x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
-                _split_counters(x.device, grid_n), m, n, x.stride(0), out.stride(0), units, KT=k_tiles,
+                _split_counters(x.device, grid_n), m, n, x.stride(0), out.stride(0), dp, sku, KT=k_tiles,
                 HAS_BIAS=bias is not None, TWO_N=cfg.block_m > 8, GROUPS=groups, NUM_WARPS=cfg.num_warps,
                 KWARPS=kw, AHEAD=cfg.ahead, HINT=cfg.hint, num_warps=cfg.num_warps, num_stages=1,
                 **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),

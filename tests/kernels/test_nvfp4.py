@@ -741,12 +741,12 @@ def _sk_ranges(units, programs):
 
 
 @pytest.mark.parametrize("units,programs,upb", [(3584, 528, 8), (7168, 1056, 8), (14336, 2112, 32), (8, 8, 8),
-                                                (9, 4, 3), (100, 99, 10), (64, 1, 8), (48, 48, 1)])
-def test_persistent_split_covers_every_unit_once_and_counts_slots(units, programs, upb):
-    # The persistent MMA kernel's partition (program p: units [p U / P, (p + 1) U / P)): every unit
-    # belongs to exactly one program, the ranges differ in length by at most one, and the slot
-    # count of the workspace is the most programs that share a row block, which the kernel's
-    # closed-form owner (largest p with p U / P <= u) must agree with.
+                                                (9, 4, 3), (100, 99, 10), (64, 1, 8), (48, 48, 1), (416, 132, 8)])
+def test_stream_k_split_covers_every_unit_once_and_counts_slots(units, programs, upb):
+    # The stream-K part of the persistent MMA kernel (program q: units [q U / S, (q + 1) U / S)):
+    # every unit belongs to exactly one program, the ranges differ in length by at most one, and
+    # the workspace's slot count is the most programs that share a row block, which the kernel's
+    # closed-form owner (largest q with q U / S <= u) must agree with.
     ranges = _sk_ranges(units, programs)
     owned = [p for p, (a, b) in enumerate(ranges) for _ in range(a, b)]
     assert len(owned) == units and owned == sorted(owned)
@@ -756,6 +756,28 @@ def test_persistent_split_covers_every_unit_once_and_counts_slots(units, program
         assert ((u + 1) * programs - 1) // units == owned[u]
     sharing = [len({owned[u] for u in range(blk * upb, (blk + 1) * upb)}) for blk in range(units // upb)]
     assert nv._sk_slots(units, programs, upb) == max(sharing)
+
+
+@pytest.mark.parametrize("blocks,upb,sms,per_sm", [(448, 8, 132, 4), (896, 8, 132, 8), (896, 8, 132, 7),
+                                                   (264, 8, 132, 3), (10, 8, 132, 4), (1, 1, 132, 4),
+                                                   (3, 32, 2, 2), (900, 8, 132, 6)])
+def test_persistent_plan_balances_the_sms(blocks, upb, sms, per_sm):
+    plan = nv.sk_plan(blocks, upb, sms, per_sm)
+    if blocks // sms >= per_sm:
+        assert plan is None  # as many row blocks as programs or more: the plain grid
+        return
+    dp, skp = plan
+    assert dp % sms == 0 and dp <= blocks and dp // sms <= per_sm - 1
+    assert dp + skp <= sms * per_sm  # one wave
+    rest = (blocks - dp) * upb
+    assert (skp == 0) == (rest == 0) and skp <= rest
+    if skp:
+        # Every SM's share of units (its whole row blocks plus its stream-K programs' ranges, the
+        # programs dealt out in launch order) is the same to within one unit per program.
+        share = [dp // sms * upb] * sms
+        for q, (a, b) in enumerate(_sk_ranges(rest, skp)):
+            share[q % sms] += b - a
+        assert max(share) - min(share) <= per_sm
 
 
 # Persistent (stream-K) MMA configurations: (block_m, block_n, warps, kwarps, ahead, programs per SM, maxnreg).
@@ -770,9 +792,11 @@ def test_gpu_mma_persistent(block):
     cfg = NVFP4GemmConfig(bm, bn, 128, 1, warps, 1, "mma", ahead, 1, "kernel", 1, kwarps, maxnreg, persist)
     from rewriter.kernels.nvfp4 import _launch
     torch.manual_seed(23)
-    # N = 1008: the last row block clamped; K = 128 / 512 with 1056 programs: more programs than
-    # units (the grid shrinks to one unit each, every row block shared); K = 4096 at full size.
-    for k, n in ((4096, 1008), (1024, 14336), (128 * kwarps, 48), (512 * kwarps, 4096)):
+    # N = 1008: the last row block clamped, stream-K programs only; N = 14336: whole row blocks and
+    # stream-K programs (or, with few programs per SM, the plain grid); N = 48: more programs than
+    # units (one unit each, every row block shared); N = 4224: one whole row block per SM at
+    # 32 rows and nothing left for stream-K.
+    for k, n in ((4096, 1008), (1024, 14336), (128 * kwarps, 48), (512 * kwarps, 4096), (256 * kwarps, 4224)):
         w = nv.to_tiled(pack_nvfp4(torch.randn(n, k, device="cuda")))
         for m in sorted({1, 3, 8, bm}):
             for dtype in (torch.bfloat16, torch.float16):
