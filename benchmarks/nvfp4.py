@@ -336,17 +336,21 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
                  for split in (2, 4) for reduce in ("kernel", "atomic")]
         return list(dict.fromkeys(cfgs))
     if focus == "persist" and m <= 16:
-        # The persistent, evenly split grid (stream-K, ``persist`` programs per SM) against the
-        # library's candidates, tile order. Programs per SM around what fits (registers).
+        # One wave of ``persist`` programs per SM with the work split evenly (whole row blocks, the
+        # rest stream-K) against the library's candidates, tile order; programs per SM around what
+        # fits, register caps at the plain kernel's counts (58 and 128: 8 and 4 programs per SM).
         bm = 8 if m <= 8 else 16
         cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
-        fits = {1: (8, 12, 16, 24), 2: (4, 6, 8, 12), 4: (2, 3, 4, 5, 6, 7, 8), 8: (1, 2, 3, 4)}
-        for kw, rw, groups in ((4, 1, 1), (4, 1, 2), (2, 1, 2), (2, 2, 1), (1, 1, 1), (1, 1, 2), (1, 2, 1)):
-            for ahead in ((1, 2) if kw == 4 else (1,)):
-                # Register caps at the original kernel's counts (58 and 128: 8 and 4 programs per SM).
-                caps = (0, 128) if groups == 2 and kw > 1 and m > 8 else (0, 64) if groups == 1 and kw == 4 else (0,)
+        if m <= 8:
+            shapes = [((4, 1, 1), (1, 2), (0, 64), (6, 7, 8)), ((4, 1, 2), (2,), (0,), (3, 4, 5)),
+                      ((1, 1, 1), (1,), (0,), (16, 24, 32)), ((2, 2, 1), (1,), (0,), (6, 7, 8))]
+        else:
+            shapes = [((4, 1, 2), (1, 2), (0, 128), (3, 4, 5)), ((1, 1, 2), (1,), (0,), (8, 12, 16)),
+                      ((2, 1, 2), (1,), (0,), (6, 7, 8)), ((4, 2, 2), (2,), (0,), (1, 2))]
+        for (kw, rw, groups), aheads, caps, per_sms in shapes:
+            for ahead in aheads:
                 for nreg in caps:
-                    for per_sm in fits[rw * kw]:
+                    for per_sm in per_sms:
                         cfgs.append(dataclasses.replace(mma_cfg(bm, groups, rw, kw, 1, ahead), maxnreg=nreg,
                                                         persist=per_sm))
         return list(dict.fromkeys(cfgs))

@@ -781,8 +781,8 @@ def test_persistent_plan_balances_the_sms(blocks, upb, sms, per_sm):
 
 
 # Persistent (stream-K) MMA configurations: (block_m, block_n, warps, kwarps, ahead, programs per SM, maxnreg).
-_PERSIST = [(8, 16, 4, 4, 1, 8, 0), (16, 32, 4, 4, 1, 4, 128), (16, 32, 4, 4, 2, 3, 0), (8, 32, 2, 1, 1, 12, 0),
-            (16, 32, 1, 1, 1, 16, 0), (16, 64, 4, 2, 1, 2, 0), (8, 64, 8, 4, 2, 2, 0), (16, 16, 1, 1, 2, 1, 0)]
+_PERSIST = [(8, 16, 4, 4, 1, 8, 64), (16, 32, 4, 4, 2, 4, 128), (8, 32, 2, 1, 1, 12, 0), (16, 64, 4, 2, 1, 2, 0),
+            (16, 16, 1, 1, 2, 1, 0)]
 
 
 @pytest.mark.gpu
@@ -798,8 +798,9 @@ def test_gpu_mma_persistent(block):
     # 32 rows and nothing left for stream-K.
     for k, n in ((4096, 1008), (1024, 14336), (128 * kwarps, 48), (512 * kwarps, 4096), (256 * kwarps, 4224)):
         w = nv.to_tiled(pack_nvfp4(torch.randn(n, k, device="cuda")))
+        # (Each K is a compilation, so the dtype and the bias go with M: bf16 with a bias at odd M.)
         for m in sorted({1, 3, 8, bm}):
-            for dtype in (torch.bfloat16, torch.float16):
+            for dtype in [torch.bfloat16 if m % 2 else torch.float16]:
                 x = torch.randn(m, k, device="cuda").to(dtype)
                 bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
                 y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
