@@ -47,6 +47,8 @@ for stage in "$@"; do
         | grep -v Warning | tail -20 ;;
     nvfp4-xlate)  # the MMA kernel with x read late or with the words
       focus_sweep xlate 7_xlate x_late,ahead 1 ;;
+    nvfp4-balance-persist)  # the persistent grid against the plain one where the SMs get equal / unequal work
+      python3 benchmarks/nvfp4_balance.py --persist 2>&1 | tee "$OUT/nvfp4_balance_persist.txt" | grep -v Warning ;;
     nvfp4-floor)  # how fast the packed weight's bytes can be read at all
       python3 benchmarks/nvfp4_floor.py 2>&1 | tee "$OUT/nvfp4_floor.txt" | grep -v Warning ;;
     nvfp4-kwarps)  # the MMA kernel with K split between the warps of a program
