@@ -1408,21 +1408,45 @@ def _sk_owner(u, dp, dpu, sku, skp):
 
 
 @triton.jit
-def _sk_tile_loads(u, upb: tl.constexpr, KT: tl.constexpr, wbase, sbase, wrow, kq, last_blk, xa, xa2,
-                   GROUPS: tl.constexpr, RW: tl.constexpr, KWARPS: tl.constexpr, TWO_N: tl.constexpr,
-                   HINT: tl.constexpr):
-    """The loads of unit ``u`` (row block u // upb, K step u % upb) for this thread, tile order."""
-    b = u // upb
-    s = u - b * upb
-    blk = b * (GROUPS * RW) + wrow
-    blk0 = tl.minimum(blk, last_blk).to(tl.int64)
-    blk1 = tl.minimum(blk + 1, last_blk).to(tl.int64)
-    wa0 = wbase + blk0 * KT * 1024
-    wa2 = wbase + blk1 * KT * 1024
-    sa0 = sbase + blk0 * KT * 128
-    sa2 = sbase + blk1 * KT * 128
-    return _mma_tile_loads(wa0, wa0 + 512, wa2, wa2 + 512, sa0, sa0 + 64, sa2, sa2 + 64, xa, xa2,
-                           s * KWARPS + kq, GROUPS, TWO_N, HINT, 1, 1)
+def _sk_tile_loads(v, upb: tl.constexpr, KT: tl.constexpr, wb0, sb0, wbase, sbase, wrow, kq, last_blk,
+                   GROUPS: tl.constexpr, RW: tl.constexpr, KWARPS: tl.constexpr, HINT: tl.constexpr,
+                   EVEN_N: tl.constexpr):
+    """Words and scale pairs of unit ``v`` (row block v // upb, K step v % upb) for this thread,
+    tile order. EVEN_N (no row block past N): one scalar offset from the thread's own base
+    (``wb0`` / ``sb0``: its 16-row block in row block 0, its K warp's first tile), since
+    block * KT + step * KWARPS = block * (GROUPS * RW - 1) * KT + v * KWARPS tiles."""
+    b = v // upb
+    if EVEN_N:
+        off = (b * ((GROUPS * RW - 1) * KT) + v * KWARPS).to(tl.int64)
+        wa0 = wb0 + off * 1024
+        sa0 = sb0 + off * 128
+        wa2 = wa0 + KT * 1024
+        sa2 = sa0 + KT * 128
+    else:
+        s = v - b * upb
+        blk = b * (GROUPS * RW) + wrow
+        blk0 = tl.minimum(blk, last_blk).to(tl.int64)
+        blk1 = tl.minimum(blk + 1, last_blk).to(tl.int64)
+        tile = (s * KWARPS + kq).to(tl.int64)
+        wa0 = wbase + (blk0 * KT + tile) * 1024
+        wa2 = wbase + (blk1 * KT + tile) * 1024
+        sa0 = sbase + (blk0 * KT + tile) * 128
+        sa2 = sbase + (blk1 * KT + tile) * 128
+    w0 = _mma_ld_words(wa0, HINT)
+    w1 = _mma_ld_words(wa0 + 512, HINT)
+    s0 = _mma_ld_scales(sa0)
+    s1 = _mma_ld_scales(sa0 + 64)
+    if GROUPS == 2:
+        w2 = _mma_ld_words(wa2, HINT)
+        w3 = _mma_ld_words(wa2 + 512, HINT)
+        s2 = _mma_ld_scales(sa2)
+        s3 = _mma_ld_scales(sa2 + 64)
+    else:
+        w2 = w0
+        w3 = w1
+        s2 = s0
+        s3 = s1
+    return w0, w1, w2, w3, s0, s1, s2, s3
 
 
 @triton.jit
@@ -1480,9 +1504,26 @@ def _sk_flush(acc_a, acc_a2, acc_b, acc_b2, b, whole, slot, c, g, w, M, N, gscal
 
 
 @triton.jit
+def _sk_finish(rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots,
+               HAS_BIAS: tl.constexpr, SLOTS: tl.constexpr):
+    """The sum of slots 0..slots-1 (at most SLOTS) of these entries, in slot order, to the output.
+    The loads are unrolled and independent, so they are all in flight at once (a loop would wait
+    for each from L2 in turn); ``.cg``: other SMs wrote them."""
+    for i in tl.static_range(4):
+        row = (rows_a, rows_a, rows_b, rows_b)[i]
+        m = col + (i % 2)
+        mask = (row < N) & (m < M)
+        total = tl.zeros(row.shape, dtype=tl.float32)
+        for sp in tl.static_range(SLOTS):
+            total += tl.load(ws_ptr + (sp * M + m).to(tl.int64) * N + row, mask=mask & (sp < slots), other=0.0,
+                             cache_modifier=".cg")
+        _store_rows(total, row, m, mask, gscale, bias_ptr, out_ptr, stride_om, N, HAS_BIAS)
+
+
+@triton.jit
 def _sk_publish(b, steps, upb: tl.constexpr, dp, dpu, sku, skp, c, g, w, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
                 counter_ptr, stride_om, HAS_BIAS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
-                RW: tl.constexpr, KWARPS: tl.constexpr):
+                RW: tl.constexpr, KWARPS: tl.constexpr, SLOTS: tl.constexpr):
     """Count ``steps`` K steps into row block ``b``'s counter (its partials are already visible);
     the program that completes the count sums the block's slots and stores the output, then resets
     the counter to zero for the next call."""
@@ -1494,22 +1535,16 @@ def _sk_publish(b, steps, upb: tl.constexpr, dp, dpu, sku, skp, c, g, w, M, N, g
         else:
             col = 2 * c
         r0, r1, r2, r3 = _sk_rows(b, w, g, GROUPS, RW, KWARPS)
-        _mma_finish(r0, r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS)
+        _sk_finish(r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS, SLOTS)
         if TWO_N:
-            _mma_finish(r0, r0, r1, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS)
+            _sk_finish(r0, r1, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS, SLOTS)
         if GROUPS == 2:
-            _mma_finish(r0, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS)
+            _sk_finish(r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS, SLOTS)
             if TWO_N:
-                _mma_finish(r0, r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots,
-                            HAS_BIAS)
+                _sk_finish(r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, slots, HAS_BIAS,
+                           SLOTS)
         tl.debug_barrier()
         tl.atomic_xchg(counter_ptr + b, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _sk_reset(acc, flush):
-    a0, a1, a2, a3 = acc
-    return (tl.where(flush, 0.0, a0), tl.where(flush, 0.0, a1), tl.where(flush, 0.0, a2), tl.where(flush, 0.0, a3))
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -1517,15 +1552,17 @@ def _nvfp4_mma_sk_kernel(
     x_ptr, words_ptr, scales_ptr, gscale_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
     M, N, stride_xm, stride_om, dp, sku,
     KT: tl.constexpr, HAS_BIAS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr, NUM_WARPS: tl.constexpr,
-    KWARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 1,
+    KWARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 1, EVEN_N: tl.constexpr = 0,
+    SLOTS: tl.constexpr = 1,
 ):
     """:func:`_nvfp4_mma_kernel` (x read when used, weight in tile order) on one wave of programs
     with the work split evenly (see the comment above). Grid ``(programs,)``: ``dp`` programs of
     one whole row block each (row blocks 0..dp-1), then ``programs - dp`` stream-K programs over the
     ``sku`` units of the rest (``programs - dp <= sku``). ``counter_ptr``: one zeroed int32 per row
-    block; ``ws_ptr``: fp32 partials, one (M, N) slot per stream-K program that can share a row block
-    (:func:`_sk_slots`). ``KT`` = K / 128 is a compile-time constant (a model has few K values): the
-    unit-to-(row block, K step) divisions become multiplies."""
+    block; ``ws_ptr``: fp32 partials, SLOTS (M, N) slots, the most stream-K programs that share a
+    row block (:func:`_sk_slots`). ``KT`` = K / 128 is a compile-time constant (a model has few K
+    values): the unit-to-(row block, K step) divisions become multiplies. EVEN_N: N is a multiple
+    of the program's rows."""
     p = tl.program_id(0)
     skp = tl.maximum(tl.num_programs(0) - dp, 1)
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
@@ -1541,11 +1578,13 @@ def _nvfp4_mma_sk_kernel(
     q = tl.maximum(p - dp, 0)
     u0 = tl.where(p < dp, p * upb, dpu + ((q.to(tl.int64) * sku) // skp).to(tl.int32))
     u1 = tl.where(p < dp, p * upb + upb, dpu + (((q + 1).to(tl.int64) * sku) // skp).to(tl.int32))
-    n = u1 - u0
     last_blk = N // 16 - 1
     wbase = words_ptr.to(tl.int64, bitcast=True) + (g * 64 + c * 16).to(tl.int64)
     sbase = scales_ptr.to(tl.int64, bitcast=True) + (g * 8 + c * 2).to(tl.int64)
-    xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 64
+    own = (wrow * KT + kq).to(tl.int64)  # this thread's first tile in row block 0
+    wb0 = wbase + own * 1024
+    sb0 = sbase + own * 128
+    xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 64 + kq.to(tl.int64) * 256
     xa = xb + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm * 2)
     xa2 = xb + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm * 2)
     if BF16:
@@ -1563,54 +1602,53 @@ def _nvfp4_mma_sk_kernel(
     hs = p * 0
     tb = p * 0 - 1
     ts = p * 0
-    cur = _sk_tile_loads(u0, upb, KT, wbase, sbase, wrow, kq, last_blk, xa, xa2, GROUPS, RW, KWARPS, TWO_N, HINT)
-    nxt = _sk_tile_loads(tl.minimum(u0 + 1, u1 - 1), upb, KT, wbase, sbase, wrow, kq, last_blk, xa, xa2,
-                         GROUPS, RW, KWARPS, TWO_N, HINT)
-    for i in range(0, n):
-        u = u0 + i
-        b = u // upb
-        s = u - b * upb
-        if AHEAD == 2:
-            new = _sk_tile_loads(tl.minimum(u + 2, u1 - 1), upb, KT, wbase, sbase, wrow, kq, last_blk, xa, xa2,
-                                 GROUPS, RW, KWARPS, TWO_N, HINT)
-        w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = cur
-        xv, xv2 = _mma_ld_x_tile(xa, xa2, s * KWARPS + kq, TWO_N)
-        acc_a, acc_a2, acc_b, acc_b2 = _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3,
-                                                   xv, xv2, BF16, TWO_N, GROUPS, 1)
-        cur = nxt
-        if AHEAD == 2:
-            nxt = new
-        else:
-            nxt = _sk_tile_loads(tl.minimum(u + 2, u1 - 1), upb, KT, wbase, sbase, wrow, kq, last_blk, xa, xa2,
-                                 GROUPS, RW, KWARPS, TWO_N, HINT)
-        flush = (s == upb - 1) | (i == n - 1)
-        steps = u - tl.maximum(u0, b * upb) + 1
-        whole = steps == upb
-        if flush:
-            slot = p - _sk_owner(b * upb, dp, dpu, sku_, skp)
-            _sk_flush(acc_a, acc_a2, acc_b, acc_b2, b, whole, slot, c, g, w, M, N, gscale, bias_ptr, out_ptr,
-                      ws_ptr, stride_om, HAS_BIAS, TWO_N, GROUPS, RW, KWARPS)
-        part = flush & (steps != upb)
+    cur = _sk_tile_loads(u0, upb, KT, wb0, sb0, wbase, sbase, wrow, kq, last_blk, GROUPS, RW, KWARPS, HINT, EVEN_N)
+    nxt = _sk_tile_loads(tl.minimum(u0 + 1, u1 - 1), upb, KT, wb0, sb0, wbase, sbase, wrow, kq, last_blk,
+                         GROUPS, RW, KWARPS, HINT, EVEN_N)
+    # One pass of the outer loop per row block in the range; the loads run two units ahead across
+    # row blocks (past the range's end the last unit is re-read).
+    for b in range(u0 // upb, (u1 - 1) // upb + 1):
+        ua = tl.maximum(u0, b * upb)
+        ub = tl.minimum(u1, b * upb + upb)
+        for u in range(ua, ub):
+            if AHEAD == 2:
+                new = _sk_tile_loads(tl.minimum(u + 2, u1 - 1), upb, KT, wb0, sb0, wbase, sbase, wrow, kq, last_blk,
+                                     GROUPS, RW, KWARPS, HINT, EVEN_N)
+            w0, w1, w2, w3, s0, s1, s2, s3 = cur
+            xv, xv2 = _mma_ld_x_tile(xa, xa2, (u - b * upb) * KWARPS, TWO_N)
+            acc_a, acc_a2, acc_b, acc_b2 = _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2,
+                                                       s3, xv, xv2, BF16, TWO_N, GROUPS, 1)
+            cur = nxt
+            if AHEAD == 2:
+                nxt = new
+            else:
+                nxt = _sk_tile_loads(tl.minimum(u + 2, u1 - 1), upb, KT, wb0, sb0, wbase, sbase, wrow, kq,
+                                     last_blk, GROUPS, RW, KWARPS, HINT, EVEN_N)
+        steps = ub - ua
+        slot = p - _sk_owner(b * upb, dp, dpu, sku_, skp)
+        _sk_flush(acc_a, acc_a2, acc_b, acc_b2, b, steps == upb, slot, c, g, w, M, N, gscale, bias_ptr, out_ptr,
+                  ws_ptr, stride_om, HAS_BIAS, TWO_N, GROUPS, RW, KWARPS)
+        part = steps != upb
         first = part & (hb < 0)
         second = part & (hb >= 0)
         hs = tl.where(first, steps, hs)
         tb = tl.where(second, b, tb)
         ts = tl.where(second, steps, ts)
         hb = tl.where(first, b, hb)
-        acc_a = _sk_reset(acc_a, flush)
-        acc_a2 = _sk_reset(acc_a2, flush)
-        acc_b = _sk_reset(acc_b, flush)
-        acc_b2 = _sk_reset(acc_b2, flush)
+        acc_a = (zero, zero, zero, zero)
+        acc_a2 = (zero, zero, zero, zero)
+        acc_b = (zero, zero, zero, zero)
+        acc_b2 = (zero, zero, zero, zero)
     if hb >= 0:
         # This program's partials visible device-wide (its weight loads are all done: nothing in
         # flight for the fence to wait for), then count its parts in.
         tl.inline_asm_elementwise(_FENCE_PTX, "=r,r", [tid], dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()
         _sk_publish(hb, hs, upb, dp, dpu, sku_, skp, c, g, w, M, N, gscale, bias_ptr, out_ptr, ws_ptr, counter_ptr,
-                    stride_om, HAS_BIAS, TWO_N, GROUPS, RW, KWARPS)
+                    stride_om, HAS_BIAS, TWO_N, GROUPS, RW, KWARPS, SLOTS)
         if tb >= 0:
             _sk_publish(tb, ts, upb, dp, dpu, sku_, skp, c, g, w, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
-                        counter_ptr, stride_om, HAS_BIAS, TWO_N, GROUPS, RW, KWARPS)
+                        counter_ptr, stride_om, HAS_BIAS, TWO_N, GROUPS, RW, KWARPS, SLOTS)
 
 
 @functools.lru_cache(maxsize=256)
@@ -1834,13 +1872,14 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         if plan is not None:
             dp, skp = plan
             sku = (grid_n - dp) * upb
-            ws = torch.empty((_sk_slots(sku, skp, upb), m, n), dtype=torch.float32, device=x.device)
+            slots = _sk_slots(sku, skp, upb)
+            ws = torch.empty((slots, m, n), dtype=torch.float32, device=x.device)
             _nvfp4_mma_sk_kernel[(dp + skp,)](
                 x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
                 _split_counters(x.device, grid_n), m, n, x.stride(0), out.stride(0), dp, sku, KT=k_tiles,
                 HAS_BIAS=bias is not None, TWO_N=cfg.block_m > 8, GROUPS=groups, NUM_WARPS=cfg.num_warps,
-                KWARPS=kw, AHEAD=cfg.ahead, HINT=cfg.hint, num_warps=cfg.num_warps, num_stages=1,
-                **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+                KWARPS=kw, AHEAD=cfg.ahead, HINT=cfg.hint, EVEN_N=n % cfg.block_n == 0, SLOTS=slots,
+                num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
             )
             return
         in_kernel = split > 1 and cfg.reduce == "atomic"
