@@ -51,16 +51,20 @@ def persist_main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     k = 4096
     cases = [  # (M, config, rows per program, programs per SM)
-        (16, C(16, 32, 128, 1, 4, 1, "mma", 2, 1, x_late=1, kwarps=4), 32, 4),
         (16, C(16, 32, 128, 1, 4, 1, "mma", 2, 1, x_late=1, kwarps=4, maxnreg=128), 32, 4),
         (1, C(8, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4, maxnreg=64), 16, 8),
     ]
+    # Experiments on the persistent kernel: without the sums of shared row blocks (wrong outputs,
+    # time only), and with the stream-K work on the first program ids.
+    experiments = {"persist": {}, "no-sums": {"PUBLISH": 0}, "sk-first": {"SK_FIRST": 1},
+                   "all-sk": {}, "all-sk-no-sums": {"PUBLISH": 0}}
+    plan_of = nv.sk_plan
     print(f"{torch.cuda.get_device_name()}, {sms} SMs, K = {k}")
     for m, cfg, rows, per_sm in cases:
         pcfg = dataclasses.replace(cfg, persist=per_sm)
         upb = k // 128 // cfg.kwarps
         # all whole row blocks (per_sm - 1 per SM), the target shape, stream-K only
-        for n in (sms * (per_sm - 1) * rows, 14336, (sms // 2) * rows):
+        for n in (14336,):
             torch.manual_seed(0)
             w = nv.to_tiled(nv.pack_nvfp4(torch.randn(n, k, device="cuda") * 0.02))
             copies = nv.weight_copies(w, nv.copies_for(w.nbytes()))
@@ -70,11 +74,18 @@ def persist_main() -> None:
             blocks = -(-n // cfg.block_n)
             plan = nv.sk_plan(blocks, upb, sms, per_sm)
             line = f"M={m:2d} N={n:6d} r{cfg.maxnreg} blocks {blocks} plan (whole, stream-K) {plan}:"
-            for label, c in (("plain", cfg), ("persist", pcfg)):
+            for label, c, extra in [("plain", cfg, {})] + [(e, pcfg, v) for e, v in experiments.items()]:
+                nv._SK_EXPERIMENT.clear()
+                nv._SK_EXPERIMENT.update(extra)
+                # "all-sk": every program stream-K (equal ranges, no whole row blocks)
+                nv.sk_plan = ((lambda blocks, upb, sms_, per: (0, min(blocks * upb, sms_ * per)))
+                              if label.startswith("all-sk") else plan_of)
                 out.fill_(float("nan"))
                 nv._launch(x, w, None, out, c)
                 err = float((out.float() - ref).norm() / ref.norm())
                 line += f" {label} {time_us(x, copies, out, c):6.2f} us (err {err:.0e})"
+                nv._SK_EXPERIMENT.clear()
+                nv.sk_plan = plan_of
             print(line, flush=True)
             del w, copies
             torch.cuda.empty_cache()

@@ -1553,7 +1553,7 @@ def _nvfp4_mma_sk_kernel(
     M, N, stride_xm, stride_om, dp, sku,
     KT: tl.constexpr, HAS_BIAS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr, NUM_WARPS: tl.constexpr,
     KWARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 1, EVEN_N: tl.constexpr = 0,
-    SLOTS: tl.constexpr = 1,
+    SLOTS: tl.constexpr = 1, PUBLISH: tl.constexpr = 1, SK_FIRST: tl.constexpr = 0,
 ):
     """:func:`_nvfp4_mma_kernel` (x read when used, weight in tile order) on one wave of programs
     with the work split evenly (see the comment above). Grid ``(programs,)``: ``dp`` programs of
@@ -1562,8 +1562,12 @@ def _nvfp4_mma_sk_kernel(
     block; ``ws_ptr``: fp32 partials, SLOTS (M, N) slots, the most stream-K programs that share a
     row block (:func:`_sk_slots`). ``KT`` = K / 128 is a compile-time constant (a model has few K
     values): the unit-to-(row block, K step) divisions become multiplies. EVEN_N: N is a multiple
-    of the program's rows."""
+    of the program's rows. Timing experiments only (benchmarks/nvfp4_balance.py): PUBLISH=0 skips
+    the sums of shared row blocks (their outputs are left unwritten), SK_FIRST=1 gives the stream-K
+    work to the first program ids instead of the last."""
     p = tl.program_id(0)
+    if SK_FIRST:
+        p = (p + dp) % tl.num_programs(0)
     skp = tl.maximum(tl.num_programs(0) - dp, 1)
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     tid = tl.arange(0, NUM_WARPS * 32)
@@ -1639,7 +1643,7 @@ def _nvfp4_mma_sk_kernel(
         acc_a2 = (zero, zero, zero, zero)
         acc_b = (zero, zero, zero, zero)
         acc_b2 = (zero, zero, zero, zero)
-    if hb >= 0:
+    if (hb >= 0) & (PUBLISH != 0):
         # This program's partials visible device-wide (its weight loads are all done: nothing in
         # flight for the fence to wait for), then count its parts in.
         tl.inline_asm_elementwise(_FENCE_PTX, "=r,r", [tid], dtype=tl.int32, is_pure=False, pack=1)
@@ -1649,6 +1653,10 @@ def _nvfp4_mma_sk_kernel(
         if tb >= 0:
             _sk_publish(tb, ts, upb, dp, dpu, sku_, skp, c, g, w, M, N, gscale, bias_ptr, out_ptr, ws_ptr,
                         counter_ptr, stride_om, HAS_BIAS, TWO_N, GROUPS, RW, KWARPS, SLOTS)
+
+
+# Extra constexprs of _nvfp4_mma_sk_kernel for timing experiments (PUBLISH, SK_FIRST); empty in use.
+_SK_EXPERIMENT: dict = {}
 
 
 @functools.lru_cache(maxsize=256)
@@ -1880,6 +1888,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
                 HAS_BIAS=bias is not None, TWO_N=cfg.block_m > 8, GROUPS=groups, NUM_WARPS=cfg.num_warps,
                 KWARPS=kw, AHEAD=cfg.ahead, HINT=cfg.hint, EVEN_N=n % cfg.block_n == 0, SLOTS=slots,
                 num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+                **_SK_EXPERIMENT,
             )
             return
         in_kernel = split > 1 and cfg.reduce == "atomic"
