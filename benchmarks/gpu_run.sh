@@ -31,10 +31,6 @@ for stage in "$@"; do
       python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -k "mma or subnormal" tests/kernels/test_nvfp4.py \
         > "$OUT/tests_mma.log" 2>&1
       grep -E "^E  |^FAILED|passed|failed" "$OUT/tests_mma.log" | head -30 ;;
-    tests-persist)  # GPU tests of the persistent (stream-K) NVFP4 MMA kernel only
-      python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -k "persistent" tests/kernels/test_nvfp4.py \
-        > "$OUT/tests_persist.log" 2>&1
-      grep -E "^E  |^FAILED|passed|failed" "$OUT/tests_persist.log" | head -30 ;;
     tests-flex)  # GPU tests of the Flex path only
       python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/kernels/test_flex.py \
         tests/passes/test_attention_flex.py > "$OUT/tests_flex.log" 2>&1
@@ -47,8 +43,6 @@ for stage in "$@"; do
         | grep -v Warning | tail -20 ;;
     nvfp4-xlate)  # the MMA kernel with x read late or with the words
       focus_sweep xlate 7_xlate x_late,ahead 1 ;;
-    nvfp4-balance-persist)  # the persistent grid against the plain one where the SMs get equal / unequal work
-      python3 benchmarks/nvfp4_balance.py --persist 2>&1 | tee "$OUT/nvfp4_balance_persist.txt" | grep -v Warning ;;
     nvfp4-floor)  # how fast the packed weight's bytes can be read at all
       python3 benchmarks/nvfp4_floor.py 2>&1 | tee "$OUT/nvfp4_floor.txt" | grep -v Warning ;;
     nvfp4-kwarps)  # the MMA kernel with K split between the warps of a program
@@ -61,8 +55,6 @@ for stage in "$@"; do
       focus_sweep maxnreg 11_maxnreg "maxnreg" 3 ;;
     nvfp4-balance)  # K split in the program and over the grid together (work spread evenly over the SMs)
       focus_sweep balance 14_balance "kwarps,split_k" 1 ;;
-    nvfp4-persist)  # the persistent, evenly split grid (stream-K) against the candidates
-      focus_sweep persist 15_persist "persist" 3 ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
     nvfp4-variants)  # fp16 activations and bias against bf16

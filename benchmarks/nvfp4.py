@@ -285,7 +285,7 @@ def variants_markdown(info, rows) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-TILE_ONLY_FOCUSES = ("xlate2", "maxnreg", "balance", "persist")  # sweep foci timed on the tile order only
+TILE_ONLY_FOCUSES = ("xlate2", "maxnreg", "balance")  # sweep foci timed on the tile order only
 
 
 def mma_cfg(bm, groups, rw, kw, split, ahead, x_late=1) -> nv.NVFP4GemmConfig:
@@ -334,25 +334,6 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
         cfgs += [dataclasses.replace(mma_cfg(bm, groups, rw, kw, split, 1), reduce=reduce)
                  for kw, rw, groups in ((4, 1, 2), (4, 1, 1), (2, 1, 2), (4, 2, 1), (2, 2, 1))
                  for split in (2, 4) for reduce in ("kernel", "atomic")]
-        return list(dict.fromkeys(cfgs))
-    if focus == "persist" and m <= 16:
-        # One wave of ``persist`` programs per SM with the work split evenly (whole row blocks, the
-        # rest stream-K) against the library's candidates, tile order; programs per SM around what
-        # fits, register caps at the plain kernel's counts (58 and 128: 8 and 4 programs per SM).
-        bm = 8 if m <= 8 else 16
-        cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
-        if m <= 8:
-            shapes = [((4, 1, 1), (1, 2), (0, 64), (6, 7, 8)), ((4, 1, 2), (2,), (0,), (3, 4, 5)),
-                      ((1, 1, 1), (1,), (0,), (16, 24, 32)), ((2, 2, 1), (1,), (0,), (6, 7, 8))]
-        else:
-            shapes = [((4, 1, 2), (1, 2), (0, 128), (3, 4, 5)), ((1, 1, 2), (1,), (0,), (8, 12, 16)),
-                      ((2, 1, 2), (1,), (0,), (6, 7, 8)), ((4, 2, 2), (2,), (0,), (1, 2))]
-        for (kw, rw, groups), aheads, caps, per_sms in shapes:
-            for ahead in aheads:
-                for nreg in caps:
-                    for per_sm in per_sms:
-                        cfgs.append(dataclasses.replace(mma_cfg(bm, groups, rw, kw, 1, ahead), maxnreg=nreg,
-                                                        persist=per_sm))
         return list(dict.fromkeys(cfgs))
     if focus == "kwarps" and m <= 16:
         # Warps sharing rows, K split inside the program (kwarps), against the library's candidates.
@@ -693,8 +674,7 @@ def main() -> None:
                         "'tiled': the MMA kernel on the tile-ordered weight against the row layout; "
                         "'xlate2': x read per chunk against per tile (tile order); "
                         "'maxnreg': register caps on the best tile-order configurations; "
-                        "'balance': K split in the program and over the grid together (tile order); "
-                        "'persist': the persistent, evenly split grid (stream-K, tile order)")
+                        "'balance': K split in the program and over the grid together (tile order)")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--variants", action="store_true",
