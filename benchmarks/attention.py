@@ -53,7 +53,7 @@ VARIANTS = ["plain", "causal", "alibi+causal", "window512+causal", "softcap+caus
 # hand-written mask_mod over the document ids.
 DOCS = 8
 EXTRA_VARIANTS = ["docs8+causal"]
-IMPLS = ["ours", "ours_atomic", "sdpa", "sdpa_mask", "flex", "eager"]
+IMPLS = ["ours", "sdpa", "sdpa_mask", "flex", "eager"]
 
 
 def alibi_slopes(h, device):
@@ -144,7 +144,7 @@ def eager_attention(q, k, v, variant, bias):
     return torch.softmax(s, dim=-1).to(q.dtype) @ v
 
 
-def make_impls(variant, q, k, v, bias, flex_fn, flex_kw, ab_dq=False):
+def make_impls(variant, q, k, v, bias, flex_fn, flex_kw):
     h = q.shape[1]
     if variant.startswith("docs"):
         from rewriter.kernels.flex import flex_attention_static, register
@@ -154,8 +154,6 @@ def make_impls(variant, q, k, v, bias, flex_fn, flex_kw, ab_dq=False):
     else:
         kw = ours_kwargs(variant, h, q.device)
         impls = {"ours": lambda: fa.flash_attention(q, k, v, **kw)}
-        if ab_dq:
-            impls["ours_atomic"] = AtomicDQ(lambda: fa.flash_attention(q, k, v, **kw))
     impls["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=variant != "plain")
     if bias is not None:
         impls["sdpa_mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -165,37 +163,18 @@ def make_impls(variant, q, k, v, bias, flex_fn, flex_kw, ab_dq=False):
     return impls
 
 
-GRAPHED = ("ours", "ours_atomic", "sdpa", "flex")
-
-
-class AtomicDQ:
-    """Our op with the atomic-dQ backward (rewriter.kernels.flash_attention.BACKWARD_DQ), for
-    --ab-dq: :func:`bench` sets the mode around the whole timed step (the backward reads it)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self):
-        return self.fn()
+GRAPHED = ("ours", "sdpa", "flex")
 REP_MS = 100  # timing window of each measurement (--rep)
 
 
 def bench(fn, q, k, v, do, mode, graph):
     """Median ms of one call, eager (graph=False) or replayed from a CUDA graph."""
     if mode == "fwd":
-        inner = fn
+        step = fn
     else:
-        def inner():
+        def step():
             out = fn()
             torch.autograd.grad(out, (q, k, v), do)
-    step = inner
-    if isinstance(fn, AtomicDQ):
-        def step():
-            prev, fa.BACKWARD_DQ = fa.BACKWARD_DQ, "atomic"
-            try:
-                inner()
-            finally:
-                fa.BACKWARD_DQ = prev
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
         if graph:
             return triton.testing.do_bench_cudagraph(step, rep=REP_MS, return_mode="median")
@@ -282,7 +261,7 @@ def run(args, save):
     else:
         shapes = [(d, s) for d in (64, 128) for s in (1024, 2048, 4096, 8192, 16384)]
     variants = args.variants.split(",") if args.variants else VARIANTS
-    modes = args.modes.split(",")
+    modes = ["fwd", "fwd+bwd"]
     results, tune_log = [], []
     start = time.time()
     for d, s in shapes:
@@ -305,7 +284,7 @@ def run(args, save):
                           if mask_mod is not None else None)
             flex_fn = torch.compile(flex_attention, dynamic=False)
             flex_kw = dict(score_mod=score_mod, block_mask=block_mask)
-            impls = make_impls(variant, q, k, v, bias, flex_fn, flex_kw, args.ab_dq)
+            impls = make_impls(variant, q, k, v, bias, flex_fn, flex_kw)
             flops_fwd = 4.0 * b * HEADS * d * visible_pairs(variant, s)
             for mode in modes:
                 for impl in IMPLS:
@@ -326,8 +305,8 @@ def run(args, save):
                     except Exception as exc:  # a baseline that cannot run this row
                         row.update(ms=None, tflops=None, note=f"{type(exc).__name__}: {exc}"[:200])
                     torch.cuda.empty_cache()
-                    if impl in ("ours", "ours_atomic"):
-                        tuning_log(tune_log, variant=variant, D=d, S=s, mode=mode, impl=impl)
+                    if impl == "ours":
+                        tuning_log(tune_log, variant=variant, D=d, S=s, mode=mode)
                     results.append(row)
                     tf, tfg = row.get("tflops"), row.get("tflops_graph")
                     print(f"D={d:3d} S={s:5d} {variant:18s} {mode:7s} {impl:9s} "
@@ -369,23 +348,6 @@ def table(results):
                      f"{ratio('sdpa_mask')} | {ratio('flex')} | {tf('ours', g)} | "
                      f"{tf('sdpa', g)} | {tf('flex', g)} | {ratio('sdpa', g)} | "
                      f"{ratio('flex', g)} |")
-    if any(r["impl"] == "ours_atomic" for r in results):
-        lines.append("")
-        lines.append("Atomic-dQ backward (`ours_atomic`) against the same run's rows, graph time:")
-        lines.append("")
-        lines.append("| D | S | variant | mode | ours | ours_atomic | atomic/ours | atomic/sdpa | atomic/flex |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
-        for (d, s, variant, mode), row in by_key.items():
-            a = row.get("ours_atomic")
-            if not (a and a.get("tflops_graph")):
-                continue
-
-            def over(name):
-                c = row.get(name)
-                return f"{a['tflops_graph'] / c['tflops_graph']:.2f}x" if c and c.get("tflops_graph") else "-"
-            base = row.get("ours", {}).get("tflops_graph")
-            lines.append(f"| {d} | {s} | {variant} | {mode} | {base or 0:.0f} | {a['tflops_graph']:.0f} | "
-                         f"{over('ours')} | {over('sdpa')} | {over('flex')} |")
     return "\n".join(lines)
 
 
@@ -403,9 +365,6 @@ def main():
     parser.add_argument("--eager-max-s", type=int, default=0,
                         help="skip the eager baseline above this sequence length (0: never skip)")
     parser.add_argument("--suffix", default="", help="added to the output file names")
-    parser.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
-    parser.add_argument("--ab-dq", action="store_true",
-                        help="also time ours with the atomic-dQ backward (column ours_atomic)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     global REP_MS

@@ -65,14 +65,6 @@ for stage in "$@"; do
       python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/kernels/test_flash_attention.py \
         tests/passes/test_attention_kernels.py tests/passes/test_attention.py > "$OUT/tests_attn.log" 2>&1
       grep -E "^E  |^FAILED|passed|failed" "$OUT/tests_attn.log" | grep -v DEBUG | head -30 ;;
-    tests-attn-atomic)  # GPU tests of the atomic-dQ attention backward
-      python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -k atomic tests/kernels/test_flash_attention.py \
-        > "$OUT/tests_attn_atomic.log" 2>&1
-      grep -E "^E  |^FAILED|passed|failed" "$OUT/tests_attn_atomic.log" | head -30 ;;
-    attn-ab-dq)  # forward+backward with the split and the atomic dQ, D = 128, S = 4096, and the baselines
-      python3 benchmarks/attention.py --shapes 128:4096 --variants "${ATTN_VARIANTS:-causal,alibi+causal,window512+causal,softcap+causal}" \
-        --modes fwd+bwd --ab-dq --rep 30 --eager-max-s 1 --suffix _abdq --out "$OUT" 2>&1 \
-        | grep -v "^ *(\|autotune" | tail -20 ;;
     attn-docs)  # the FlexAttention route on document masks
       python3 benchmarks/attention.py --variants docs8+causal --shapes 128:4096,128:16384,64:4096 --rep 50 \
         --suffix _docs --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -16 ;;

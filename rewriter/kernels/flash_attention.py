@@ -383,12 +383,6 @@ _DQ_CONFIGS = {
     128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4)],
     256: [(64, 32, 8, 2), (32, 32, 4, 2)],
 }
-# dK/dV with dQ added atomically (ATOMIC_DQ, see attention_backward): one more product and its
-# (queries x D) fp32 result per step, so smaller query blocks than the plain dK/dV kernel.
-_DKDV_ATOMIC_CONFIGS = {
-    128: [(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 4, 3)],
-    256: [(32, 64, 8, 2), (16, 32, 4, 2)],
-}
 # Under the interpreter one small fixed shape per kernel keeps the CPU tests fast; BLOCK_M !=
 # BLOCK_N so the tests exercise the range arithmetic that the GPU shapes rely on.
 _INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
@@ -401,37 +395,32 @@ _TUNE_KEY = ["SQ_KEY", "SKV_KEY", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTC
              "HAS_PAD", "HAS_DROPOUT"]
 
 
-def _configs(kernel, tables):
-    shapes = [_INTERPRET_CONFIGS[kernel]] if _INTERPRET else [s for t in tables for v in t.values() for s in v]
+def _configs(kernel, table):
+    shapes = [_INTERPRET_CONFIGS[kernel]] if _INTERPRET else sum(table.values(), [])
     return [triton.Config({"BLOCK_M": s[0], "BLOCK_N": s[1]}, num_warps=s[2], num_stages=s[3])
             for s in dict.fromkeys(shapes)]
 
 
-def _pruner(table, atomic_table=None):
+def _pruner(table):
     def prune(configs, named_args, **kwargs):
         if _INTERPRET:
             return configs
-        use = atomic_table if atomic_table is not None and kwargs.get("ATOMIC_DQ") else table
-        wanted = use[128 if kwargs["BLOCK_D"] <= 128 else 256]
+        wanted = table[128 if kwargs["BLOCK_D"] <= 128 else 256]
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                        c.num_stages) in wanted]
     return prune
 
 
-def _tuned(kernel, table, atomic_table=None):
+def _tuned(kernel, table):
     """Autotuning over ``table``'s block shapes (see above) and the EVEN_M / EVEN_N heuristics,
-    the decorators every kernel of this module carries; ``atomic_table``: the shapes for the
-    dK/dV kernel's ATOMIC_DQ form (tuned separately)."""
-    tables = [table] + ([atomic_table] if atomic_table is not None else [])
-    key = _TUNE_KEY + (["ATOMIC_DQ"] if atomic_table is not None else [])
-
+    the decorators every kernel of this module carries."""
     def wrap(fn):
         fn = triton.heuristics({
             "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
             "EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0,
         })(fn)
-        return triton.autotune(configs=_configs(kernel, tables), key=key,
-                               prune_configs_by={"early_config_prune": _pruner(table, atomic_table)})(fn)
+        return triton.autotune(configs=_configs(kernel, table), key=_TUNE_KEY,
+                               prune_configs_by={"early_config_prune": _pruner(table)})(fn)
     return wrap
 
 
@@ -537,7 +526,7 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DQACCh, stride_qm, stride_dom,
+def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom,
                          seed, bh, cols, offs_d, start_m, Sq, Skv,
                          qk_scale, cap_log2, cap_inv_scale, slope_log2, pad_log2,
                          lo_off, hi_off, dropout_p,
@@ -545,11 +534,9 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DQACCh, stride_qm,
                          EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                          HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
-                         ATOMIC_DQ: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
     # Works on transposed tiles (keys x queries) so per-query vectors broadcast along axis 0 and
-    # dK, dV accumulate as plain (keys x D) products. ATOMIC_DQ: this block's share of dQ
-    # (dS K, queries x D) is added to an fp32 accumulator of rows of BLOCK_D floats.
+    # dK, dV accumulate as plain (keys x D) products.
     CHECK_ROWS: tl.constexpr = MASKED and not EVEN_M
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _load_tile(Qh + rows[:, None] * stride_qm + offs_d[None, :], rows, Sq, offs_d,
@@ -582,20 +569,12 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DQACCh, stride_qm,
     dsT = pT * (dpT - delta[None, :])
     if HAS_SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
-    dsT = _cast(dsT, q.dtype)
-    dk = _dot_acc(dsT, q, dk)
-    if ATOMIC_DQ:
-        dq = _dot(tl.trans(dsT), k)
-        ptrs = DQACCh + rows[:, None] * BLOCK_D + offs_d[None, :]
-        if CHECK_ROWS:
-            tl.atomic_add(ptrs, dq, mask=(rows[:, None] < Sq) & (offs_d[None, :] < BLOCK_D), sem="relaxed")
-        else:
-            tl.atomic_add(ptrs, dq, sem="relaxed")
+    dk = _dot_acc(_cast(dsT, q.dtype), q, dk)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DQACCh, stride_qm, stride_dom,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom,
                          seed, bh, cols, offs_d, start, stop, Sq, Skv,
                          qk_scale, cap_log2, cap_inv_scale, slope_log2, pad_log2,
                          lo_off, hi_off, dropout_p,
@@ -603,33 +582,31 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DQACCh, stride_qm
                          EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                          HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
-                         ATOMIC_DQ: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
     if _IN_INTERPRETER:
         start_m = start
         while start_m < stop:
             dk, dv = _attn_bwd_dkdv_step(
-                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DQACCh, stride_qm, stride_dom, seed, bh, cols,
+                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
                 offs_d, start_m, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                 pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                ATOMIC_DQ, BLOCK_D)
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             start_m += BLOCK_M
     else:
         for start_m in range(start, stop, BLOCK_M):
             dk, dv = _attn_bwd_dkdv_step(
-                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DQACCh, stride_qm, stride_dom, seed, bh, cols,
+                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
                 offs_d, tl.multiple_of(start_m, BLOCK_M), Sq, Skv, qk_scale, cap_log2,
                 cap_inv_scale, slope_log2, pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM,
                 BLOCK_M, EVEN_M, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD,
-                HAS_DROPOUT, FAST_TANH, ATOMIC_DQ, BLOCK_D)
+                HAS_DROPOUT, FAST_TANH)
     return dk, dv
 
 
-@_tuned("dkdv", _DKDV_CONFIGS, _DKDV_ATOMIC_CONFIGS)
+@_tuned("dkdv", _DKDV_CONFIGS)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE2, DELTA, DQACC, ALIBI, PAD, SEED,
+    Q, K, V, DO, DK, DV, LSE2, DELTA, ALIBI, PAD, SEED,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -642,7 +619,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FAST_TANH: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -678,40 +655,33 @@ def _attn_bwd_dkdv_kernel(
         DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         LSE2h = LSE2 + bh.to(tl.int64) * Sq
         DELTAh = DELTA + bh.to(tl.int64) * Sq
-        DQACCh = DQACC
-        if ATOMIC_DQ:
-            DQACCh = DQACC + bh.to(tl.int64) * Sq * BLOCK_D
         slope_log2 = 0.0
         if HAS_ALIBI:
             slope_log2 = tl.load(ALIBI + h).to(tl.float32) * _LOG2E_C
         if HAS_LEFT and HAS_RIGHT:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DQACCh, stride_qm, stride_dom, seed, bh, cols,
+                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
                 offs_d, lo, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                 pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                ATOMIC_DQ, BLOCK_D)
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         else:
             if HAS_RIGHT:
                 dk, dv = _attn_bwd_dkdv_inner(
-                    dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DQACCh, stride_qm, stride_dom, seed, bh, cols,
+                    dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
                     offs_d, lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                     pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                ATOMIC_DQ, BLOCK_D)
+                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DQACCh, stride_qm, stride_dom, seed, bh, cols,
+                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
                 offs_d, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                 pad_log2, lo_off, hi_off, dropout_p, False, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                ATOMIC_DQ, BLOCK_D)
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             if HAS_LEFT or not EVEN_M:
                 dk, dv = _attn_bwd_dkdv_inner(
-                    dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DQACCh, stride_qm, stride_dom, seed, bh, cols,
+                    dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
                     offs_d, full_hi, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                     pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                    ATOMIC_DQ, BLOCK_D)
+                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         g += 1
     mask = (cols[:, None] < Skv) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
@@ -880,52 +850,6 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _attn_bwd_prep_kernel(O, DO, LSE, DLSE, LSE2, DELTA, DQACC,
-                          stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                          Hq, Sq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    """For the atomic-dQ backward: delta and the log2 log-sum-exp of a block of rows (as the dQ
-    kernel computes them in the two-kernel backward), and the rows' fp32 dQ accumulator zeroed."""
-    start_m = tl.program_id(0) * BLOCK
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * Hq + h
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    rows = start_m + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                    + rows[:, None] * stride_dom + offs_d[None, :], rows, Sq, offs_d, True, HEAD_DIM, EVEN_D)
-    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                   + rows[:, None] * stride_om + offs_d[None, :], rows, Sq, offs_d, True, HEAD_DIM, EVEN_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row_offs = bh.to(tl.int64) * Sq + rows
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + row_offs, mask=rows < Sq, other=0.0)
-    lse = tl.load(LSE + row_offs, mask=rows < Sq, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
-    tl.store(DELTA + row_offs, delta, mask=rows < Sq)
-    tl.store(LSE2 + row_offs, lse2, mask=rows < Sq)
-    tl.store(DQACC + row_offs[:, None] * BLOCK_D + offs_d[None, :], tl.zeros((BLOCK, BLOCK_D), tl.float32),
-             mask=rows[:, None] < Sq)
-
-
-@triton.jit
-def _attn_bwd_dq_cast_kernel(DQACC, DQ, stride_dqb, stride_dqh, stride_dqm, Hq, Sq, scale,
-                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
-    """dQ = scale * the fp32 accumulator, in dQ's dtype and strides."""
-    start_m = tl.program_id(0) * BLOCK
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    rows = start_m + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_offs = (b * Hq + h).to(tl.int64) * Sq + rows
-    acc = tl.load(DQACC + row_offs[:, None] * BLOCK_D + offs_d[None, :], mask=rows[:, None] < Sq, other=0.0)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqm
-             + offs_d[None, :], _cast(acc * scale, DQ.dtype.element_ty),
-             mask=(rows[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit
 def _dropout_mask_kernel(SEED, OUT, Sq, Skv, dropout_p, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -1053,31 +977,6 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
     pad_stride = 0 if pad is None else pad.stride(0)
     tail = (s["Hq"], s["GROUP"], Sq, Skv, s["SQ_KEY"], s["SKV_KEY"], scale, s["qk_scale"],
             s["cap_log2"], s["cap_inv_scale"], s["lo_off"], s["hi_off"], s["dropout_p"])
-    dkdv_args = (
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        pad_stride, *tail)
-    if _use_atomic_dq(q):
-        # Three launches: delta / lse2 and a zeroed fp32 dQ accumulator; dK/dV, adding each
-        # block's dS K into the accumulator; the scaled cast to dQ.
-        bd = meta["BLOCK_D"]
-        dqacc = torch.empty((B, Hq, Sq, bd), device=q.device, dtype=torch.float32)
-        rows = 64 if bd <= 128 else 32
-        grid = (triton.cdiv(Sq, rows), Hq, B)
-        _attn_bwd_prep_kernel[grid](
-            out, do, lse.contiguous(), dlse, lse2, delta, dqacc,
-            out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            Hq, Sq, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=bd, HAS_DLSE=dlse is not None, BLOCK=rows, num_warps=4)
-        _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B)](
-            q, k, v, do, dk, dv, lse2, delta, dqacc, alibi, pad, seed,
-            q.stride(0), q.stride(1), q.stride(2), *dkdv_args, ATOMIC_DQ=True, **meta,
-        )
-        _attn_bwd_dq_cast_kernel[grid](dqacc, dq, dq.stride(0), dq.stride(1), dq.stride(2), Hq, Sq, scale,
-                                       HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=bd, BLOCK=rows, num_warps=4)
-        return dq, dk, dv
     # dQ first: it writes delta and lse2, which the dK/dV kernel reads.
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)](
         q, k, v, out, do, dq, lse.contiguous(), dlse, lse2, delta, alibi, pad, seed,
@@ -1090,22 +989,16 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
         pad_stride, *tail, HAS_DLSE=dlse is not None, **meta,
     )
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B)](
-        q, k, v, do, dk, dv, lse2, delta, delta, alibi, pad, seed,
-        q.stride(0), q.stride(1), q.stride(2), *dkdv_args, ATOMIC_DQ=False, **meta,
+        q, k, v, do, dk, dv, lse2, delta, alibi, pad, seed,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        pad_stride, *tail, **meta,
     )
     return dq, dk, dv
-
-
-# The backward's dQ: "split" (a dQ kernel per query block that recomputes the scores and dP, then
-# dK/dV: 7 products per block pair) or "atomic" (dK/dV adds each block's dS K into an fp32
-# accumulator: 5 products, plus fp32 atomics and two light passes over the accumulator).
-BACKWARD_DQ = os.environ.get("REWRITER_ATTN_BWD_DQ", "split")
-
-
-def _use_atomic_dq(q: torch.Tensor) -> bool:
-    if BACKWARD_DQ not in ("split", "atomic"):
-        raise ValueError(f"REWRITER_ATTN_BWD_DQ / BACKWARD_DQ must be 'split' or 'atomic', got {BACKWARD_DQ!r}")
-    return BACKWARD_DQ == "atomic"
 
 
 # --------------------------------------------------------------------------------------------

@@ -160,42 +160,6 @@ def test_matches_reference_fp32(case):
         assert _rel(x, ref) < FP32_TOL, name
 
 
-# The atomic-dQ backward (dK/dV adds dS K into an fp32 accumulator) on the cases whose
-# gradients need every part of it: GQA groups, odd lengths (masked rows), D = 80 (padded
-# columns), both alignments, each variant, a fully masked row and the log-sum-exp gradient.
-ATOMIC_CASES = [CASES[i] for i in (0, 1, 3, 4, 8, 9, 11, 12, 13, 15, 16, 17, 20, 22, 26)]
-
-
-@pytest.mark.parametrize("case", ATOMIC_CASES, ids=[_case_id(c) for c in ATOMIC_CASES])
-def test_atomic_dq_backward_matches_reference_and_split(case, monkeypatch):
-    import rewriter.kernels.flash_attention as fa
-    B, Hq, Hkv, Sq, Skv, D, kw = case
-    kw = _materialize(kw, B, Hq, Skv)
-    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D)
-    out, lse = _op(q, k, v, **kw)
-    ref_out, ref_lse, _ = _reference_with_grads(q, k, v, torch.zeros_like(out), None, **kw)
-    lse_grad = not bool(torch.isinf(ref_lse).any())
-    monkeypatch.setattr(fa, "BACKWARD_DQ", "atomic")
-    grads, g, gl = _grads(out, lse, (q, k, v), lse_grad=lse_grad)
-    _, _, ref = _reference_with_grads(q, k, v, g, gl, **kw)
-    monkeypatch.setattr(fa, "BACKWARD_DQ", "split")
-    out2, lse2 = _op(q, k, v, **kw)
-    split, _, _ = _grads(out2, lse2, (q, k, v), lse_grad=lse_grad)
-    for name, x, r, y in zip(("dq", "dk", "dv"), grads, ref, split):
-        assert torch.isfinite(x).all(), name
-        assert _rel(x, r) < FP32_TOL, name
-        assert _rel(x, y) < FP32_TOL, name
-
-
-def test_backward_dq_mode_is_checked(monkeypatch):
-    import rewriter.kernels.flash_attention as fa
-    q, k, v = _inputs(1, 1, 1, 8, 8, 16)
-    out, lse = _op(q, k, v)
-    monkeypatch.setattr(fa, "BACKWARD_DQ", "fast")
-    with pytest.raises(ValueError, match="'split' or 'atomic'"):
-        _grads(out, lse, (q, k, v))
-
-
 def _eager_lowp(q, k, v, scale=None, causal=False, causal_align="top_left", window=None,
                 alibi_slopes=None, softcap=None, key_padding_mask=None):
     """Attention as eager model code computes it in q's dtype (the error yardstick)."""
@@ -329,10 +293,7 @@ def test_dropout_reproducible_and_seed_dependent():
     (2, 4, 1, 33, 33, 32, dict(causal=True, window=(10, 0), alibi_slopes="alibi", softcap=5.0,
                                key_padding_mask="pad")),
 ], ids=["causal", "gqa-all-variants"])
-@pytest.mark.parametrize("dq_mode", ["split", "atomic"])
-def test_dropout_matches_reference_with_same_mask(case, dq_mode, monkeypatch):
-    import rewriter.kernels.flash_attention as fa
-    monkeypatch.setattr(fa, "BACKWARD_DQ", dq_mode)
+def test_dropout_matches_reference_with_same_mask(case):
     B, Hq, Hkv, Sq, Skv, D, kw = case
     kw = _materialize(kw, B, Hq, Skv)
     p = 0.3
@@ -535,14 +496,6 @@ def test_gpu_real_sizes_bf16(case):
                             ("dk", dk, edk, rdk), ("dv", dv, edv, rdv)):
         err, eager_err = _rel(x, ref), _rel(e, ref)
         assert err <= 2 * eager_err, f"{name}: {err:.2e} vs eager {eager_err:.2e}"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", [GPU_CASES[i] for i in (1, 3, 4, 6)], ids=[_case_id(GPU_CASES[i]) for i in (1, 3, 4, 6)])
-def test_gpu_atomic_dq_real_sizes_bf16(case, monkeypatch):
-    import rewriter.kernels.flash_attention as fa
-    monkeypatch.setattr(fa, "BACKWARD_DQ", "atomic")
-    test_gpu_real_sizes_bf16(case)
 
 
 @pytest.mark.gpu
