@@ -55,8 +55,6 @@ for stage in "$@"; do
       focus_sweep maxnreg 11_maxnreg "maxnreg" 3 ;;
     nvfp4-balance)  # K split in the program and over the grid together (work spread evenly over the SMs)
       focus_sweep balance 14_balance "kwarps,split_k" 1 ;;
-    nvfp4-hi)  # four row groups per warp (x read once per 64 rows) against the candidates
-      focus_sweep hi 16_hi "block_n" 3 ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
     nvfp4-variants)  # fp16 activations and bias against bf16

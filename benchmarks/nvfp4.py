@@ -285,7 +285,7 @@ def variants_markdown(info, rows) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-TILE_ONLY_FOCUSES = ("xlate2", "maxnreg", "balance", "hi")  # sweep foci timed on the tile order only
+TILE_ONLY_FOCUSES = ("xlate2", "maxnreg", "balance")  # sweep foci timed on the tile order only
 
 
 def mma_cfg(bm, groups, rw, kw, split, ahead, x_late=1) -> nv.NVFP4GemmConfig:
@@ -334,17 +334,6 @@ def sweep_configs(m: int, focus: str = "") -> list[nv.NVFP4GemmConfig]:
         cfgs += [dataclasses.replace(mma_cfg(bm, groups, rw, kw, split, 1), reduce=reduce)
                  for kw, rw, groups in ((4, 1, 2), (4, 1, 1), (2, 1, 2), (4, 2, 1), (2, 2, 1))
                  for split in (2, 4) for reduce in ("kernel", "atomic")]
-        return list(dict.fromkeys(cfgs))
-    if focus == "hi" and m <= 16:
-        # Four row groups per warp (64 rows sharing each x read; HI in the kernel) against the
-        # library's candidates, tile order: K split in the program, over the grid, or both;
-        # register caps for three programs of four warps per SM.
-        bm = 8 if m <= 8 else 16
-        cfgs = [c for c in nv._candidates(nv._m_bucket(m), 4096, mma=True) if c.mode == "mma"]
-        cfgs += [dataclasses.replace(mma_cfg(bm, 4, rw, kw, split, ahead), maxnreg=nreg)
-                 for kw, rw, split in ((4, 1, 1), (2, 1, 1), (2, 1, 2), (1, 1, 2), (1, 1, 4), (1, 1, 8), (4, 2, 1),
-                                       (2, 2, 1), (1, 2, 4))
-                 for ahead in (1, 2) for nreg in ((0, 168) if kw * rw == 4 else (0,))]
         return list(dict.fromkeys(cfgs))
     if focus == "kwarps" and m <= 16:
         # Warps sharing rows, K split inside the program (kwarps), against the library's candidates.
@@ -685,8 +674,7 @@ def main() -> None:
                         "'tiled': the MMA kernel on the tile-ordered weight against the row layout; "
                         "'xlate2': x read per chunk against per tile (tile order); "
                         "'maxnreg': register caps on the best tile-order configurations; "
-                        "'balance': K split in the program and over the grid together (tile order); "
-                        "'hi': four row groups per warp (tile order)")
+                        "'balance': K split in the program and over the grid together (tile order)")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
     parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
     parser.add_argument("--variants", action="store_true",

@@ -1208,7 +1208,7 @@ def _nvfp4_mma_kernel(
     HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
     NUM_WARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 0,
     counter_ptr=None, IN_KERNEL_REDUCE: tl.constexpr = False, X_LATE: tl.constexpr = 0,
-    KWARPS: tl.constexpr = 1, TILED: tl.constexpr = 0, KT=0, HI: tl.constexpr = 0,
+    KWARPS: tl.constexpr = 1, TILED: tl.constexpr = 0, KT=0,
 ):
     """``out = x @ W.T`` for M <= 8 (TWO_N: M <= 16) with warp MMAs; see the comment above.
     Grid ``(cdiv(N, 16 * GROUPS * NUM_WARPS // KWARPS), splits)``; needs K % 128 == 0, 16-byte
@@ -1216,9 +1216,7 @@ def _nvfp4_mma_kernel(
     with KWARPS > 1, KWARPS warps share those rows, each taking 1 / KWARPS of the program's K tiles,
     and their partial sums are added in the program (through shared memory) before the store: a
     split of K without a second kernel or a workspace. TILED: the weight is in tile order
-    (:func:`to_tiled`), ``KT`` = K / 128. HI (tile order, x read late, 1-2 tiles ahead, GROUPS 2):
-    each warp owns 32 more rows (four row groups), which use the same x registers, so x is read
-    once per 64 weight rows instead of per 32."""
+    (:func:`to_tiled`), ``KT`` = K / 128."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
@@ -1226,8 +1224,7 @@ def _nvfp4_mma_kernel(
     c, g, w = tl.inline_asm_elementwise(_MMA_SETUP_PTX, "=r,=r,=r,r", [tid], dtype=(tl.int32,) * 3,
                                         is_pure=True, pack=1)
     RW: tl.constexpr = NUM_WARPS // KWARPS  # warps with rows of their own
-    GW: tl.constexpr = GROUPS * (1 + HI)  # row groups per warp
-    base = pid_n * (16 * GW * RW) + (w % RW) * (16 * GW) + g
+    base = pid_n * (16 * GROUPS * RW) + (w % RW) * (16 * GROUPS) + g
     r0 = base
     r1 = base + 8
     r2 = base + 16
@@ -1237,7 +1234,7 @@ def _nvfp4_mma_kernel(
     if TILED:
         # 16-row blocks (N % 16 == 0; block indices past the end clamped, their rows not stored).
         last_blk = N // 16 - 1
-        blk = pid_n * (GW * RW) + (w % RW) * GW
+        blk = pid_n * (GROUPS * RW) + (w % RW) * GROUPS
         blk0 = tl.minimum(blk, last_blk).to(tl.int64)
         blk1 = tl.minimum(blk + 1, last_blk).to(tl.int64)
         wbase = words_ptr.to(tl.int64, bitcast=True) + (g * 64 + c * 16).to(tl.int64)
@@ -1250,13 +1247,6 @@ def _nvfp4_mma_kernel(
         sa1 = sa0 + 64
         sa2 = sbase + blk1 * KT * 128
         sa3 = sa2 + 64
-        if HI:
-            blk2 = tl.minimum(blk + 2, last_blk).to(tl.int64)
-            blk3 = tl.minimum(blk + 3, last_blk).to(tl.int64)
-            wa4 = wbase + blk2 * KT * 1024
-            wa6 = wbase + blk3 * KT * 1024
-            sa4 = sbase + blk2 * KT * 128
-            sa6 = sbase + blk3 * KT * 128
     else:
         wa0 = wb + tl.minimum(r0, N - 1).to(tl.int64) * (stride_wn * 4)
         wa1 = wb + tl.minimum(r1, N - 1).to(tl.int64) * (stride_wn * 4)
@@ -1275,11 +1265,6 @@ def _nvfp4_mma_kernel(
     acc_a2 = (zero, zero, zero, zero)
     acc_b = (zero, zero, zero, zero)
     acc_b2 = (zero, zero, zero, zero)
-    if HI:
-        acc_c = (zero, zero, zero, zero)
-        acc_c2 = (zero, zero, zero, zero)
-        acc_d = (zero, zero, zero, zero)
-        acc_d2 = (zero, zero, zero, zero)
 
     # This warp's K tiles: tiles_per_split // KWARPS of them (the launcher makes it exact).
     tiles = tiles_per_split // KWARPS
@@ -1308,18 +1293,10 @@ def _nvfp4_mma_kernel(
                               X_LATE, TILED)
         nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                               first + tl.minimum(1, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
-        if HI:
-            cur_h = _mma_tile_loads(wa4, wa4 + 512, wa6, wa6 + 512, sa4, sa4 + 64, sa6, sa6 + 64, xa, xa2, first,
-                                    2, TWO_N, HINT, 1, 1)
-            nxt_h = _mma_tile_loads(wa4, wa4 + 512, wa6, wa6 + 512, sa4, sa4 + 64, sa6, sa6 + 64, xa, xa2,
-                                    first + tl.minimum(1, last), 2, TWO_N, HINT, 1, 1)
         for t in range(0, tiles):
             if AHEAD == 2:
                 new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                                       first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
-                if HI:
-                    new_h = _mma_tile_loads(wa4, wa4 + 512, wa6, wa6 + 512, sa4, sa4 + 64, sa6, sa6 + 64, xa, xa2,
-                                            first + tl.minimum(t + 2, last), 2, TWO_N, HINT, 1, 1)
             w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = cur
             if X_LATE == 2:
                 # x read chunk by chunk (16 bytes per row set) as the MMAs need it: 4 + 4 registers
@@ -1336,24 +1313,13 @@ def _nvfp4_mma_kernel(
                     xv, xv2 = _mma_ld_x_tile(xa, xa2, first + t, TWO_N)
                 acc_a, acc_a2, acc_b, acc_b2 = _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2,
                                                            s3, xv, xv2, BF16, TWO_N, GROUPS, TILED)
-                if HI:
-                    h0, h1, h2, h3, hs0, hs1, hs2, hs3, hx, hx2 = cur_h
-                    acc_c, acc_c2, acc_d, acc_d2 = _mma_groups(acc_c, acc_c2, acc_d, acc_d2, h0, h1, h2, h3, hs0, hs1,
-                                                               hs2, hs3, xv, xv2, BF16, TWO_N, 2, 1)
             if AHEAD == 2:
                 cur = nxt
                 nxt = new
-                if HI:
-                    cur_h = nxt_h
-                    nxt_h = new_h
             else:
                 cur = nxt
                 nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                                       first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
-                if HI:
-                    cur_h = nxt_h
-                    nxt_h = _mma_tile_loads(wa4, wa4 + 512, wa6, wa6 + 512, sa4, sa4 + 64, sa6, sa6 + 64, xa, xa2,
-                                            first + tl.minimum(t + 2, last), 2, TWO_N, HINT, 1, 1)
 
     # bf16 values carried 2**-26, fp16 values 2**-14.
     if BF16:
@@ -1370,16 +1336,10 @@ def _nvfp4_mma_kernel(
             acc_b = _mma_sum_kwarps(acc_b, KWARPS, RW)
             if TWO_N:
                 acc_b2 = _mma_sum_kwarps(acc_b2, KWARPS, RW)
-        if HI:
-            acc_c = _mma_sum_kwarps(acc_c, KWARPS, RW)
-            acc_d = _mma_sum_kwarps(acc_d, KWARPS, RW)
-            if TWO_N:
-                acc_c2 = _mma_sum_kwarps(acc_c2, KWARPS, RW)
-                acc_d2 = _mma_sum_kwarps(acc_d2, KWARPS, RW)
         tid = tl.arange(0, RW * 32)
         lane = tid % 32
         c = lane % 4
-        base = pid_n * (16 * GW * RW) + (tid // 32) * (16 * GW) + lane // 4
+        base = pid_n * (16 * GROUPS * RW) + (tid // 32) * (16 * GROUPS) + lane // 4
         r0 = base
         r1 = base + 8
         r2 = base + 16
@@ -1395,17 +1355,6 @@ def _nvfp4_mma_kernel(
         if TWO_N:
             _mma_store(acc_b2, r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k,
                        HAS_BIAS, USE_WS)
-    if HI:
-        # (The launcher refuses HI with the in-kernel reduction below.)
-        _mma_store(acc_c, base + 32, base + 40, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k,
-                   HAS_BIAS, USE_WS)
-        _mma_store(acc_d, base + 48, base + 56, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k,
-                   HAS_BIAS, USE_WS)
-        if TWO_N:
-            _mma_store(acc_c2, base + 32, base + 40, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om,
-                       pid_k, HAS_BIAS, USE_WS)
-            _mma_store(acc_d2, base + 48, base + 56, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om,
-                       pid_k, HAS_BIAS, USE_WS)
     if USE_WS and IN_KERNEL_REDUCE:
         # Split-K without a second kernel: each thread makes its partials visible device-wide, the
         # program counts itself in with one atomic on its row block's counter, and the last one to
@@ -1601,13 +1550,8 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             raise ValueError(f"the MMA kernel needs kwarps dividing num_warps, got {cfg}")
         rw = cfg.num_warps // kw
         groups = cfg.block_n // (16 * rw)
-        if groups not in (1, 2, 4) or cfg.block_n != 16 * groups * rw:
-            raise ValueError(f"the MMA kernel needs block_n = 16 * (num_warps / kwarps) * (1, 2 or 4), got {cfg}")
-        hi = groups == 4
-        if hi and (not w.tiled or cfg.x_late != 1 or cfg.ahead not in (1, 2)
-                   or (split > 1 and cfg.reduce == "atomic")):
-            raise ValueError(f"four row groups per warp need the tile order, x read late, 1-2 tiles ahead and "
-                             f"no in-kernel split-K reduction; got {cfg} (tiled={w.tiled})")
+        if groups not in (1, 2) or cfg.block_n != 16 * groups * rw:
+            raise ValueError(f"the MMA kernel needs block_n = 16 * (num_warps / kwarps) * (1 or 2), got {cfg}")
         x = _with_aligned_rows(x)
         if x.dtype == torch.bfloat16:
             undo = 67108864.0  # 2**26
@@ -1616,7 +1560,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         _nvfp4_mma_kernel[(grid_n, split)](
             x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
             m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
-            HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=2 if hi else groups, HI=hi,
+            HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
             NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
             counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws, IN_KERNEL_REDUCE=in_kernel,
             X_LATE=cfg.x_late, KWARPS=kw, TILED=w.tiled, KT=k // 128,

@@ -705,9 +705,6 @@ def test_mma_kernel_needs_a_gpu():
                                    # the weight in tile order (N = 1008: the last program's blocks clamped)
                                    (8, 16, 128, 1, 4, 1, 1, "kernel", 1, 4, 1), (16, 64, 128, 1, 4, 1, 1, "kernel", 1, 2, 1),
                                    (8, 64, 128, 4, 4, 4, 1, "atomic", 1, 1, 1), (16, 32, 128, 2, 1, 2, 0, "kernel", 0, 1, 1),
-                                   # four row groups per warp (tile order; one warp with split-K 4, 4 K warps, 2 x 4)
-                                   (16, 64, 128, 1, 4, 2, 1, "kernel", 1, 4, 1), (8, 64, 128, 4, 1, 1, 1, "kernel", 1, 1, 1),
-                                   (16, 128, 128, 1, 8, 1, 1, "kernel", 1, 4, 1),
                                    # x read per chunk
                                    (16, 32, 128, 1, 4, 1, 1, "kernel", 2, 4, 1), (8, 16, 128, 4, 1, 2, 1, "kernel", 2),
                                    (16, 64, 128, 2, 2, 1, 1, "atomic", 2, 1, 1)])
