@@ -57,6 +57,9 @@ for stage in "$@"; do
       focus_sweep balance 14_balance "kwarps,split_k" 1 ;;
     nvfp4)  # the kernel table and the decode benchmark
       python3 benchmarks/nvfp4.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 ;;
+    nvfp4-m-range)  # the kernel table at every M kind from 1 to 16 on the target shape (no decode)
+      python3 benchmarks/nvfp4.py --ms 1,2,3,4,5,8,9,12,16 --shapes 4096:14336 --no-decode --suffix _mrange \
+        --out "$OUT" 2>&1 | grep -v Warning | tail -20 ;;
     nvfp4-variants)  # fp16 activations and bias against bf16
       python3 benchmarks/nvfp4.py --variants --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
     nvfp4-decode)  # only the decode benchmark

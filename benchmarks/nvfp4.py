@@ -165,13 +165,13 @@ def make_int4(weight: torch.Tensor, notes: list[str]):
 # --------------------------------------------------------------------------------------------------
 
 
-def kernel_table(m_values, notes) -> list[dict]:
+def kernel_table(m_values, notes, shapes=None) -> list[dict]:
     rows = []
     int4_note_done = False
     if torch.cuda.get_device_capability() >= (9, 0):
         notes.append("NVFP4 weights in tile order (rewriter.kernels.nvfp4.to_tiled), as NVFP4Linear stores them "
                      "on this GPU")
-    for k, n in SHAPES:
+    for k, n in shapes or SHAPES:
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         w = nv.pack_nvfp4(weight)
@@ -676,7 +676,9 @@ def main() -> None:
                         "'maxnreg': register caps on the best tile-order configurations; "
                         "'balance': K split in the program and over the grid together (tile order)")
     parser.add_argument("--sweep-shapes", default="", help="K:N pairs for the sweep, e.g. 4096:14336")
-    parser.add_argument("--suffix", default="", help="added to the sweep's output file name")
+    parser.add_argument("--suffix", default="", help="added to the output file names (sweep and table)")
+    parser.add_argument("--ms", default="", help="M values of the kernel table instead of 1,4,16,64,256")
+    parser.add_argument("--shapes", default="", help="K:N pairs of the kernel table instead of the three default ones")
     parser.add_argument("--variants", action="store_true",
                         help="only fp16 activations and bias against bf16 (nvfp4_variants_<device>.md)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -687,6 +689,8 @@ def main() -> None:
     info = device_info()
     print(json.dumps(info), flush=True)
     m_values = QUICK_M_VALUES if args.quick else M_VALUES
+    if args.ms:
+        m_values = [int(v) for v in args.ms.split(",")]
     name = slug(info["device"])
 
     if args.sweep:
@@ -720,7 +724,8 @@ def main() -> None:
         return
 
     bw = copy_bandwidth_gbs()
-    rows = kernel_table(m_values, notes)
+    table_shapes = [tuple(int(v) for v in p.split(":")) for p in args.shapes.split(",")] if args.shapes else None
+    rows = kernel_table(m_values, notes, table_shapes)
     decode = None
     if not args.no_decode:
         try:
@@ -730,9 +735,9 @@ def main() -> None:
             traceback.print_exc()
     notes = list(dict.fromkeys(notes))  # the same torchao failure is met once per shape
     md = markdown(info, bw, rows, decode, notes)
-    with open(os.path.join(args.out, f"nvfp4_{name}.md"), "w") as f:
+    with open(os.path.join(args.out, f"nvfp4{args.suffix}_{name}.md"), "w") as f:
         f.write(md)
-    with open(os.path.join(args.out, f"nvfp4_{name}.json"), "w") as f:
+    with open(os.path.join(args.out, f"nvfp4{args.suffix}_{name}.json"), "w") as f:
         json.dump({"info": info, "copy_bandwidth_GBs": bw, "kernel": rows, "decode": decode, "notes": notes,
                    "tuning": {str(k): [{"config": c.__dict__, "us": ms * 1e3} for c, ms in v]
                               for k, v in nv.TUNING_LOG.items()}}, f, indent=1, default=str)
