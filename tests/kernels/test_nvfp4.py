@@ -660,6 +660,23 @@ def test_kernels_read_the_tile_order(config, dtype):
     assert float((y_tiles.float() - ref).norm() / ref.norm()) < 1e-2
 
 
+def test_tile_word_permutation_matches_bitwise_definition():
+    # The byte-table permutation of to_tiled / to_rows against the bit-by-bit definition of
+    # _TILE_BITS (code bit q of element e, row-order bit 4 e + q, goes to _TILE_BITS[e][q]).
+    gen = torch.Generator().manual_seed(31)
+    b = torch.randint(0, 256, (5000, 4), generator=gen, dtype=torch.uint8)
+    b[0] = 0xFF  # every bit set, the sign bit of the word included
+    c = b.to(torch.int64)
+    word = c[:, 0] | (c[:, 1] << 8) | (c[:, 2] << 16) | (c[:, 3] << 24)
+    expected = torch.zeros_like(word)
+    for e, bits in enumerate(nv._TILE_BITS):
+        for q, dest in enumerate(bits):
+            expected |= ((word >> (4 * e + q)) & 1) << dest
+    got = nv._permute_words(b, nv._TO_TILE_TABLES).to(torch.int64)
+    assert torch.equal(got[:, 0] | (got[:, 1] << 8) | (got[:, 2] << 16) | (got[:, 3] << 24), expected)
+    assert torch.equal(nv._permute_words(nv._permute_words(b, nv._TO_TILE_TABLES), nv._TO_ROW_TABLES), b)
+
+
 def test_module_in_tile_order_keeps_row_order_checkpoints():
     torch.manual_seed(33)
     lin = torch.nn.Linear(256, 32)
