@@ -175,7 +175,7 @@ def kernel_table(m_values, notes, shapes=None) -> list[dict]:
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         w = nv.pack_nvfp4(weight)
-        if torch.cuda.get_device_capability() >= (9, 0) and nv.can_tile(w.shape):
+        if nv._prefers_tiles(w.packed.device, w.shape):
             w = nv.to_tiled(w)  # as NVFP4Linear stores it on this GPU
         weight_copies, w_copies = rotating_copies(weight, w)
         int4 = make_int4(weight, notes)
@@ -237,7 +237,7 @@ def variants_table(m_values=(1, 4, 16), shapes=((4096, 14336), (14336, 4096))) -
         torch.manual_seed(0)
         weight32 = torch.randn(n, k, device="cuda") * 0.02
         w = nv.pack_nvfp4(weight32)
-        if torch.cuda.get_device_capability() >= (9, 0) and nv.can_tile(w.shape):
+        if nv._prefers_tiles(w.packed.device, w.shape):
             w = nv.to_tiled(w)
         w_copies = nv.weight_copies(w, nv.copies_for(w.nbytes()))
         for dtype in (torch.bfloat16, torch.float16):

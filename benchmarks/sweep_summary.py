@@ -24,7 +24,7 @@ def summarize(path: str, by: list[str], top: int) -> None:
             for r in [r for r in rows if tuple(r.get(f, 0) for f in by) == group][:top]:
                 print(f"   {label} {r['us']:.1f} us {r['speedup']:.2f}x kw{r.get('kwarps', 1)} w{r['num_warps']} "
                       f"bn{r['block_n']} s{r['split_k']} a{r['ahead']} xl{r.get('x_late', 0)} {r.get('reduce', '')} "
-                      f"p{r.get('persist', 0)} r{r.get('maxnreg', 0)} err {r['rel_err']:.1e}")
+                      f"{'p%d ' % r['persist'] if 'persist' in r else ''}r{r.get('maxnreg', 0)} err {r['rel_err']:.1e}")
     bad = [r for r in res if "error" in r or not r.get("all_written") or r.get("rel_err", 1) >= 1e-2]
     print("bad configs:", len(bad), [(r.get("error"), r.get("rel_err")) for r in bad[:3]])
 

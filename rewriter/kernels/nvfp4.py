@@ -227,9 +227,7 @@ def _byte_tables(dest: list[int]) -> Tensor:
 
 # Bit 4 e + q of a row-order word (code bit q of element e) sits at _TILE_BITS[e][q] in tile order.
 _TO_TILE_DEST = [_TILE_BITS[i // 4][i % 4] for i in range(32)]
-_TO_ROW_DEST = [0] * 32
-for _i, _d in enumerate(_TO_TILE_DEST):
-    _TO_ROW_DEST[_d] = _i
+_TO_ROW_DEST = sorted(range(32), key=_TO_TILE_DEST.__getitem__)  # the inverse permutation
 _TO_TILE_TABLES = _byte_tables(_TO_TILE_DEST)
 _TO_ROW_TABLES = _byte_tables(_TO_ROW_DEST)
 
@@ -237,13 +235,14 @@ _TO_ROW_TABLES = _byte_tables(_TO_ROW_DEST)
 def _permute_words(b: Tensor, tables: Tensor) -> Tensor:
     """The bits of every little-endian 32-bit word of the uint8 rows of ``b`` (words, 4) moved by
     ``tables`` (:func:`_byte_tables`): one table lookup per byte and three ORs per word, four
-    million words at a time; uint8 (words, 4) back."""
+    million words at a time; uint8 (words, 4) back (the int32 words' own bytes: CPUs and GPUs that
+    run this are little-endian)."""
     tables = tables.to(b.device)
     out = torch.empty_like(b)
     for i in range(0, b.shape[0], 1 << 22):
         c = b[i:i + (1 << 22)].to(torch.int32)
         word = tables[0][c[:, 0]] | tables[1][c[:, 1]] | tables[2][c[:, 2]] | tables[3][c[:, 3]]
-        out[i:i + (1 << 22)] = torch.stack([(word >> (8 * j)) & 0xFF for j in range(4)], dim=1).to(torch.uint8)
+        out[i:i + (1 << 22)] = word.view(torch.uint8).reshape(-1, 4)
     return out
 
 
@@ -1708,11 +1707,11 @@ def _pick_fastest(cands: list, time_fn, rounds: int = TUNING_ROUNDS) -> tuple:
     """(fastest candidate, [(candidate, its best time)]): every candidate timed ``rounds`` times,
     the rounds one after another over the whole list, so that a slow start of the GPU or a
     disturbance in one round does not rank a candidate by its worst measurement."""
-    best = {i: float("inf") for i in range(len(cands))}
+    best = [float("inf")] * len(cands)
     for _ in range(max(1, rounds)):
         for i, cand in enumerate(cands):
             best[i] = min(best[i], time_fn(cand))
-    timings = [(cand, best[i]) for i, cand in enumerate(cands)]
+    timings = list(zip(cands, best))
     return min(timings, key=lambda t: t[1])[0], timings
 
 
