@@ -54,9 +54,6 @@ VARIANTS = ["plain", "causal", "alibi+causal", "window512+causal", "softcap+caus
 DOCS = 8
 EXTRA_VARIANTS = ["docs8+causal"]
 IMPLS = ["ours", "sdpa", "sdpa_mask", "flex", "eager"]
-# --ab-rescale adds "ours_every": our kernel with the forward's accumulator rescaled at every key
-# block instead of only when a row max grows by more than 2^8 (the library's default).
-AB_IMPL = "ours_every"
 
 
 def alibi_slopes(h, device):
@@ -147,7 +144,7 @@ def eager_attention(q, k, v, variant, bias):
     return torch.softmax(s, dim=-1).to(q.dtype) @ v
 
 
-def make_impls(variant, q, k, v, bias, flex_fn, flex_kw, ab_rescale=False):
+def make_impls(variant, q, k, v, bias, flex_fn, flex_kw):
     h = q.shape[1]
     if variant.startswith("docs"):
         from rewriter.kernels.flex import flex_attention_static, register
@@ -157,14 +154,6 @@ def make_impls(variant, q, k, v, bias, flex_fn, flex_kw, ab_rescale=False):
     else:
         kw = ours_kwargs(variant, h, q.device)
         impls = {"ours": lambda: fa.flash_attention(q, k, v, **kw)}
-        if ab_rescale:
-            def every():
-                saved, fa._LAZY_RESCALE = fa._LAZY_RESCALE, False
-                try:
-                    return fa.flash_attention(q, k, v, **kw)
-                finally:
-                    fa._LAZY_RESCALE = saved
-            impls[AB_IMPL] = every
     impls["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=variant != "plain")
     if bias is not None:
         impls["sdpa_mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -174,7 +163,7 @@ def make_impls(variant, q, k, v, bias, flex_fn, flex_kw, ab_rescale=False):
     return impls
 
 
-GRAPHED = ("ours", "sdpa", "flex", AB_IMPL)
+GRAPHED = ("ours", "sdpa", "flex")
 REP_MS = 100  # timing window of each measurement (--rep)
 
 
@@ -295,10 +284,10 @@ def run(args, save):
                           if mask_mod is not None else None)
             flex_fn = torch.compile(flex_attention, dynamic=False)
             flex_kw = dict(score_mod=score_mod, block_mask=block_mask)
-            impls = make_impls(variant, q, k, v, bias, flex_fn, flex_kw, args.ab_rescale)
+            impls = make_impls(variant, q, k, v, bias, flex_fn, flex_kw)
             flops_fwd = 4.0 * b * HEADS * d * visible_pairs(variant, s)
             for mode in modes:
-                for impl in IMPLS + ([AB_IMPL] if args.ab_rescale else []):
+                for impl in IMPLS:
                     row = dict(D=d, S=s, B=b, H=HEADS, variant=variant, mode=mode, impl=impl)
                     if impl not in impls:
                         continue
@@ -316,8 +305,8 @@ def run(args, save):
                     except Exception as exc:  # a baseline that cannot run this row
                         row.update(ms=None, tflops=None, note=f"{type(exc).__name__}: {exc}"[:200])
                     torch.cuda.empty_cache()
-                    if impl in ("ours", AB_IMPL):
-                        tuning_log(tune_log, variant=variant, D=d, S=s, mode=mode, impl=impl)
+                    if impl == "ours":
+                        tuning_log(tune_log, variant=variant, D=d, S=s, mode=mode)
                     results.append(row)
                     tf, tfg = row.get("tflops"), row.get("tflops_graph")
                     print(f"D={d:3d} S={s:5d} {variant:18s} {mode:7s} {impl:9s} "
@@ -362,27 +351,6 @@ def table(results):
     return "\n".join(lines)
 
 
-def ab_table(results):
-    """ours (lazy rescale) against ours_every in graph time, with both against the baselines."""
-    by_key = {}
-    for r in results:
-        by_key.setdefault((r["D"], r["S"], r["variant"], r["mode"]), {})[r["impl"]] = r
-    lines = ["| D | S | variant | mode | ours | ours_every | ours/every | ours/sdpa | every/sdpa "
-             "| ours/flex | every/flex |", "|" + "---|" * 11]
-    for (d, s, variant, mode), row in by_key.items():
-        tf = {n: (row.get(n) or {}).get("tflops_graph") for n in ("ours", AB_IMPL, "sdpa", "flex")}
-        if not (tf["ours"] and tf[AB_IMPL]):
-            continue
-
-        def ratio(a, b):
-            return f"{tf[a] / tf[b]:.2f}x" if tf[a] and tf[b] else "-"
-
-        lines.append(f"| {d} | {s} | {variant} | {mode} | {tf['ours']:.0f} | {tf[AB_IMPL]:.0f} | "
-                     f"{ratio('ours', AB_IMPL)} | {ratio('ours', 'sdpa')} | {ratio(AB_IMPL, 'sdpa')} "
-                     f"| {ratio('ours', 'flex')} | {ratio(AB_IMPL, 'flex')} |")
-    return "\n".join(lines)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="only D=128 with S=4096 and 1024")
@@ -397,8 +365,6 @@ def main():
     parser.add_argument("--eager-max-s", type=int, default=0,
                         help="skip the eager baseline above this sequence length (0: never skip)")
     parser.add_argument("--suffix", default="", help="added to the output file names")
-    parser.add_argument("--ab-rescale", action="store_true",
-                        help="also time our kernel with the forward rescaling at every key block")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     global REP_MS
@@ -426,10 +392,7 @@ def main():
               f"Python call (host launch overhead included); 'graph:' columns replay the same "
               f"call from a CUDA graph (GPU time only)."
               + ("" if complete else " Partial: the run stopped before every row was timed.")
-              + "\n\n" + table(results) + "\n"
-              + ("\nLazy rescale (ours, the default) against rescaling at every key block "
-                 "(ours_every), graph time, TFLOP/s:\n\n" + ab_table(results) + "\n"
-                 if args.ab_rescale else ""))
+              + "\n\n" + table(results) + "\n")
         with open(os.path.join(args.out, f"attention_{slug}{suffix}.md"), "w") as f:
             f.write(md)
         with open(os.path.join(args.out, f"attention_{slug}{suffix}.json"), "w") as f:

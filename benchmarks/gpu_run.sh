@@ -71,9 +71,6 @@ for stage in "$@"; do
     attn-docs)  # the FlexAttention route on document masks
       python3 benchmarks/attention.py --variants docs8+causal --shapes 128:4096,128:16384,64:4096 --rep 50 \
         --suffix _docs --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -16 ;;
-    attn-ab)  # the target row, lazy rescale (ours) against rescaling at every key block
-      python3 benchmarks/attention.py --shapes 128:4096 --ab-rescale --rep 50 --eager-max-s 2048 \
-        --suffix _ab_rescale --out "$OUT" 2>&1 | grep -v "^ *(" | tail -40 ;;
     attn-d128)  # full sweep, D = 128
       python3 benchmarks/attention.py --shapes 128:1024,128:2048,128:4096,128:8192,128:16384 --rep 30 \
         --eager-max-s 4096 --suffix _d128 --budget "${ATTN_S:-500}" --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -5 ;;

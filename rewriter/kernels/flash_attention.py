@@ -92,10 +92,6 @@ _IN_INTERPRETER = tl.constexpr(_INTERPRET)
 _LOG2E = 1.4426950408889634
 _LOG2E_C = tl.constexpr(_LOG2E)
 _LN2_C = tl.constexpr(0.6931471805599453)
-# Forward: the accumulator is rescaled only when a row max grows by more than 2^8 (see
-# _attn_fwd_step); _LAZY_RESCALE = False rescales at every key block (for A/B timing).
-_RESCALE_LOG2_C = tl.constexpr(8.0)
-_LAZY_RESCALE = True
 _MAX_HEAD_DIM = 256
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -289,8 +285,7 @@ def _attn_fwd_step(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
                    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
-                   LAZY_RESCALE: tl.constexpr):
+                   HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
     """One key block of the online softmax."""
     CHECK_COLS: tl.constexpr = MASKED and not EVEN_N
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -308,44 +303,19 @@ def _attn_fwd_step(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
                               False)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-    else:
-        # Plain scores: the row max of qk scales to the row max of the scores (scale > 0), and
-        # the scaling folds into the exponent's argument as one FMA per score (below).
-        s = qk
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    if LAZY_RESCALE:
-        # Rescale the accumulator only when some row's max grew by more than 2^RESCALE_LOG2
-        # since the reference max m_i was set; otherwise keep the stale reference, so p is at
-        # most 2^RESCALE_LOG2 (exact in fp32, bf16/fp16 keep their relative precision) and the
-        # 64-128 multiplies of acc per thread and block are skipped. The output and log-sum-exp
-        # use whatever reference m_i ends with, so the result is the same softmax.
-        # m_new >= m_i; a row with no visible key so far keeps m_i = -inf (its growth is -inf
-        # while it sees none, then huge, never NaN).
-        grow = m_new - tl.maximum(m_i, -3.0e38)
-        if tl.max(grow, 0) > _RESCALE_LOG2_C:
-            m_sub_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_sub_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        m_sub = tl.where(m_i == float("-inf"), 0.0, m_i)
-        if MASKED or HAS_SOFTCAP or HAS_ALIBI or HAS_PAD:
-            p = tl.math.exp2(s - m_sub[:, None])
-        else:
-            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        m_new = m_i
-    else:
         # A row with no visible key so far has m_new = -inf; subtracting 0 instead keeps
         # exp2(-inf - m) = 0 rather than NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if MASKED or HAS_SOFTCAP or HAS_ALIBI or HAS_PAD:
-            p = tl.math.exp2(s - m_sub[:, None])
-        else:
-            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p = tl.math.exp2(s - m_sub[:, None])
+    else:
+        # Plain scores: the row max of qk scales to the row max of the scores (scale > 0), and
+        # the scaling folds into the exponent's argument as one FMA per score.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_sub = m_new
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     if HAS_DROPOUT:
         p = tl.where(_dropout_keep(seed, bh, rows, cols, Sq, Skv, dropout_p, False), p, 0.0)
     v = _load_tile(V + cols[:, None] * stride_vn + offs_d[None, :], cols, Skv, offs_d,
@@ -362,8 +332,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
                     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
-                    LAZY_RESCALE: tl.constexpr):
+                    HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
     if _IN_INTERPRETER:
         start_n = start
         while start_n < stop:
@@ -371,7 +340,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
                 acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
                 start_n, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
                 dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, LAZY_RESCALE)
+                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             start_n += BLOCK_N
     else:
         for start_n in range(start, stop, BLOCK_N):
@@ -379,8 +348,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
                 acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
                 tl.multiple_of(start_n, BLOCK_N), Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
                 slope_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
-                LAZY_RESCALE)
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     return acc, l_i, m_i
 
 
@@ -408,7 +376,7 @@ _FWD_CONFIGS = {
     256: [(64, 64, 4, 2), (64, 32, 4, 3)],
 }
 _DKDV_CONFIGS = {
-    128: [(64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 8, 3)],
+    128: [(64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4)],
     256: [(32, 64, 8, 2), (16, 32, 4, 2)],
 }
 _DQ_CONFIGS = {
@@ -443,7 +411,7 @@ def _pruner(table):
     return prune
 
 
-def _tuned(kernel, table, key=_TUNE_KEY):
+def _tuned(kernel, table):
     """Autotuning over ``table``'s block shapes (see above) and the EVEN_M / EVEN_N heuristics,
     the decorators every kernel of this module carries."""
     def wrap(fn):
@@ -451,12 +419,12 @@ def _tuned(kernel, table, key=_TUNE_KEY):
             "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
             "EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0,
         })(fn)
-        return triton.autotune(configs=_configs(kernel, table), key=key,
+        return triton.autotune(configs=_configs(kernel, table), key=_TUNE_KEY,
                                prune_configs_by={"early_config_prune": _pruner(table)})(fn)
     return wrap
 
 
-@_tuned("fwd", _FWD_CONFIGS, _TUNE_KEY + ["LAZY_RESCALE"])
+@_tuned("fwd", _FWD_CONFIGS)
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, ALIBI, PAD, SEED,
@@ -470,7 +438,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FAST_TANH: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # Query blocks run last-to-first: under a causal mask the last block has the most keys, and
@@ -514,25 +482,25 @@ def _attn_fwd_kernel(
             acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
             lo, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
             dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, LAZY_RESCALE)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     else:
         if HAS_LEFT:
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
                 lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
                 hi_off, dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, LAZY_RESCALE)
+                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
             full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
             hi_off, dropout_p, False, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, LAZY_RESCALE)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         if HAS_RIGHT or not EVEN_N:
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
                 full_hi, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
                 dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH, LAZY_RESCALE)
+                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
 
     visible = l_i > 0.0
     inv_l = tl.where(visible, 1.0 / tl.where(visible, l_i, 1.0), 0.0)
@@ -980,7 +948,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         scalars["Hq"], scalars["GROUP"], Sq, scalars["Skv"], scalars["SQ_KEY"],
         scalars["SKV_KEY"], scalars["qk_scale"], scalars["cap_log2"], scalars["cap_inv_scale"],
         scalars["lo_off"], scalars["hi_off"], scalars["dropout_p"],
-        LAZY_RESCALE=_LAZY_RESCALE, **meta,
+        **meta,
     )
     return out, lse
 

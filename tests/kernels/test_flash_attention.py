@@ -310,65 +310,6 @@ def test_dropout_matches_reference_with_same_mask(case):
 
 
 # ------------------------------------------------------------------------------------------
-# The forward's lazy rescale: the accumulator is rescaled only when a row max grows by more
-# than 2^8, so between rescales p exceeds 1 (up to 2^8).
-# ------------------------------------------------------------------------------------------
-
-
-def _ramp_inputs(Sq, Skv, D, growth_log2, dtype=torch.float32, seed=0):
-    """Scores that rise along the keys by ``growth_log2`` (log2 units) in all, plus noise:
-    every key block raises the row max a little, so some blocks rescale and most do not."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(D, generator=g)
-    u = u / u.norm()
-    q = (u * math.sqrt(D)).expand(1, 2, Sq, D) + 0.1 * torch.randn(1, 2, Sq, D, generator=g)
-    ramp = torch.linspace(0.0, growth_log2 / 1.4426950408889634, Skv)[:, None]
-    k = ramp * u + 0.3 * torch.randn(1, 2, Skv, D, generator=g)
-    v = torch.randn(1, 2, Skv, D, generator=g)
-    return [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
-
-
-@pytest.mark.parametrize("growth", [3.0, 40.0, 120.0])
-@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "every-block"])
-@pytest.mark.parametrize("kw", [{}, dict(causal=True), dict(causal=True, window=(37, 0)),
-                                dict(alibi_slopes="alibi")], ids=["plain", "causal", "window",
-                                                                  "alibi"])
-def test_forward_rescale_modes_match_reference(monkeypatch, growth, lazy, kw):
-    import rewriter.kernels.flash_attention as fa
-    monkeypatch.setattr(fa, "_LAZY_RESCALE", lazy)
-    Sq, Skv, D = 70, 150, 32
-    q, k, v = _ramp_inputs(Sq, Skv, D, growth)
-    kw = _materialize(kw, 1, 2, Skv)
-    # scale 1 / sqrt(D) on q of norm sqrt(D): the score of key j is about its ramp value.
-    out, lse = _op(q, k, v, **kw)
-    ref_out, ref_lse, _ = _reference_with_grads(q, k, v, torch.zeros_like(out), None, **kw)
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    assert _rel(out, ref_out) < FP32_TOL
-    assert _rel(lse, ref_lse) < FP32_TOL
-    # The backward reads the log-sum-exp the forward wrote, so it checks that too.
-    (dq, dk, dv), g, gl = _grads(out, lse, (q, k, v))
-    _, _, (rdq, rdk, rdv) = _reference_with_grads(q, k, v, g, gl, **kw)
-    for name, x, ref in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
-        assert _rel(x, ref) < FP32_TOL, name
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_lazy_rescale_low_precision_as_accurate_as_every_block(monkeypatch, dtype):
-    # p up to 2^8 is rounded to bf16/fp16 for the p @ v product: same relative precision as
-    # p <= 1, so the error against the float64 reference stays that of rescaling every block.
-    import rewriter.kernels.flash_attention as fa
-    q, k, v = _ramp_inputs(64, 160, 32, 6.0, dtype=dtype)
-    ref_out, _, _ = _reference_with_grads(q, k, v, torch.zeros(q.shape, dtype=dtype,
-                                                              device=DEVICE), None, causal=True)
-    errs = {}
-    for lazy in (True, False):
-        monkeypatch.setattr(fa, "_LAZY_RESCALE", lazy)
-        out, _ = _op(q, k, v, causal=True)
-        errs[lazy] = _rel(out, ref_out)
-    assert errs[True] < 1.5 * errs[False] + 1e-4, errs
-
-
-# ------------------------------------------------------------------------------------------
 # Fully masked rows, wrapper arguments, support checks.
 # ------------------------------------------------------------------------------------------
 
