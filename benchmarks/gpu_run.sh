@@ -71,6 +71,18 @@ for stage in "$@"; do
     attn-docs)  # the FlexAttention route on document masks
       python3 benchmarks/attention.py --variants docs8+causal --shapes 128:4096,128:16384,64:4096 --rep 50 \
         --suffix _docs --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -16 ;;
+    measure)  # rewriter report --measure on Llama- and Gemma-2-shaped models (prefill; decode with NVFP4; FP8)
+      common="--device cuda --dtype bfloat16 --inductor --measure --layers 4 --hidden 2048"
+      python3 -m rewriter report hf:llama $common --heads 16 --batch 4 --seq 2048 \
+        --json "$OUT/measure_llama_prefill.json" > "$OUT/measure_llama_prefill.txt" 2>/dev/null
+      python3 -m rewriter report hf:gemma2 $common --heads 8 --batch 4 --seq 2048 \
+        --json "$OUT/measure_gemma2_prefill.json" > "$OUT/measure_gemma2_prefill.txt" 2>/dev/null
+      python3 -m rewriter report hf:llama $common --heads 16 --batch 4 --seq 2048 --mode fast --estimate-for H200 \
+        --json "$OUT/measure_llama_prefill_fp8.json" > "$OUT/measure_llama_prefill_fp8.txt" 2>/dev/null
+      python3 -m rewriter report hf:llama $common --heads 16 --batch 1 --seq 1 --mode fast --estimate-for H200 \
+        --passes attention,fuse_linear,fuse_linear_graph,nvfp4 \
+        --json "$OUT/measure_llama_decode_nvfp4.json" > "$OUT/measure_llama_decode_nvfp4.txt" 2>/dev/null
+      grep -h "^measured\|^total\|^rewriter report" "$OUT"/measure_*.txt ;;
     attn-d128)  # full sweep, D = 128
       python3 benchmarks/attention.py --shapes 128:1024,128:2048,128:4096,128:8192,128:16384 --rep 30 \
         --eager-max-s 4096 --suffix _d128 --budget "${ATTN_S:-500}" --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -5 ;;

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                    "default: the device run on")
     r.add_argument("--inductor", action="store_true", help="also compile with Inductor")
     r.add_argument("--no-validate", action="store_true", help="skip checking each rewrite against the original")
+    r.add_argument("--measure", action="store_true", help="also time each rewritten site and the whole model "
+                   "against the original on the device run on")
     r.add_argument("--batch", type=int, default=1, help="hf: batch size of the example input (default 1)")
     r.add_argument("--seq", type=int, default=128, help="hf: sequence length of the example input (default 128)")
     r.add_argument("--layers", type=int, help="hf: number of layers (shrink the model)")
@@ -70,7 +72,8 @@ def _config(args):
         enable = tuple(chosen)
         disable = tuple(p for p in pass_names() if p not in chosen)
     return Config(mode=args.mode, enable=tuple(p for p in enable if p not in _defaults(args.mode)),
-                  disable=disable, inductor=args.inductor, validate=not args.no_validate, device=args.estimate_for)
+                  disable=disable, inductor=args.inductor, validate=not args.no_validate, device=args.estimate_for,
+                  measure=args.measure)
 
 
 def _defaults(mode: str) -> list[str]:
@@ -93,7 +96,8 @@ def _report(args) -> int:
             if isinstance(t, torch.Tensor) else t
         inputs = tuple(move(a) for a in target.args)
         kwargs = {k: move(v) for k, v in target.kwargs.items()}
-    with _step("capturing, rewriting and checking" + (", compiling" if args.inductor else "")):
+    with _step("capturing, rewriting and checking" + (", compiling" if args.inductor else "")
+               + (", timing" if args.measure else "")):
         optimized = optimize(model, inputs, example_kwargs=kwargs, config=config)
     print(optimized.report.render())
     if args.json:

@@ -49,6 +49,11 @@ class Config:
         sparse_method: how 2:4 sparsity picks the weights it keeps: ``"magnitude"`` (default) or
             ``"wanda"`` (magnitude times the norm of the matching input activation, measured on the
             example inputs).
+        measure: also time what was done, on this machine with the example inputs: every
+            checked site before and after its rewrite, every converted linear, and the whole
+            model against the original eager one (``Site.measured_ms_before`` / ``_after``,
+            ``Report.measured``; method in :mod:`rewriter.measure`). Off by default: it adds
+            about a second per site and model.
     """
 
     mode: str = "exact"
@@ -62,6 +67,7 @@ class Config:
     device: str | None = None
     min_sqnr_db: dict[str, float] = field(default_factory=lambda: {"fp8": 20.0, "nvfp4": 15.0})
     sparse_method: str = "magnitude"
+    measure: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str):
@@ -93,7 +99,7 @@ class Config:
                 re.compile(self.modules)
             except re.error as exc:
                 raise ValueError(f"Config.modules is not a valid regular expression: {exc}") from None
-        for name in ("validate", "inplace", "inductor"):
+        for name in ("validate", "inplace", "inductor", "measure"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

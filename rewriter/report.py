@@ -34,6 +34,9 @@ class Site:
     ``reason`` says why a skipped site was left alone. ``est_speedup``/``est_saved_ms`` come from
     the cost model (None where the device is unknown). ``checks`` holds the validation figures
     (``max_rel_err``, ``ref_rel_err``, ``sqnr_db``) when the site was checked.
+    ``measured_ms_before`` / ``measured_ms_after`` are timings of the site's original and
+    rewritten form on the example activations, with ``Config(measure=True)`` only (forward, eager;
+    see :mod:`rewriter.measure`).
     """
 
     pass_name: str
@@ -47,6 +50,8 @@ class Site:
     target: str = ""
     checks: dict[str, Any] = field(default_factory=dict)
     graph: int = 0
+    measured_ms_before: float | None = None
+    measured_ms_after: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -57,6 +62,17 @@ class Site:
     @property
     def rewritten(self) -> bool:
         return self.status == "rewritten"
+
+    @property
+    def measured_speedup(self) -> float | None:
+        if self.measured_ms_before is None or not self.measured_ms_after:
+            return None
+        return self.measured_ms_before / self.measured_ms_after
+
+    def set_measured(self, timing: dict[str, Any]) -> None:
+        """Record a :func:`rewriter.measure.compare` result (before = original, after = rewrite)."""
+        self.measured_ms_before = round(float(timing["ms_before"]), 6)
+        self.measured_ms_after = round(float(timing["ms_after"]), 6)
 
 
 @dataclass
@@ -79,6 +95,8 @@ class Report:
     device: str = ""
     notes: list[str] = field(default_factory=list)
     graphs: int = 0
+    # Whole model, with Config(measure=True): {"original_ms", "optimized_ms", "speedup", "what"}.
+    measured: dict[str, Any] = field(default_factory=dict)
 
     def add(self, site: Site) -> Site:
         self.sites.append(site)
@@ -114,6 +132,13 @@ class Report:
             }
         saved = [s.est_saved_ms for s in self.sites if s.rewritten and s.est_saved_ms is not None]
         unknown = any(s.rewritten and s.est_saved_ms is None for s in self.sites)
+        timed = [s for s in self.sites if s.rewritten and s.measured_speedup is not None]
+        extra: dict[str, Any] = {}
+        if timed:
+            extra["measured_sites"] = len(timed)
+            extra["measured_saved_ms"] = round(sum(s.measured_ms_before - s.measured_ms_after for s in timed), 6)
+        if self.measured:
+            extra["measured"] = dict(self.measured)
         return {
             "passes": passes,
             "sites": len(self.sites),
@@ -121,6 +146,7 @@ class Report:
             "est_saved_ms": None if unknown or not saved else round(sum(saved), 4),
             "device": self.device,
             "graphs": self.graphs,
+            **extra,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +156,7 @@ class Report:
             "device": self.device,
             "notes": list(self.notes),
             "graphs": self.graphs,
+            "measured": dict(self.measured),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -145,6 +172,7 @@ class Report:
             device=data.get("device", ""),
             notes=list(data.get("notes", [])),
             graphs=int(data.get("graphs", 0)),
+            measured=dict(data.get("measured") or {}),
         )
 
     @classmethod
@@ -172,17 +200,24 @@ class Report:
             table = Table(title=f"pass {name}: {sum(s.rewritten for s in sites)} rewritten, "
                                 f"{sum(not s.rewritten for s in sites)} skipped",
                           title_justify="left", show_lines=False)
-            for col in ("where", "status", "detail / reason", "target", "est. speedup", "est. saved ms"):
+            timed = any(s.measured_speedup is not None for s in sites)
+            cols = ["where", "status", "detail / reason", "target", "est. speedup", "est. saved ms"]
+            for col in cols + (["measured (ms before -> after)"] if timed else []):
                 table.add_column(col, overflow="fold")
             for s in sites:
-                table.add_row(
+                row = [
                     s.where,
                     s.status,
                     s.detail if s.rewritten else (f"{s.detail}: {s.reason}" if s.detail else s.reason),
                     s.target,
                     "-" if s.est_speedup is None else f"{s.est_speedup:.2f}x",
                     "-" if s.est_saved_ms is None else _ms(s.est_saved_ms),
-                )
+                ]
+                if timed:
+                    sp = s.measured_speedup
+                    row.append("-" if sp is None else
+                               f"{sp:.2f}x ({_ms(s.measured_ms_before)} -> {_ms(s.measured_ms_after)})")
+                table.add_row(*row)
             console.print(table)
             for r in runs:
                 if r.status == "error":
@@ -191,6 +226,16 @@ class Report:
         saved = summary["est_saved_ms"]
         console.print(f"total: {summary['rewritten']} of {summary['sites']} sites rewritten; "
                       f"estimated saving {'unknown' if saved is None else _ms(saved) + ' ms'} per call")
+        if "measured_sites" in summary:
+            console.print(f"measured at the sites: {_ms(summary['measured_saved_ms'])} ms saved per call over "
+                          f"{summary['measured_sites']} timed site(s) (each alone, eager, forward)")
+        if self.measured:
+            m = self.measured
+            if m.get("original_ms") is not None:
+                console.print(f"measured: {_ms(m['original_ms'])} ms original -> {_ms(m['optimized_ms'])} ms "
+                              f"optimized per call ({m['speedup']:.2f}x); {m.get('what', '')}")
+            elif m.get("note"):
+                console.print(f"measured: {m['note']}")
         for n in self.notes:
             console.print(f"note: {n}")
         return buf.getvalue()

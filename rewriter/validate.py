@@ -40,6 +40,7 @@ class Check:
     new_rel_err: float = 0.0  # rewrite vs float64, worst trial
     message: str = ""
     trials: list[dict[str, float]] = field(default_factory=list)
+    timing: dict[str, Any] | None = None  # rewriter.measure.compare of original vs rewrite, if asked
 
     def as_dict(self) -> dict[str, Any]:
         return {"validated": True, "max_rel_err": _r(self.max_rel_err), "ref_rel_err": _r(self.ref_rel_err),
@@ -158,11 +159,14 @@ def check_rewrite(
     values: dict[Node, Any],
     build: Callable[[Graph, dict[Node, Node]], Node],
     seed: int = 0,
+    measure: bool = False,
 ) -> Check:
     """Compare ``build`` (the replacement) with the original subgraph ending at ``output``.
 
     ``inputs`` are the nodes the replacement reads; ``values`` their example values (and those of
     any placeholder the original subgraph reaches). ``random_inputs`` may be redrawn at random.
+    With ``measure``, a rewrite that passes is also timed against the original on the example
+    values (``Check.timing``; a timing that fails leaves it None, never the check).
     """
     ref_gm, leaves = extract(gm, output, inputs)
     cand = Graph()
@@ -204,4 +208,13 @@ def check_rewrite(
                               f"(original vs float64 {e_ref:.3g}, rewrite vs float64 {e_new:.3g})")
         if not result.ok:
             break
+    if measure and result.ok:
+        from .measure import compare, device_of
+
+        vals = trials[0]
+        try:
+            with torch.no_grad():
+                result.timing = compare(lambda: ref_gm(*vals), lambda: cand_gm(*vals), device_of(vals))
+        except Exception:  # noqa: BLE001 - a timing problem must not undo a checked rewrite
+            result.timing = None
     return result

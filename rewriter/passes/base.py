@@ -68,6 +68,20 @@ class Pass:
         return Site(self.name, self.kind, where, "rewritten", detail=detail, graph=ctx.graph_index, **extra)
 
 
+def measure_swap(ctx, site: Site, old: Any, new: Any, x: Any) -> Site:
+    """With ``Config(measure=True)``: time ``old(x)`` against ``new(x)`` (forward, no grad) into
+    ``site``. A timing that fails leaves the site unmeasured; it never undoes the conversion."""
+    if ctx.config.measure:
+        from ..measure import compare, device_of
+
+        try:
+            with torch.no_grad():
+                site.set_measured(compare(lambda: old(x), lambda: new(x), device_of(x)))
+        except Exception:  # noqa: BLE001 - timing is a report detail, not part of the rewrite
+            pass
+    return site
+
+
 class ModuleContext:
     """What a module pass sees: the model (to change), its captured graphs, config and report.
 
@@ -207,8 +221,11 @@ class GraphPass(Pass):
                 def build(graph: Graph, env: dict[Node, Node], rw=rw) -> Node:
                     return rw.emit(Builder(graph, validating=True), env)
 
-                check = check_rewrite(ctx.gm, rw.output, rw.inputs, rw.random_inputs, values, build)
+                check = check_rewrite(ctx.gm, rw.output, rw.inputs, rw.random_inputs, values, build,
+                                      measure=ctx.config.measure)
                 rw.site.checks.update(check.as_dict())
+                if check.timing is not None:
+                    rw.site.set_measured(check.timing)
                 if not check.ok:
                     rw.site.status = "skipped"
                     rw.site.reason = f"validation failed, left as it was: {check.message}"

@@ -72,7 +72,7 @@ from torch import nn
 from ..cost import LinearTable, linear_table
 from ..patterns.linear import LinearModule, swap_blocker
 from ..validate import sample_rows, sqnr_db
-from .base import ModuleContext, ModulePass, linear_inputs
+from .base import ModuleContext, ModulePass, linear_inputs, measure_swap
 
 __all__ = ["FP8Pass", "to_fp8", "convert_linears", "fp8_device_support", "MIN_SPEEDUP", "SQNR_ROWS"]
 
@@ -217,7 +217,7 @@ class FP8Pass(ModulePass):
             detail += f" ({note})"
         try:
             new = to_fp8(lin.module, weight_only=variant == _WEIGHT_ONLY)
-            x = sample_rows(x, SQNR_ROWS)
+            x_all, x = x, sample_rows(x, SQNR_ROWS)
             with torch.no_grad():
                 sqnr = sqnr_db(lin.module(x), new(x))
         except Exception as exc:  # noqa: BLE001 - torchao refusing one site must not stop the pass
@@ -230,6 +230,8 @@ class FP8Pass(ModulePass):
                       f"floor (Config.min_sqnr_db['{self.name}']); left in {lin.module.weight.dtype}",
                       detail=detail, checks=checks, est_speedup=round(speedup, 2))
             return
+        site = self.site(ctx, lin.path, detail, target=variant, est_speedup=round(speedup, 2),
+                         est_saved_ms=round(saved, 4), checks=checks)
+        measure_swap(ctx, site, lin.module, new, x_all)
         ctx.swap(lin.path, new)
-        ctx.report.add(self.site(ctx, lin.path, detail, target=variant, est_speedup=round(speedup, 2),
-                                 est_saved_ms=round(saved, 4), checks=checks))
+        ctx.report.add(site)

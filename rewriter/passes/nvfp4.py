@@ -63,7 +63,7 @@ from ..patterns.graph import module_path
 from ..patterns.linear import LinearSite, find_linears
 from ..patterns.ops import meta
 from ..validate import sqnr_db
-from .base import ModuleContext, ModulePass
+from .base import ModuleContext, ModulePass, measure_swap
 
 __all__ = ["NVFP4Pass", "Conversion", "CostDecision", "convert_linears", "nvfp4_convertible", "nvfp4_cost"]
 
@@ -344,6 +344,7 @@ class NVFP4Pass(ModulePass):
             note = f" ({decision.note})" if decision.note else ""
             site = self.site(ctx, conv.path, f"{shape}, {size}, SQNR {sqnr:.1f} dB{note}", **estimate)
             site.checks.update(sqnr_db=round(sqnr, 2), bytes_saved=conv.bytes_saved)
+            measure_swap(ctx, site, linear, conv.module, values[calls[0][1].x])
             ctx.report.add(site)
             ctx.report.note("nvfp4: converted linears are inference-only; call the optimized model under "
                             "torch.no_grad() or torch.inference_mode()")

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from ..cost import LinearTable, linear_table
 from ..patterns.linear import LinearModule, swap_blocker
 from ..validate import sample_rows, sqnr_db
-from .base import ModuleContext, ModulePass, linear_inputs
+from .base import ModuleContext, ModulePass, linear_inputs, measure_swap
 
 __all__ = ["Sparse24Pass", "Sparse24Linear", "prune_2_4", "is_2_4", "to_sparse24", "convert_linears",
            "sparse24_device_support", "MIN_SPEEDUP", "SQNR_ROWS"]
@@ -277,6 +277,8 @@ class Sparse24Pass(ModulePass):
                       f"floor (Config.min_sqnr_db['{self.name}']); left dense", detail=detail, checks=checks,
                       est_speedup=round(speedup, 2))
             return
+        site = self.site(ctx, lin.path, detail, target=self.name, est_speedup=round(speedup, 2),
+                         est_saved_ms=round(saved, 4), checks=checks)
+        measure_swap(ctx, site, lin.module, new, xs[s.x])
         ctx.swap(lin.path, new)
-        ctx.report.add(self.site(ctx, lin.path, detail, target=self.name, est_speedup=round(speedup, 2),
-                                 est_saved_ms=round(saved, 4), checks=checks))
+        ctx.report.add(site)
