@@ -1516,6 +1516,50 @@ _TUNED: dict[tuple, NVFP4GemmConfig] = {}
 _COUNTERS: dict[tuple, Tensor] = {}
 
 
+# Launches. Triton's ``JITFunction.run`` re-checks on every launch that each global the kernel read
+# when it was compiled still has its value (the PTX strings and constants of this module: they never
+# change), through Python-level constexpr comparisons; with the argument binding that is most of a
+# launch's host time. In a decode step without CUDA graphs the host time is the layer's time (on the
+# H100 host: ~50-90 us per launch against ~4 us of GPU time for a 2048 x 2048 weight,
+# benchmarks/results/nvfp4_host_*.md). The short path below binds the arguments with Triton's own
+# binder (so the same specialization selects the same compiled kernel) and calls that kernel's
+# launcher directly; a launch it cannot make (first launch of a specialization, which compiles, or
+# anything unexpected) goes through ``fn[grid]``, and an unexpected error turns the short path off.
+_FAST_LAUNCH = True
+FAST_LAUNCHES = 0  # launches made by the short path (for tests)
+
+
+def _launch_kernel(fn, grid: tuple, *args, **kwargs) -> None:
+    """``fn[grid](*args, **kwargs)``, by the short path once ``fn`` is compiled for these arguments."""
+    global _FAST_LAUNCH, FAST_LAUNCHES
+    if _FAST_LAUNCH and not _interpreting():
+        try:
+            from triton import knobs
+            from triton.runtime import driver
+            from triton.runtime.jit import compute_cache_key
+
+            device = driver.active.get_current_device()
+            caches = fn.device_caches.get(device)
+            if caches is not None:
+                kernel_cache, key_cache, _, _, binder = caches
+                opts = dict(kwargs, debug=kwargs.get("debug", fn.debug) or knobs.runtime.debug,
+                            instrumentation_mode=knobs.compilation.instrumentation_mode)
+                bound, specialization, options = binder(*args, **opts)
+                kernel = kernel_cache.get(compute_cache_key(key_cache, specialization, options))
+                if kernel is not None and not hasattr(kernel, "result"):
+                    stream = driver.active.get_current_stream(device)
+                    values = bound.values()
+                    g = tuple(grid) + (1, 1)
+                    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
+                               kernel.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,
+                               knobs.runtime.launch_exit_hook, *values)
+                    FAST_LAUNCHES += 1
+                    return
+        except Exception:  # noqa: BLE001 - another Triton version: use its own path from now on
+            _FAST_LAUNCH = False
+    fn[grid](*args, **kwargs)
+
+
 def _split_counters(device: torch.device, blocks: int) -> Tensor:
     key = (device.index if device.index is not None else torch.cuda.current_device(),
            torch.cuda.current_stream(device).cuda_stream)
@@ -1567,7 +1611,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             undo = 67108864.0  # 2**26
         grid_n = triton.cdiv(n, cfg.block_n)
         in_kernel = split > 1 and cfg.reduce == "atomic"
-        _nvfp4_mma_kernel[(grid_n, split)](
+        _launch_kernel(_nvfp4_mma_kernel, (grid_n, split),
             x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
             m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
             HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
@@ -1589,7 +1633,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             x = _with_aligned_rows(x)
             if not _rows_aligned(x):
                 decode = 0
-        _nvfp4_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        _launch_kernel(_nvfp4_gemv_kernel, (triton.cdiv(n, cfg.block_n), split),
             x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
             m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
             HAS_BIAS=bias is not None, USE_WS=split > 1, EVEN_K=k % cfg.block_k == 0,
@@ -1601,7 +1645,7 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         _launch_gemm(x, w, bias_arg, out, ws, cfg, split, tiles_per_split, bias is not None)
     if split > 1:
         block = 1024
-        _nvfp4_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+        _launch_kernel(_nvfp4_splitk_reduce_kernel, (triton.cdiv(m * n, block),),
             ws, w.global_scale, bias_arg, out, m, n, out.stride(0),
             SPLITS=split, HAS_BIAS=bias is not None, BLOCK=block, undo=undo, num_warps=4,
         )
@@ -1611,7 +1655,9 @@ def _launch_gemm(x, w, bias_arg, out, ws, cfg, split, tiles_per_split, has_bias)
     m, k = x.shape
     n = w.shape[0]
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-    _nvfp4_gemm_kernel[grid](
+    _launch_kernel(
+        _nvfp4_gemm_kernel,
+        grid,
         x,
         w.packed.view(torch.int32),
         w.scales.view(torch.uint8),
@@ -1778,20 +1824,18 @@ _INFERENCE_ONLY = (
 )
 
 
-@torch.library.custom_op("rewriter::nvfp4_linear", mutates_args=())
-def _nvfp4_linear_op(
+def _nvfp4_linear_impl(
     x: Tensor, packed: Tensor, scale_bits: Tensor, global_scale: Tensor, bias: Optional[Tensor], tiled: bool = False
 ) -> Tensor:
-    """``scale_bits`` are the E4M3 block scales viewed as uint8 (generic tensor tooling, such as
-    ``torch.library.opcheck``, has no fp8 kernels on the CPU); ``tiled``: the bytes are in tile
-    order (:func:`to_tiled`)."""
+    """The op ``rewriter::nvfp4_linear``. ``scale_bits`` are the E4M3 block scales viewed as uint8
+    (generic tensor tooling, such as ``torch.library.opcheck``, has no fp8 kernels on the CPU);
+    ``tiled``: the bytes are in tile order (:func:`to_tiled`)."""
     n, k = packed.shape[0], packed.shape[1] * 2
     w = NVFP4Weight(packed, scale_bits.view(torch.float8_e4m3fn), global_scale, (n, k), tiled)
     y = nvfp4_gemm(x.reshape(-1, k), w, bias)
     return y.reshape(*x.shape[:-1], n)
 
 
-@_nvfp4_linear_op.register_fake
 def _nvfp4_linear_fake(x, packed, scale_bits, global_scale, bias, tiled=False):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
@@ -1800,7 +1844,25 @@ def _nvfp4_linear_backward(ctx, grad):
     raise RuntimeError(_INFERENCE_ONLY)
 
 
-_nvfp4_linear_op.register_autograd(_nvfp4_linear_backward)
+# Defined through torch.library.Library rather than torch.library.custom_op: the dispatcher then
+# calls the implementation itself, without custom_op's Python wrapper and its check that the
+# output aliases no input, which cost host time on every call (a decode step without CUDA graphs
+# is host-bound; benchmarks/results/nvfp4_host_*.md). Fake (meta) and autograd formulas as usual.
+_LIB = torch.library.Library("rewriter", "FRAGMENT")
+_LIB.define("nvfp4_linear(Tensor x, Tensor packed, Tensor scale_bits, Tensor global_scale, Tensor? bias, "
+            "bool tiled=False) -> Tensor")
+_LIB.impl("nvfp4_linear", _nvfp4_linear_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("rewriter::nvfp4_linear", _nvfp4_linear_fake, lib=_LIB)
+torch.library.register_autograd("rewriter::nvfp4_linear", _nvfp4_linear_backward, lib=_LIB)
+
+
+def _plain_eager(x: Tensor) -> bool:
+    """True when ``x`` is an ordinary tensor in eager execution: nothing traces or transforms the
+    call, so the op's implementation can run without the dispatcher."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (type(x) is Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 def supports(x: Tensor, w: NVFP4Weight) -> tuple[bool, str]:
@@ -1840,8 +1902,10 @@ def nvfp4_linear(
         ok, why = supports(x, w)
         if not ok:
             raise ValueError(f"nvfp4_linear cannot use the Triton kernel: {why}")
-        return torch.ops.rewriter.nvfp4_linear(x, w.packed, w.scales.view(torch.uint8), w.global_scale, bias,
-                                               w.tiled)
+        args = (x, w.packed, w.scales.view(torch.uint8), w.global_scale, bias, w.tiled)
+        if _plain_eager(x):
+            return _nvfp4_linear_impl(*args)
+        return torch.ops.rewriter.nvfp4_linear(*args)
     return nvfp4_linear_reference(x, w, bias)
 
 

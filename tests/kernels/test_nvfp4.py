@@ -833,3 +833,76 @@ def test_gpu_module_and_cuda_graph():
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
         assert sqnr_db(lin(x).float(), eager.float()) > 15
+
+
+# ------------------------------------------------------------------------------------------------
+# Host path: the eager call skips the dispatcher; launches take Triton's short path once compiled.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_eager_call_runs_the_implementation_and_tracing_sees_the_op(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+    impl = nv._nvfp4_linear_impl
+
+    def counted(*args):
+        calls.append(1)
+        return impl(*args)
+
+    monkeypatch.setattr(nv, "_nvfp4_linear_impl", counted)
+    torch.manual_seed(12)
+    w = pack_nvfp4(torch.randn(16, 32, device=DEVICE))
+    x = torch.randn(3, 32, device=DEVICE).to(torch.bfloat16)
+    with torch.no_grad():
+        direct = nvfp4_linear(x, w, use_triton=True)
+    assert calls == [1]  # eager: the implementation itself, no dispatcher
+
+    class Seen(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen() as mode:
+        traced = nvfp4_linear(x, w, use_triton=True)
+    # Under a dispatch mode (as under tracing) the call goes through the op.
+    assert "rewriter.nvfp4_linear.default" in mode.ops and calls == [1]
+    assert torch.equal(traced, direct)
+
+
+def test_launch_falls_back_and_turns_the_short_path_off(monkeypatch):
+    launched = []
+
+    class Odd:
+        device_caches = None  # not what the short path expects
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: launched.append((grid, a, k))
+
+    monkeypatch.setattr(nv, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(nv, "_interpreting", lambda: False)
+    nv._launch_kernel(Odd(), (3, 1), 1, 2, FLAG=True)
+    assert launched == [((3, 1), (1, 2), {"FLAG": True})]
+    assert nv._FAST_LAUNCH is False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_gpu_short_launch_path_same_result(monkeypatch, m):
+    torch.manual_seed(17)
+    lin = torch.nn.Linear(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    q = NVFP4Linear.from_linear(lin)
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        monkeypatch.setattr(nv, "_FAST_LAUNCH", False)
+        ref = q(x)
+        monkeypatch.setattr(nv, "_FAST_LAUNCH", True)
+        before = nv.FAST_LAUNCHES
+        first = q(x)
+        again = q(x)
+        torch.cuda.synchronize()
+    assert nv.FAST_LAUNCHES > before and nv._FAST_LAUNCH
+    assert torch.equal(first, ref) and torch.equal(again, ref)
+    assert sqnr_db(lin(x).float(), ref.float()) > 15
