@@ -83,6 +83,14 @@ for stage in "$@"; do
         --passes attention,fuse_linear,fuse_linear_graph,nvfp4 \
         --json "$OUT/measure_llama_decode_nvfp4.json" > "$OUT/measure_llama_decode_nvfp4.txt" 2>/dev/null
       grep -h "^measured\|^total\|^rewriter report" "$OUT"/measure_*.txt ;;
+    measure-decode)  # decode step (batch 1, one token) measured: bf16 and NVFP4, with and without CUDA graphs
+      common="--device cuda --dtype bfloat16 --inductor --measure --layers 4 --hidden 2048 --heads 16 --batch 1 --seq 1"
+      nv="--mode fast --estimate-for H200 --passes attention,fuse_linear,fuse_linear_graph,nvfp4"
+      python3 -m rewriter report hf:llama $common --json "$OUT/decode_bf16.json" > "$OUT/decode_bf16.txt" 2>/dev/null
+      python3 -m rewriter report hf:llama $common --cuda-graphs --json "$OUT/decode_bf16_cg.json" > "$OUT/decode_bf16_cg.txt" 2>/dev/null
+      python3 -m rewriter report hf:llama $common $nv --json "$OUT/decode_nvfp4.json" > "$OUT/decode_nvfp4.txt" 2>/dev/null
+      python3 -m rewriter report hf:llama $common $nv --cuda-graphs --json "$OUT/decode_nvfp4_cg.json" > "$OUT/decode_nvfp4_cg.txt" 2>/dev/null
+      for f in "$OUT"/decode_*.txt; do echo "$(basename "$f")"; grep -h "^measured\|^total" "$f"; done ;;
     attn-d128)  # full sweep, D = 128
       python3 benchmarks/attention.py --shapes 128:1024,128:2048,128:4096,128:8192,128:16384 --rep 30 \
         --eager-max-s 4096 --suffix _d128 --budget "${ATTN_S:-500}" --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -5 ;;

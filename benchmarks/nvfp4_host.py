@@ -29,6 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from rewriter.kernels import nvfp4 as nv
 
@@ -113,6 +114,43 @@ def main():
                 if name == "NVFP4Linear":
                     assert nv._FAST_LAUNCH, "the short launch path turned itself off"
                 lines.append(f"| {name} | {h:.1f} | {g:.1f} |")
+                print(lines[-1], flush=True)
+            # The pieces of one launch, each timed alone (host time per call).
+            from triton import knobs
+            from triton.runtime import driver
+            from triton.runtime.jit import compute_cache_key
+
+            kern = nv._nvfp4_mma_kernel
+            dev = driver.active.get_current_device()
+            kc, kkc, _, _, binder = kern.device_caches[dev]
+            args = (x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, out, out, out,
+                    1, n, k, x.stride(0), k // 8, k // 16, out.stride(0), k // 128)
+            kw = dict(HAS_BIAS=False, USE_WS=False, TWO_N=False, GROUPS=cfg.block_n // (16 * (cfg.num_warps // cfg.kwarps)),
+                      NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint, counter_ptr=out, IN_KERNEL_REDUCE=False,
+                      X_LATE=cfg.x_late, KWARPS=cfg.kwarps, TILED=w.tiled, KT=k // 128, num_warps=cfg.num_warps,
+                      num_stages=1, debug=kern.debug or knobs.runtime.debug,
+                      instrumentation_mode=knobs.compilation.instrumentation_mode)
+            bound, spec, opts = binder(*args, **kw)
+            kernel = kc.get(compute_cache_key(kkc, spec, opts))
+            stream = driver.active.get_current_stream(dev)
+            vals = list(bound.values())
+            grid = (triton.cdiv(n, cfg.block_n), 1, 1)
+            pieces = {
+                "torch.empty (1, N)": lambda: torch.empty((1, n), dtype=x.dtype, device=x.device),
+                "_select_config (cached)": lambda: nv._select_config(x, w, None, out),
+                "binder": lambda: binder(*args, **kw),
+                "compute_cache_key": lambda: compute_cache_key(kkc, spec, opts),
+                "kernel.run (the launch itself)": lambda: kernel.run(grid[0], 1, 1, stream, kernel.function,
+                                                                      kernel.packed_metadata, None, None, None, *vals),
+                "NVFP4Weight + 3 views": lambda: (nv.NVFP4Weight(mod.packed, mod.scales, mod.global_scale, (n, k),
+                                                                 mod.tiled), w.packed.view(torch.int32),
+                                                  w.scales.view(torch.uint8)),
+                "_plain_eager": lambda: nv._plain_eager(x),
+                "supports": lambda: nv.supports(x, w),
+            } if kernel is not None else {}
+            lines += ["", "| piece | host us per call |", "|---|---:|"]
+            for name, fn in pieces.items():
+                lines.append(f"| {name} | {per_call_us(fn, calls=2000):.2f} |")
                 print(lines[-1], flush=True)
             prof = cProfile.Profile()
             prof.enable()

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                    "default: the device run on")
     r.add_argument("--inductor", action="store_true", help="also compile with Inductor")
     r.add_argument("--no-validate", action="store_true", help="skip checking each rewrite against the original")
+    r.add_argument("--cuda-graphs", action="store_true", help="with --inductor: run the compiled graphs as "
+                   "CUDA graphs (one launch per graph)")
     r.add_argument("--measure", action="store_true", help="also time each rewritten site and the whole model "
                    "against the original on the device run on")
     r.add_argument("--batch", type=int, default=1, help="hf: batch size of the example input (default 1)")
@@ -73,7 +75,7 @@ def _config(args):
         disable = tuple(p for p in pass_names() if p not in chosen)
     return Config(mode=args.mode, enable=tuple(p for p in enable if p not in _defaults(args.mode)),
                   disable=disable, inductor=args.inductor, validate=not args.no_validate, device=args.estimate_for,
-                  measure=args.measure)
+                  measure=args.measure, cuda_graphs=args.cuda_graphs)
 
 
 def _defaults(mode: str) -> list[str]:

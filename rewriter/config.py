@@ -54,6 +54,12 @@ class Config:
             model against the original eager one (``Site.measured_ms_before`` / ``_after``,
             ``Report.measured``; method in :mod:`rewriter.measure`). Off by default: it adds
             about a second per site and model.
+        cuda_graphs: have Inductor run each compiled graph as a CUDA graph (its cudagraph trees,
+            what ``torch.compile(mode="reduce-overhead")`` does): one launch per graph instead of
+            one per kernel, which is what a decode step needs to turn GPU savings (NVFP4) into
+            time saved. The usual conditions apply: an output of one call may be overwritten by
+            the next call of the same graph (clone what you keep), and shapes are static. CUDA
+            only; needs ``inductor=True``. Off by default.
     """
 
     mode: str = "exact"
@@ -68,6 +74,7 @@ class Config:
     min_sqnr_db: dict[str, float] = field(default_factory=lambda: {"fp8": 20.0, "nvfp4": 15.0})
     sparse_method: str = "magnitude"
     measure: bool = False
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str):
@@ -99,7 +106,7 @@ class Config:
                 re.compile(self.modules)
             except re.error as exc:
                 raise ValueError(f"Config.modules is not a valid regular expression: {exc}") from None
-        for name in ("validate", "inplace", "inductor", "measure"):
+        for name in ("validate", "inplace", "inductor", "measure", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

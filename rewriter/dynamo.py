@@ -59,10 +59,15 @@ class Backend:
             self.report.note(f"the pass pipeline failed and the graph was left as it was: "
                              f"{type(exc).__name__}: {exc}")
         if not self.config.inductor:
+            if self.config.cuda_graphs:
+                self.report.note("cuda_graphs needs inductor=True (Inductor records the CUDA graphs); "
+                                 "the graphs run without them")
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
         try:
+            if self.config.cuda_graphs:
+                return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True})
             return compile_fx(gm, example_inputs)
         except Exception as exc:  # noqa: BLE001 - fall back to running the rewritten graph
             self.report.note(f"Inductor could not compile a rewritten graph, which runs uncompiled: "

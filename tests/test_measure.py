@@ -188,3 +188,26 @@ def test_cli_measure(capsys, quick_timing):
     assert code == 0
     out = capsys.readouterr().out
     assert "measured:" in out and "measured (ms before -> after)" in out
+
+
+def test_cuda_graphs_config_reaches_inductor(monkeypatch):
+    import torch._inductor.compile_fx as cf
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, **kwargs):
+        seen.append(kwargs)
+        return gm.forward
+
+    monkeypatch.setattr(cf, "compile_fx", fake_compile_fx)
+    x = torch.randn(2, 16, 32)
+    model = M.Einsum(dim=32, heads=4).eval()
+    opt = optimize(model, (x,), inductor=True, cuda_graphs=True)
+    assert seen and seen[-1] == {"config_patches": {"triton.cudagraphs": True}}
+    opt = optimize(M.Einsum(dim=32, heads=4).eval(), (x,), inductor=True)
+    assert seen[-1] == {}
+    # Without Inductor there is nothing to record the graphs: said, not raised.
+    opt = optimize(M.Einsum(dim=32, heads=4).eval(), (x,), cuda_graphs=True)
+    assert any("cuda_graphs needs inductor=True" in n for n in opt.report.notes)
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        rewriter.Config(cuda_graphs=1)
