@@ -174,8 +174,17 @@ class CostDecision:
     note: str = ""  # how the table answered (nearest measured shape), when it did
 
 
+# Host time an NVFP4 linear costs per call beyond a bf16 one, where nothing hides it (no CUDA
+# graph): Inductor-compiled module at M = 1 on the H100 host, 131-137 us against 35-45 us for a
+# compiled F.linear (benchmarks/results/nvfp4_host_h100.md: the Python op and its Triton launch
+# against one cuBLAS call). A decode step of a whole model measured the same way: 4-layer
+# Llama-shaped, hidden 2048, one token, Inductor: bf16 1.08 ms, NVFP4 3.83 ms; with CUDA graphs
+# 0.317 against 0.227 ms (benchmarks/results/decode_*_h100.txt).
+HOST_EXTRA_MS = 0.09
+
+
 def nvfp4_cost(device_type: str, table: LinearTable | None, rows: Sequence[int], k: int, n: int,
-               capability: tuple[int, int] | None = None) -> CostDecision:
+               capability: tuple[int, int] | None = None, cuda_graphs: bool = True) -> CostDecision:
     """Whether an NVFP4 linear of shape (K=``k``, N=``n``) pays for calls with ``rows`` rows (M) each.
 
     A pure function of where the weight lives, the device's measured table and the shape:
@@ -187,6 +196,11 @@ def nvfp4_cost(device_type: str, table: LinearTable | None, rows: Sequence[int],
     * no table: no (the kernel wins only at small M; without measurements that is not assumed).
     * otherwise: yes when ``sum time(bf16) / sum time(nvfp4)`` over the calls is above 1. The table's
       ``bf16_ms`` column stands for fp16 too (same bytes, same tensor cores).
+    * and, without ``cuda_graphs`` (the calls launched one by one from Python): only when the GPU
+      time saved per call exceeds :data:`HOST_EXTRA_MS`, the extra host time of each call. At the
+      small M where NVFP4 pays, a layer's GPU time is a few to a few tens of microseconds and the
+      host time of a launch is the step's time, so this keeps NVFP4 off unless CUDA graphs hide
+      the launches (``Config(cuda_graphs=True)``).
 
     Example::
 
@@ -216,6 +230,11 @@ def nvfp4_cost(device_type: str, table: LinearTable | None, rows: Sequence[int],
     speedup = before / after
     note = "; ".join(dict.fromkeys(notes))
     saved = before - after
+    if speedup > 1.0 and not cuda_graphs and saved < HOST_EXTRA_MS * len(rows):
+        return CostDecision(False, f"saves {saved * 1e3:.1f} us of GPU time per call ({speedup:.2f}x), less than "
+                                   f"the ~{HOST_EXTRA_MS * 1e3:.0f} us of host time an NVFP4 call adds where each "
+                                   "launch comes from Python: with Config(cuda_graphs=True) (one launch per graph) "
+                                   "it converts", speedup, saved, note)
     if speedup > 1.0:
         return CostDecision(True, "", speedup, saved, note)
     ms = ", ".join(str(m) for m in dict.fromkeys(rows))
@@ -262,7 +281,8 @@ class NVFP4Pass(ModulePass):
             site = calls[0][1]
             weight = ctx.module(where).weight
             decision = nvfp4_cost(weight.device.type, table, [s.rows for _, s in calls],
-                                  site.in_features, site.out_features, _capability(weight.device))
+                                  site.in_features, site.out_features, _capability(weight.device),
+                                  cuda_graphs=ctx.config.cuda_graphs)
             if not decision.convert:
                 self.skip(ctx, where, decision.reason, self._shape(calls), target="nvfp4",
                           est_speedup=decision.est_speedup, est_saved_ms=decision.est_saved_ms)

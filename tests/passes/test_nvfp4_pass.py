@@ -63,7 +63,8 @@ def on_cuda_with(monkeypatch):
     real = nvfp4_pass.nvfp4_cost
 
     def install(t):
-        monkeypatch.setattr(nvfp4_pass, "nvfp4_cost", lambda device_type, *args: real("cuda", *args[:4]))
+        monkeypatch.setattr(nvfp4_pass, "nvfp4_cost",
+                            lambda device_type, *args, **kw: real("cuda", *args[:4], **kw))
         monkeypatch.setattr(nvfp4_pass, "linear_table", lambda spec: t)
 
     return install
@@ -72,6 +73,9 @@ def on_cuda_with(monkeypatch):
 def run_pass(model, x, **config):
     config.setdefault("mode", "fast")
     config.setdefault("enable", ("nvfp4",))
+    # The synthetic tables save a few microseconds per call, which pays only where CUDA graphs
+    # hide the launches (tested on its own below).
+    config.setdefault("cuda_graphs", True)
     return optimize(model, (x,), **config)
 
 
@@ -437,3 +441,26 @@ def test_on_cuda_the_compiled_model_runs_the_kernel(monkeypatch):
         got, want = opt(x), forced(x)  # eager NVFP4Linear on CUDA runs the Triton kernel
         assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-3)
         assert sqnr_db(model.float()(x.float()), got.float()) >= 15
+
+
+def test_without_cuda_graphs_host_time_decides(on_cuda_with):
+    # 2.0 -> 1.0 ms per call saves far more than the host cost of a launch: converted either way.
+    on_cuda_with(table(2.0, 1.0))
+    model = nn.Sequential(nn.Linear(64, 128)).to(torch.bfloat16).eval()
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    opt = run_pass(copy.deepcopy(model), x, cuda_graphs=False)
+    assert len(opt.report.rewritten("nvfp4")) == 1
+    # 0.030 -> 0.015 ms is 2x on the GPU but saves less than one call's extra host time.
+    on_cuda_with(table(0.030, 0.015))
+    opt = run_pass(copy.deepcopy(model), x, cuda_graphs=False)
+    (site,) = opt.report.skipped("nvfp4")
+    assert "host time" in site.reason and "cuda_graphs=True" in site.reason
+    assert isinstance(opt.model[0], nn.Linear)
+    opt = run_pass(copy.deepcopy(model), x, cuda_graphs=True)
+    assert len(opt.report.rewritten("nvfp4")) == 1
+    # The rule itself: the GPU time saved per call against HOST_EXTRA_MS (0.09 ms) per call.
+    assert nvfp4_pass.HOST_EXTRA_MS == 0.09
+    assert nvfp4_pass.nvfp4_cost("cuda", table(0.2, 0.1), [1], 64, 128, cuda_graphs=False).convert
+    assert nvfp4_pass.nvfp4_cost("cuda", table(0.2, 0.1), [1, 1], 64, 128, cuda_graphs=False).convert
+    assert not nvfp4_pass.nvfp4_cost("cuda", table(0.1, 0.05), [1], 64, 128, cuda_graphs=False).convert
+    assert nvfp4_pass.nvfp4_cost("cuda", table(0.1, 0.05), [1], 64, 128, cuda_graphs=True).convert
