@@ -1865,6 +1865,9 @@ def _plain_eager(x: Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
+_KERNEL_DEVICES: set = set()  # CUDA device indices supports() has accepted
+
+
 def supports(x: Tensor, w: NVFP4Weight) -> tuple[bool, str]:
     """Whether the Triton kernel can run ``nvfp4_linear(x, w)``; the string says why not."""
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -1877,6 +1880,8 @@ def supports(x: Tensor, w: NVFP4Weight) -> tuple[bool, str]:
         major, _ = _capability(x.device)
         if major < 8:
             return False, "the kernel needs bf16/fp16 tensor cores (compute capability 8.0 or newer)"
+        if not torch.compiler.is_compiling():
+            _KERNEL_DEVICES.add(x.device.index)
         return True, ""
     if _interpreting():
         return True, ""
@@ -1896,6 +1901,13 @@ def nvfp4_linear(
         raise RuntimeError(_INFERENCE_ONLY)
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"x's last dimension is {x.shape[-1]} but the weight has K={w.shape[1]}")
+    if (torch.compiler.is_compiling() and use_triton is not False and x.is_cuda
+            and x.dtype in (torch.bfloat16, torch.float16) and x.device == w.packed.device
+            and x.device.index in _KERNEL_DEVICES):
+        # Traced (Dynamo) on a device supports() has already accepted: the op goes into the graph
+        # as is, without tracing the capability lookup (a cached function) again.
+        return torch.ops.rewriter.nvfp4_linear(x, w.packed, w.scales.view(torch.uint8), w.global_scale, bias,
+                                               w.tiled)
     if use_triton is None:
         use_triton = x.is_cuda and supports(x, w)[0]
     if use_triton:
