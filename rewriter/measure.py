@@ -12,6 +12,9 @@ carries timings taken on the machine, with the example inputs:
   module as :func:`rewriter.optimize` returns it (Inductor included unless ``inductor=False``), on
   the example inputs, in the grad mode the model's training flag implies.
 
+With ``Config(cuda_graphs=True)`` the sites and converted linears are timed as CUDA-graph replays
+(what the model then runs), not eagerly.
+
 Method (:func:`compare`): both callables are warmed up, then timed in alternating rounds (before,
 after, before, after, ...) so that a clock or temperature drift hits both alike; each round runs
 a burst of calls sized to about ``round_ms`` and records the mean per call; the result is the median
@@ -73,18 +76,41 @@ def time_per_call(fn: Callable[[], Any], device: torch.device, rounds: int | Non
     return compare(fn, fn, device, rounds=rounds, round_ms=round_ms)["ms_before"]
 
 
+def _graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """``fn`` recorded as a CUDA graph (after two warm-up calls on a side stream); its replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def compare(before: Callable[[], Any], after: Callable[[], Any], device: torch.device | None = None,
-            rounds: int | None = None, round_ms: float | None = None) -> dict[str, Any]:
+            rounds: int | None = None, round_ms: float | None = None, graphs: bool = False) -> dict[str, Any]:
     """Time ``before`` and ``after`` (no-argument callables) in alternating rounds.
 
-    Returns ``{"ms_before", "ms_after", "speedup", "calls", "rounds"}``: medians of the mean ms per
-    call, their ratio, and the calls per round of each. ``rounds`` / ``round_ms`` default to
-    :data:`ROUNDS` / :data:`ROUND_MS`.
+    Returns ``{"ms_before", "ms_after", "speedup", "calls", "rounds", "method"}``: medians of the
+    mean ms per call, their ratio, the calls per round of each, and ``"eager"`` or ``"cuda graph"``.
+    ``rounds`` / ``round_ms`` default to :data:`ROUNDS` / :data:`ROUND_MS`. With ``graphs`` on a
+    CUDA device both callables are recorded as CUDA graphs and their replays timed (GPU time, as a
+    model run with CUDA graphs sees it); if either cannot be recorded, both are timed eagerly.
     """
     rounds = ROUNDS if rounds is None else rounds
     round_ms = ROUND_MS if round_ms is None else round_ms
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method = "eager"
+    if graphs and device.type == "cuda":
+        try:
+            before, after = _graphed(before, device), _graphed(after, device)
+            method = "cuda graph"
+        except Exception:  # noqa: BLE001 - e.g. a host sync inside: time both eagerly instead
+            torch.cuda.synchronize(device)
     calls = {}
     for name, fn in (("before", before), ("after", after)):
         fn()  # warm-up (first-call allocations, lazy initialization)
@@ -98,5 +124,5 @@ def compare(before: Callable[[], Any], after: Callable[[], Any], device: torch.d
     ms_after = statistics.median(times["after"])
     return {"ms_before": ms_before, "ms_after": ms_after,
             "speedup": ms_before / ms_after if ms_after > 0 else float("inf"),
-            "calls": [calls["before"], calls["after"]], "rounds": rounds}
+            "calls": [calls["before"], calls["after"]], "rounds": rounds, "method": method}
 

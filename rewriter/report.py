@@ -73,6 +73,7 @@ class Site:
         """Record a :func:`rewriter.measure.compare` result (before = original, after = rewrite)."""
         self.measured_ms_before = round(float(timing["ms_before"]), 6)
         self.measured_ms_after = round(float(timing["ms_after"]), 6)
+        self.checks["timed_as"] = timing.get("method", "eager")
 
 
 @dataclass
@@ -227,8 +228,10 @@ class Report:
         console.print(f"total: {summary['rewritten']} of {summary['sites']} sites rewritten; "
                       f"estimated saving {'unknown' if saved is None else _ms(saved) + ' ms'} per call")
         if "measured_sites" in summary:
+            methods = sorted({s.checks.get("timed_as", "eager") for s in self.sites
+                              if s.rewritten and s.measured_speedup is not None})
             console.print(f"measured at the sites: {_ms(summary['measured_saved_ms'])} ms saved per call over "
-                          f"{summary['measured_sites']} timed site(s) (each alone, eager, forward)")
+                          f"{summary['measured_sites']} timed site(s) (each alone, {' / '.join(methods)}, forward)")
         if self.measured:
             m = self.measured
             if m.get("original_ms") is not None:

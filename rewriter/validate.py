@@ -160,13 +160,15 @@ def check_rewrite(
     build: Callable[[Graph, dict[Node, Node]], Node],
     seed: int = 0,
     measure: bool = False,
+    graphs: bool = False,
 ) -> Check:
     """Compare ``build`` (the replacement) with the original subgraph ending at ``output``.
 
     ``inputs`` are the nodes the replacement reads; ``values`` their example values (and those of
     any placeholder the original subgraph reaches). ``random_inputs`` may be redrawn at random.
     With ``measure``, a rewrite that passes is also timed against the original on the example
-    values (``Check.timing``; a timing that fails leaves it None, never the check).
+    values (``Check.timing``; as CUDA-graph replays with ``graphs``; a timing that fails leaves it
+    None, never the check).
     """
     ref_gm, leaves = extract(gm, output, inputs)
     cand = Graph()
@@ -214,7 +216,8 @@ def check_rewrite(
         vals = trials[0]
         try:
             with torch.no_grad():
-                result.timing = compare(lambda: ref_gm(*vals), lambda: cand_gm(*vals), device_of(vals))
+                result.timing = compare(lambda: ref_gm(*vals), lambda: cand_gm(*vals), device_of(vals),
+                                        graphs=graphs)
         except Exception:  # noqa: BLE001 - a timing problem must not undo a checked rewrite
             result.timing = None
     return result

@@ -211,3 +211,30 @@ def test_cuda_graphs_config_reaches_inductor(monkeypatch):
     assert any("cuda_graphs needs inductor=True" in n for n in opt.report.notes)
     with pytest.raises(TypeError, match="cuda_graphs"):
         rewriter.Config(cuda_graphs=1)
+
+
+def test_graph_timing_falls_back_to_eager_off_cuda():
+    x = torch.randn(64, 64)
+    t = measure.compare(lambda: x @ x, lambda: x + x, torch.device("cpu"), rounds=2, round_ms=1.0, graphs=True)
+    assert t["method"] == "eager" and t["ms_before"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_graph_timing_and_its_fallback():
+    x = torch.randn(1024, 1024, device="cuda")
+    t = measure.compare(lambda: x @ x, lambda: x + x, torch.device("cuda"), rounds=3, round_ms=2.0, graphs=True)
+    assert t["method"] == "cuda graph" and t["speedup"] > 1.0, t
+    # A host sync cannot be recorded: both sides are then timed eagerly.
+    t = measure.compare(lambda: (x @ x).sum().item(), lambda: x + x, torch.device("cuda"), rounds=2,
+                        round_ms=2.0, graphs=True)
+    assert t["method"] == "eager" and t["ms_before"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_sites_timed_as_graphs_with_cuda_graphs(quick_timing):
+    model = TwoBlocks().cuda().to(torch.bfloat16).eval()
+    x = torch.randn(2, 64, 32, device="cuda", dtype=torch.bfloat16)
+    opt = optimize(model, (x,), measure=True, cuda_graphs=True, inductor=True)
+    timed = [s for s in opt.report.sites if s.measured_speedup is not None]
+    assert timed and all(s.checks["timed_as"] == "cuda graph" for s in timed)
+    assert opt.report.measured["optimized_ms"] > 0

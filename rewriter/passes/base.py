@@ -69,14 +69,16 @@ class Pass:
 
 
 def measure_swap(ctx, site: Site, old: Any, new: Any, x: Any) -> Site:
-    """With ``Config(measure=True)``: time ``old(x)`` against ``new(x)`` (forward, no grad) into
-    ``site``. A timing that fails leaves the site unmeasured; it never undoes the conversion."""
+    """With ``Config(measure=True)``: time ``old(x)`` against ``new(x)`` (forward, no grad; as
+    CUDA-graph replays with ``Config(cuda_graphs=True)``) into ``site``. A timing that fails leaves
+    the site unmeasured; it never undoes the conversion."""
     if ctx.config.measure:
         from ..measure import compare, device_of
 
         try:
             with torch.no_grad():
-                site.set_measured(compare(lambda: old(x), lambda: new(x), device_of(x)))
+                site.set_measured(compare(lambda: old(x), lambda: new(x), device_of(x),
+                                          graphs=ctx.config.cuda_graphs))
         except Exception:  # noqa: BLE001 - timing is a report detail, not part of the rewrite
             pass
     return site
@@ -222,7 +224,7 @@ class GraphPass(Pass):
                     return rw.emit(Builder(graph, validating=True), env)
 
                 check = check_rewrite(ctx.gm, rw.output, rw.inputs, rw.random_inputs, values, build,
-                                      measure=ctx.config.measure)
+                                      measure=ctx.config.measure, graphs=ctx.config.cuda_graphs)
                 rw.site.checks.update(check.as_dict())
                 if check.timing is not None:
                     rw.site.set_measured(check.timing)
