@@ -12,8 +12,8 @@ carries timings taken on the machine, with the example inputs:
   module as :func:`rewriter.optimize` returns it (Inductor included unless ``inductor=False``), on
   the example inputs, in the grad mode the model's training flag implies.
 
-With ``Config(cuda_graphs=True)`` the sites and converted linears are timed as CUDA-graph replays
-(what the model then runs), not eagerly.
+With ``Config(cuda_graphs=True)`` the converted linears are timed as CUDA-graph replays (what the
+model then runs); the sites of graph passes stay eager (an arbitrary subgraph may not record).
 
 Method (:func:`compare`): both callables are warmed up, then timed in alternating rounds (before,
 after, before, after, ...) so that a clock or temperature drift hits both alike; each round runs
@@ -90,12 +90,29 @@ def _graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
     return graph.replay
 
 
+def _recover_from_failed_capture(device: torch.device) -> None:
+    """After a capture that raised: clear the error state and end the CUDA random generator's
+    capture mode. A capture that fails never reaches the generator's capture epilogue, so the next
+    random op outside a graph would raise ("Offset increment outside graph capture"); an empty
+    capture runs the prologue and epilogue once and leaves the generator as it was."""
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - the failed capture's error surfaces here; it is handled
+        pass
+    with torch.cuda.device(device):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            pass
+        del graph
+
+
 def compare(before: Callable[[], Any], after: Callable[[], Any], device: torch.device | None = None,
             rounds: int | None = None, round_ms: float | None = None, graphs: bool = False) -> dict[str, Any]:
     """Time ``before`` and ``after`` (no-argument callables) in alternating rounds.
 
     Returns ``{"ms_before", "ms_after", "speedup", "calls", "rounds", "method"}``: medians of the
-    mean ms per call, their ratio, the calls per round of each, and ``"eager"`` or ``"cuda graph"``.
+    mean ms per call, their ratio, the calls per round of each, and ``"eager"`` or ``"cuda graph"``
+    (``"eager (no CUDA graph: ...)"`` when recording failed).
     ``rounds`` / ``round_ms`` default to :data:`ROUNDS` / :data:`ROUND_MS`. With ``graphs`` on a
     CUDA device both callables are recorded as CUDA graphs and their replays timed (GPU time, as a
     model run with CUDA graphs sees it); if either cannot be recorded, both are timed eagerly.
@@ -109,8 +126,9 @@ def compare(before: Callable[[], Any], after: Callable[[], Any], device: torch.d
         try:
             before, after = _graphed(before, device), _graphed(after, device)
             method = "cuda graph"
-        except Exception:  # noqa: BLE001 - e.g. a host sync inside: time both eagerly instead
-            torch.cuda.synchronize(device)
+        except Exception as exc:  # noqa: BLE001 - e.g. a host sync inside: time both eagerly instead
+            _recover_from_failed_capture(device)
+            method = f"eager (no CUDA graph: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
     calls = {}
     for name, fn in (("before", before), ("after", after)):
         fn()  # warm-up (first-call allocations, lazy initialization)

@@ -228,7 +228,7 @@ class Report:
         console.print(f"total: {summary['rewritten']} of {summary['sites']} sites rewritten; "
                       f"estimated saving {'unknown' if saved is None else _ms(saved) + ' ms'} per call")
         if "measured_sites" in summary:
-            methods = sorted({s.checks.get("timed_as", "eager") for s in self.sites
+            methods = sorted({s.checks.get("timed_as", "eager").split(" (")[0] for s in self.sites
                               if s.rewritten and s.measured_speedup is not None})
             console.print(f"measured at the sites: {_ms(summary['measured_saved_ms'])} ms saved per call over "
                           f"{summary['measured_sites']} timed site(s) (each alone, {' / '.join(methods)}, forward)")
