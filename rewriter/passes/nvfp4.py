@@ -22,7 +22,12 @@ inputs (:func:`nvfp4_cost`):
   (The committed H200 table times with L2 emptied by a memset before each call, which adds the
   same few microseconds to both sides: it shows 0.92-1.63x at M <= 16, so its choices are
   conservative for small layers.)
-* with a table: converted when ``time(bf16) / time(nvfp4)``, summed over the calls, is above 1.
+* with a table: converted when ``time(bf16) / time(nvfp4)``, summed over the calls, is above 1,
+  and, unless ``Config(cuda_graphs=True)``, when the GPU time saved per call also exceeds
+  :data:`HOST_EXTRA_MS`: at decode sizes a step launched from Python is bound by host time, and an
+  NVFP4 call costs ~90 us more of it than ``F.linear`` (measured on the H100's host), more than any
+  layer's GPU saving there. With CUDA graphs the launches cost nothing per call and the table
+  decides alone (16-layer Llama-shaped decode through ``optimize``: 1.35x over bf16 on an H100).
 
 fp32 models are skipped: the Triton kernel takes bf16/fp16 activations, so an fp32 layer would run
 the dequantize-then-matmul reference on every call, which moves more bytes than the fp32 linear it
