@@ -59,7 +59,9 @@ class Config:
             one per kernel, which is what a decode step needs to turn GPU savings (NVFP4) into
             time saved. The usual conditions apply: an output of one call may be overwritten by
             the next call of the same graph (clone what you keep), and shapes are static. CUDA
-            only; needs ``inductor=True``. Off by default.
+            only; Inductor records the graphs (with ``inductor=False`` nothing does, but the
+            passes still decide as for replayed graphs: record the model yourself). Off by
+            default.
     """
 
     mode: str = "exact"

@@ -60,8 +60,9 @@ class Backend:
                              f"{type(exc).__name__}: {exc}")
         if not self.config.inductor:
             if self.config.cuda_graphs:
-                self.report.note("cuda_graphs needs inductor=True (Inductor records the CUDA graphs); "
-                                 "the graphs run without them")
+                self.report.note("cuda_graphs needs inductor=True for the graphs to be recorded here; the "
+                                 "passes still decide as if the calls were replayed from CUDA graphs "
+                                 "(record the optimized model yourself, e.g. with torch.cuda.graph)")
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
