@@ -122,6 +122,11 @@ CASES = [
     (2, 4, 1, 40, 60, 32, dict(key_padding_mask="pad")),
     (2, 4, 2, 30, 47, 32, dict(causal=True, causal_align="bottom_right", window=(9, 0),
                                alibi_slopes="alibi", softcap=4.0, key_padding_mask="pad")),
+    # Bands wide enough for whole blocks inside them, which skip the mask (edge blocks keep it).
+    (1, 2, 2, 200, 200, 32, dict(causal=True, window=(100, 0))),
+    (1, 2, 1, 150, 190, 32, dict(window=(60, 50), causal_align="bottom_right")),
+    (2, 2, 2, 180, 170, 32, dict(causal=True, window=(90, 0), alibi_slopes="alibi",
+                                 key_padding_mask="pad", softcap=6.0)),
 ]
 
 
