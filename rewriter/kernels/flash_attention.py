@@ -346,17 +346,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh,
         while start_n < stop:
             acc, l_i, m_i = _attn_fwd_step(
                 acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
-                start_n, band_lo, band_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
-                dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+                start_n, band_lo, band_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
+                lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT,
+                HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             start_n += BLOCK_N
     else:
         for start_n in range(start, stop, BLOCK_N):
             acc, l_i, m_i = _attn_fwd_step(
                 acc, l_i, m_i, q, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
-                tl.multiple_of(start_n, BLOCK_N), band_lo, band_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
-                slope_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+                tl.multiple_of(start_n, BLOCK_N), band_lo, band_hi, Sq, Skv, qk_scale, cap_log2,
+                cap_inv_scale, slope_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_N,
+                EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT,
+                FAST_TANH)
     return acc, l_i, m_i
 
 
@@ -484,31 +485,35 @@ def _attn_fwd_kernel(
                                          HAS_LEFT, HAS_RIGHT, EVEN_N)
     # A band (both sides bounded, e.g. a sliding window) has few key blocks and a large share of
     # them cut by an edge; one masked loop beats three loops, each of which refills the load
-    # pipeline (window 512, S=4096, D=128 on H200: forward 2% and backward 9% faster).
+    # pipeline (window 512, S=4096, D=128 on H200: forward 2% and backward 9% faster). Inside that
+    # loop the blocks in [full_lo, full_hi) skip the mask by a branch uniform over the program:
+    # window 512 forward 6-7% faster on H100 (0.207-0.210 against 0.222 ms, same run,
+    # results/attention_nvidia-h100-80gb-hbm3_band_*.md). The same branch in the two backward
+    # kernels made forward+backward 1% slower there, so they mask every block of the band.
     if HAS_LEFT and HAS_RIGHT:
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-            lo, hi, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
-            dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
+            acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d, lo, hi,
+            full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
+            hi_off, dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
             HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     else:
         if HAS_LEFT:
             acc, l_i, m_i = _attn_fwd_inner(
-                acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-                lo, full_lo, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
-                hi_off, dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+                acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d, lo,
+                full_lo, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
+                lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT,
+                HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-            full_lo, full_hi, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
-            hi_off, dropout_p, False, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+            acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d, full_lo,
+            full_hi, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
+            lo_off, hi_off, dropout_p, False, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         if HAS_RIGHT or not EVEN_N:
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-                full_hi, hi, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
-                dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+                full_hi, hi, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
+                slope_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D,
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
 
     visible = l_i > 0.0
     inv_l = tl.where(visible, 1.0 / tl.where(visible, l_i, 1.0), 0.0)
@@ -535,7 +540,7 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom,
-                         seed, bh, cols, offs_d, start_m, band_lo, band_hi, Sq, Skv,
+                         seed, bh, cols, offs_d, start_m, Sq, Skv,
                          qk_scale, cap_log2, cap_inv_scale, slope_log2, pad_log2,
                          lo_off, hi_off, dropout_p,
                          MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -557,12 +562,7 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_
     sT, tT = _log2_scores(qkT, rows, cols, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                           pad_log2, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, FAST_TANH, True)
     pT = tl.math.exp2(sT - lse2[None, :])
-    if MASKED and HAS_LEFT and HAS_RIGHT:
-        # The band's one loop: only query blocks outside [band_lo, band_hi) cross an edge.
-        if (start_m < band_lo) | (start_m + BLOCK_M > band_hi):
-            keep = _band_keep(rows, cols, Skv, lo_off, hi_off, HAS_LEFT, HAS_RIGHT, False, True)
-            pT = tl.where(keep, pT, 0.0)
-    elif MASKED and (HAS_LEFT or HAS_RIGHT):
+    if MASKED and (HAS_LEFT or HAS_RIGHT):
         keep = _band_keep(rows, cols, Skv, lo_off, hi_off, HAS_LEFT, HAS_RIGHT, False, True)
         pT = tl.where(keep, pT, 0.0)
     do = _load_tile(DOh + rows[:, None] * stride_dom + offs_d[None, :], rows, Sq, offs_d,
@@ -588,7 +588,7 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom,
-                         seed, bh, cols, offs_d, start, stop, band_lo, band_hi, Sq, Skv,
+                         seed, bh, cols, offs_d, start, stop, Sq, Skv,
                          qk_scale, cap_log2, cap_inv_scale, slope_log2, pad_log2,
                          lo_off, hi_off, dropout_p,
                          MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -601,7 +601,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride
         while start_m < stop:
             dk, dv = _attn_bwd_dkdv_step(
                 dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                offs_d, start_m, band_lo, band_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
+                offs_d, start_m, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                 pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
                 HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             start_m += BLOCK_M
@@ -609,7 +609,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride
         for start_m in range(start, stop, BLOCK_M):
             dk, dv = _attn_bwd_dkdv_step(
                 dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                offs_d, tl.multiple_of(start_m, BLOCK_M), band_lo, band_hi, Sq, Skv, qk_scale, cap_log2,
+                offs_d, tl.multiple_of(start_m, BLOCK_M), Sq, Skv, qk_scale, cap_log2,
                 cap_inv_scale, slope_log2, pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM,
                 BLOCK_M, EVEN_M, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD,
                 HAS_DROPOUT, FAST_TANH)
@@ -674,25 +674,25 @@ def _attn_bwd_dkdv_kernel(
         if HAS_LEFT and HAS_RIGHT:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                offs_d, lo, hi, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
+                offs_d, lo, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                 pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
                 HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         else:
             if HAS_RIGHT:
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                    offs_d, lo, full_lo, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
+                    offs_d, lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                     pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
                     HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                offs_d, full_lo, full_hi, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
+                offs_d, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                 pad_log2, lo_off, hi_off, dropout_p, False, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
                 HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             if HAS_LEFT or not EVEN_M:
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                    offs_d, full_hi, hi, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
+                    offs_d, full_hi, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                     pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
                     HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         g += 1
@@ -707,7 +707,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_step(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, seed, bh,
-                       rows, offs_d, start_n, band_lo, band_hi, Sq, Skv,
+                       rows, offs_d, start_n, Sq, Skv,
                        qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off, dropout_p,
                        MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
@@ -728,16 +728,9 @@ def _attn_bwd_dq_step(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, s
                         pad_log2, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, FAST_TANH, False)
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
-        if HAS_LEFT and HAS_RIGHT:
-            # The band's one loop: only key blocks outside [band_lo, band_hi) cross an edge.
-            if (start_n < band_lo) | (start_n + BLOCK_N > band_hi):
-                keep = _band_keep(rows, cols, Skv, lo_off, hi_off, HAS_LEFT, HAS_RIGHT,
-                                  CHECK_COLS, False)
-                p = tl.where(keep, p, 0.0)
-        else:
-            keep = _band_keep(rows, cols, Skv, lo_off, hi_off, HAS_LEFT, HAS_RIGHT, CHECK_COLS,
-                              False)
-            p = tl.where(keep, p, 0.0)
+        keep = _band_keep(rows, cols, Skv, lo_off, hi_off, HAS_LEFT, HAS_RIGHT, CHECK_COLS,
+                          False)
+        p = tl.where(keep, p, 0.0)
     dp = _dot(do, tl.trans(v))
     if HAS_DROPOUT:
         z = _dropout_keep(seed, bh, rows, cols, Sq, Skv, dropout_p, False)
@@ -751,7 +744,7 @@ def _attn_bwd_dq_step(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, s
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, seed, bh,
-                       rows, offs_d, start, stop, band_lo, band_hi, Sq, Skv,
+                       rows, offs_d, start, stop, Sq, Skv,
                        qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off, dropout_p,
                        MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
@@ -763,7 +756,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, 
         while start_n < stop:
             dq = _attn_bwd_dq_step(
                 dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
-                start_n, band_lo, band_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
+                start_n, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
                 dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
             start_n += BLOCK_N
@@ -771,7 +764,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, 
         for start_n in range(start, stop, BLOCK_N):
             dq = _attn_bwd_dq_step(
                 dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, seed, bh, rows, offs_d,
-                tl.multiple_of(start_n, BLOCK_N), band_lo, band_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
+                tl.multiple_of(start_n, BLOCK_N), Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
                 slope_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D,
                 HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     return dq
@@ -842,25 +835,25 @@ def _attn_bwd_dq_kernel(
     if HAS_LEFT and HAS_RIGHT:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-            lo, hi, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
+            lo, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
             dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
             HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     else:
         if HAS_LEFT:
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-                lo, full_lo, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
+                lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
                 hi_off, dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-            full_lo, full_hi, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
+            full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off,
             hi_off, dropout_p, False, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
             HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
         if HAS_RIGHT or not EVEN_N:
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_vn, PADb, seed, bh, rows, offs_d,
-                full_hi, hi, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
+                full_hi, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
                 dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
