@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["compare", "time_per_call", "device_of"]
+__all__ = ["compare", "device_of"]
 
 ROUNDS = 7
 ROUND_MS = 20.0
@@ -68,12 +68,6 @@ def _burst(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - t0) * 1e3 / calls
-
-
-def time_per_call(fn: Callable[[], Any], device: torch.device, rounds: int | None = None,
-                  round_ms: float | None = None) -> float:
-    """Median over ``rounds`` of the mean ms per call (see the module docstring)."""
-    return compare(fn, fn, device, rounds=rounds, round_ms=round_ms)["ms_before"]
 
 
 def _graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:

@@ -95,3 +95,16 @@ def write_linear_table(directory, rows):
     """A synthetic measured linear table for the H200 in ``directory``: rows of (M, K, N, {variant: ms})."""
     data = [{"M": m, "K": k, "N": n, **{f"{v}_ms": t for v, t in times.items()}} for m, k, n, times in rows]
     (directory / "linear_h200.json").write_text(json.dumps({"device": "H200", "rows": data}))
+
+
+def count_calls(monkeypatch, owner, name):
+    """Wrap ``owner.name`` so that each call is recorded; returns the list the calls append to."""
+    calls = []
+    real = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls

@@ -48,6 +48,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+try:  # Triton's launch internals, for the short launch path (_launch_kernel); absent -> the normal path
+    from triton import knobs as _knobs
+    from triton.runtime import driver as _driver
+    from triton.runtime.jit import compute_cache_key as _compute_cache_key
+except ImportError:  # pragma: no cover - another Triton version
+    _knobs = _driver = _compute_cache_key = None
 
 __all__ = [
     "NVFP4Weight",
@@ -1532,27 +1540,23 @@ FAST_LAUNCHES = 0  # launches made by the short path (for tests)
 def _launch_kernel(fn, grid: tuple, *args, **kwargs) -> None:
     """``fn[grid](*args, **kwargs)``, by the short path once ``fn`` is compiled for these arguments."""
     global _FAST_LAUNCH, FAST_LAUNCHES
-    if _FAST_LAUNCH and not _interpreting():
+    if _FAST_LAUNCH and _knobs is not None and not _interpreting():
         try:
-            from triton import knobs
-            from triton.runtime import driver
-            from triton.runtime.jit import compute_cache_key
-
-            device = driver.active.get_current_device()
+            device = _driver.active.get_current_device()
             caches = fn.device_caches.get(device)
             if caches is not None:
                 kernel_cache, key_cache, _, _, binder = caches
-                opts = dict(kwargs, debug=kwargs.get("debug", fn.debug) or knobs.runtime.debug,
-                            instrumentation_mode=knobs.compilation.instrumentation_mode)
+                opts = dict(kwargs, debug=kwargs.get("debug", fn.debug) or _knobs.runtime.debug,
+                            instrumentation_mode=_knobs.compilation.instrumentation_mode)
                 bound, specialization, options = binder(*args, **opts)
-                kernel = kernel_cache.get(compute_cache_key(key_cache, specialization, options))
+                kernel = kernel_cache.get(_compute_cache_key(key_cache, specialization, options))
                 if kernel is not None and not hasattr(kernel, "result"):
-                    stream = driver.active.get_current_stream(device)
+                    stream = _driver.active.get_current_stream(device)
                     values = bound.values()
                     g = tuple(grid) + (1, 1)
                     kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
-                               kernel.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,
-                               knobs.runtime.launch_exit_hook, *values)
+                               kernel.launch_metadata(grid, stream, *values), _knobs.runtime.launch_enter_hook,
+                               _knobs.runtime.launch_exit_hook, *values)
                     FAST_LAUNCHES += 1
                     return
         except Exception:  # noqa: BLE001 - another Triton version: use its own path from now on
@@ -1859,8 +1863,6 @@ torch.library.register_autograd("rewriter::nvfp4_linear", _nvfp4_linear_backward
 def _plain_eager(x: Tensor) -> bool:
     """True when ``x`` is an ordinary tensor in eager execution: nothing traces or transforms the
     call, so the op's implementation can run without the dispatcher."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return (type(x) is Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
             and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
@@ -1901,20 +1903,19 @@ def nvfp4_linear(
         raise RuntimeError(_INFERENCE_ONLY)
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"x's last dimension is {x.shape[-1]} but the weight has K={w.shape[1]}")
+    args = (x, w.packed, w.scales.view(torch.uint8), w.global_scale, bias, w.tiled)
     if (torch.compiler.is_compiling() and use_triton is not False and x.is_cuda
             and x.dtype in (torch.bfloat16, torch.float16) and x.device == w.packed.device
             and x.device.index in _KERNEL_DEVICES):
         # Traced (Dynamo) on a device supports() has already accepted: the op goes into the graph
         # as is, without tracing the capability lookup (a cached function) again.
-        return torch.ops.rewriter.nvfp4_linear(x, w.packed, w.scales.view(torch.uint8), w.global_scale, bias,
-                                               w.tiled)
+        return torch.ops.rewriter.nvfp4_linear(*args)
     if use_triton is None:
         use_triton = x.is_cuda and supports(x, w)[0]
     if use_triton:
         ok, why = supports(x, w)
         if not ok:
             raise ValueError(f"nvfp4_linear cannot use the Triton kernel: {why}")
-        args = (x, w.packed, w.scales.view(torch.uint8), w.global_scale, bias, w.tiled)
         if _plain_eager(x):
             return _nvfp4_linear_impl(*args)
         return torch.ops.rewriter.nvfp4_linear(*args)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rewriter.kernels.flex import flex_attention_static, flex_reference, register
+from utils import count_calls
 
 
 def fp64(q, k, v, keep, bias, scale, cap=None):
@@ -86,15 +87,7 @@ def test_derived_mods_and_block_mask_equal_the_tables(per_head, cap):
 def _counting_run(monkeypatch):
     import rewriter.kernels.flex as flex
 
-    calls = []
-    real = flex._run
-
-    def run(*args):
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(flex, "_run", run)
-    return calls
+    return count_calls(monkeypatch, flex, "_run")
 
 
 def test_eager_backward_does_not_recompute_the_forward(monkeypatch):

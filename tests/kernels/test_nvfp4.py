@@ -21,6 +21,7 @@ from rewriter.kernels.nvfp4 import (
     weight_copies,
 )
 from rewriter.validate import sqnr_db
+from utils import count_calls
 
 GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 # The kernel tests run the real kernel on a GPU when there is one, else the Triton interpreter.
@@ -843,14 +844,7 @@ def test_gpu_module_and_cuda_graph():
 def test_eager_call_runs_the_implementation_and_tracing_sees_the_op(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    calls = []
-    impl = nv._nvfp4_linear_impl
-
-    def counted(*args):
-        calls.append(1)
-        return impl(*args)
-
-    monkeypatch.setattr(nv, "_nvfp4_linear_impl", counted)
+    calls = count_calls(monkeypatch, nv, "_nvfp4_linear_impl")
     torch.manual_seed(12)
     w = pack_nvfp4(torch.randn(16, 32, device=DEVICE))
     x = torch.randn(3, 32, device=DEVICE).to(torch.bfloat16)
