@@ -70,6 +70,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import flash_attention_sm90 as _sm90
+
 __all__ = [
     "flash_attention",
     "attention_forward",
@@ -929,6 +931,39 @@ def _common_args(q, k, scale, causal, causal_align, window_left, window_right, a
     return pad, alibi, meta, scalars
 
 
+# Which forward kernel runs: "auto" (the rule below), "triton" or "gluon" (the Hopper kernel of
+# flash_attention_sm90 wherever it supports the call). Settable for A/B runs; the environment
+# variable REWRITER_ATTENTION_FORWARD sets the initial value.
+FORWARD_KERNEL = os.environ.get("REWRITER_ATTENTION_FORWARD", "auto")
+
+
+def _sm90_choice(mode: str, head_dim: int, has_left: bool, sq: int, skv: int) -> bool:
+    """Whether a call the Gluon Hopper kernel supports should run it, by ``mode`` ("auto",
+    "triton" or "gluon").
+
+    "auto" takes it where it measured faster than this module's Triton forward (H100, bf16,
+    B*S = 16k, H = 16; benchmarks/results/attention_sm90_*.md): head dim 128 without a left window
+    edge and with at least 1024 queries and 2048 keys (causal S = 4096 1.09x, S = 16384 1.12x,
+    plain S = 4096 1.07x; S = 1024 1.00x). It loses on sliding windows (0.91x: short programs, one
+    per SM, pay the pipeline fill that the Triton kernel hides with two) and at head dim 64 below
+    16k keys (0.82-0.98x), so those keep the Triton kernel.
+    """
+    if mode == "gluon":
+        return True
+    if mode != "auto":
+        return False
+    return head_dim == 128 and not has_left and sq >= 1024 and skv >= 2048
+
+
+def _use_sm90(q, k, v, meta, alibi, softcap, pad, dropout_p) -> bool:
+    if FORWARD_KERNEL == "triton" or _INTERPRET or not q.is_cuda:
+        return False
+    if not _sm90.supported(q, k, v, alibi_slopes=alibi, softcap=softcap, key_padding_mask=pad,
+                           dropout_p=dropout_p):
+        return False
+    return _sm90_choice(FORWARD_KERNEL, q.shape[-1], meta["HAS_LEFT"], q.shape[2], k.shape[2])
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       causal: bool, causal_align: str, window_left: Optional[int],
                       window_right: Optional[int], alibi_slopes: Optional[torch.Tensor],
@@ -945,6 +980,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     pad, alibi, meta, scalars = _common_args(q, k, scale, causal, causal_align, window_left,
                                              window_right, alibi_slopes, softcap,
                                              key_padding_mask, dropout_p)
+    if _use_sm90(q, k, v, meta, alibi, softcap, pad, dropout_p):
+        return _sm90.attention_forward_sm90(q, k, v, scale, meta["HAS_LEFT"], meta["HAS_RIGHT"],
+                                            scalars["lo_off"], scalars["hi_off"])
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
 

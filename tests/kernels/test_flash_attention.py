@@ -510,3 +510,121 @@ def test_gpu_fp32_is_tf32_accurate():
     ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), causal=True)
     assert _rel(out, ref) < 3e-3
     assert _rel(lse, ref_lse) < 3e-3
+
+
+# ------------------------------------------------------------------------------------------
+# The Gluon Hopper forward (flash_attention_sm90): the choice on any machine, the kernel on an
+# sm_90 GPU.
+# ------------------------------------------------------------------------------------------
+
+from rewriter.kernels import flash_attention as fa_mod  # noqa: E402
+from rewriter.kernels import flash_attention_sm90 as sm90  # noqa: E402
+
+
+def test_sm90_choice_rule():
+    choice = fa_mod._sm90_choice
+    assert choice("auto", 128, False, 4096, 4096)          # causal / plain, long: Gluon
+    assert not choice("auto", 128, True, 4096, 4096)       # a left window edge: Triton
+    assert not choice("auto", 64, False, 4096, 4096)       # head dim 64: Triton
+    assert not choice("auto", 128, False, 512, 4096)       # few queries: Triton
+    assert not choice("auto", 128, False, 4096, 1024)      # few keys: Triton
+    assert choice("gluon", 64, True, 16, 16)
+    assert not choice("triton", 128, False, 4096, 4096)
+
+
+def test_sm90_not_used_off_hopper():
+    q = torch.randn(1, 2, 64, 128, device=DEVICE, dtype=torch.bfloat16)
+    if DEVICE == "cpu" or torch.cuda.get_device_capability() != (9, 0):
+        assert not sm90.supported(q, q, q)
+
+
+_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_sm90 = pytest.mark.skipif(not (_SM90 and sm90.HAVE_GLUON), reason="needs an sm_90 GPU")
+
+SM90_CASES = [
+    # B, Hq, Hkv, Sq, Skv, D, causal, align, window, layout, dtype
+    (2, 4, 4, 256, 256, 128, True, "top_left", None, "bhsd", torch.bfloat16),
+    (2, 4, 4, 256, 256, 128, False, "top_left", None, "bhsd", torch.bfloat16),
+    (1, 4, 2, 1000, 1000, 128, True, "top_left", None, "bshd", torch.bfloat16),
+    (1, 2, 1, 113, 300, 64, True, "bottom_right", None, "bhsd", torch.float16),
+    (1, 2, 2, 300, 113, 128, True, "top_left", None, "bhsd", torch.bfloat16),
+    (1, 2, 2, 17, 17, 64, False, "top_left", None, "bshd", torch.bfloat16),
+    (1, 2, 2, 1, 777, 128, True, "bottom_right", None, "bhsd", torch.bfloat16),
+    (2, 3, 3, 1024, 1024, 128, True, "top_left", (200, 0), "bshd", torch.bfloat16),
+    (1, 2, 2, 700, 900, 64, False, "top_left", (100, 50), "bhsd", torch.float16),
+    (1, 8, 2, 2048, 2048, 128, True, "top_left", (511, 0), "bhsd", torch.bfloat16),
+    (1, 2, 2, 200, 100, 128, True, "bottom_right", None, "bhsd", torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("case", SM90_CASES, ids=[str(i) for i in range(len(SM90_CASES))])
+def test_gpu_sm90_forward_matches_reference(case):
+    B, Hq, Hkv, Sq, Skv, D, causal, align, window, layout, dt = case
+    g = torch.Generator().manual_seed(0)
+
+    def mk(h, s):
+        if layout == "bshd":
+            return torch.randn(B, s, h, D, generator=g).to(DEVICE, dt).transpose(1, 2)
+        return torch.randn(B, h, s, D, generator=g).to(DEVICE, dt)
+
+    q, k, v = mk(Hq, Sq), mk(Hkv, Skv), mk(Hkv, Skv)
+    assert sm90.supported(q, k, v)
+    scale = 1 / math.sqrt(D)
+    wl, wr = (None, None) if window is None else window
+    has_left, has_right, lo, hi = fa_mod._band(Sq, Skv, causal, align, wl, wr)
+    out, lse = sm90.attention_forward_sm90(q, k, v, scale, has_left, has_right, lo, hi)
+    tri_out, _ = _triton_forward(q, k, v, scale, causal, align, wl, wr)
+    ref_out, ref_lse = attention_reference(q.double(), k.double(), v.double(), scale=scale,
+                                           causal=causal, causal_align=align, window=window)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref_out) <= 1.5 * _rel(tri_out, ref_out) + 1e-4
+    dead = ref_lse == float("-inf")
+    assert torch.equal(lse == float("-inf"), dead)
+    assert (lse[~dead] - ref_lse[~dead].float()).abs().max().item() < 1e-2
+    assert (out[dead.unsqueeze(-1).expand_as(out)] == 0).all()
+
+
+def _triton_forward(q, k, v, scale, causal, align, wl, wr):
+    saved = fa_mod.FORWARD_KERNEL
+    fa_mod.FORWARD_KERNEL = "triton"
+    try:
+        return fa_mod.attention_forward(q, k, v, scale, causal, align, wl, wr, None, None, None,
+                                        0.0, None)
+    finally:
+        fa_mod.FORWARD_KERNEL = saved
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_sm90_supported_refuses_what_it_lacks():
+    q = torch.randn(1, 2, 256, 128, device=DEVICE, dtype=torch.bfloat16)
+    assert sm90.supported(q, q, q)
+    assert not sm90.supported(q.float(), q.float(), q.float())
+    q80 = torch.randn(1, 2, 256, 80, device=DEVICE, dtype=torch.bfloat16)
+    assert not sm90.supported(q80, q80, q80)
+    assert not sm90.supported(q, q, q, alibi_slopes=torch.ones(2, device=DEVICE))
+    assert not sm90.supported(q, q, q, softcap=30.0)
+    assert not sm90.supported(q, q, q, dropout_p=0.1)
+    assert not sm90.supported(q, q, q, key_padding_mask=torch.zeros(1, 256, device=DEVICE))
+    odd = torch.randn(1, 2, 256, 129, device=DEVICE, dtype=torch.bfloat16)[..., :128]
+    assert not sm90.supported(odd, q, q)  # a row stride of 129 elements is not 16-byte aligned
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_sm90_runs_in_training_and_gradients_match(monkeypatch):
+    calls = []
+    real = sm90.attention_forward_sm90
+    monkeypatch.setattr(sm90, "attention_forward_sm90",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _inputs(1, 8, 4, 2048, 2048, 128, dtype=torch.bfloat16)
+    out = flash_attention(q, k, v, causal=True)
+    assert calls, "the Gluon forward did not run for a causal D=128 S=2048 call"
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_out, _, ref_grads = _reference_with_grads(q, k, v, g, None, causal=True)
+    assert _rel(out, ref_out) < 1e-2
+    for x, r in zip(grads, ref_grads):
+        assert _rel(x, r) < 2e-2

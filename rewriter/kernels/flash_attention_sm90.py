@@ -1,0 +1,313 @@
+"""Hopper (sm_90) forward kernel for fused attention, written in Gluon with warp specialization.
+
+What: the forward of :mod:`rewriter.kernels.flash_attention` (same inputs, same ``(out, lse)``
+outputs, lse in natural-log units) for the common variants: plain, causal (either alignment),
+sliding windows, with bf16 / fp16 inputs and head dims 64 and 128. The backward stays the Triton
+one, which reads the lse this kernel writes.
+
+Why: the Triton kernel runs one 8-warp program per SM whose two warpgroups move in lock step
+(they share each K/V buffer through ``bar.sync``), so the tensor cores wait during the softmax and
+the special-function unit waits during the products (benchmarks/NOTES_attention.md: the gap to
+SDPA's causal forward is that serialization). Triton 3.6 does not warp-specialize that loop on
+Hopper. Gluon lets the kernel say it itself: per program,
+
+- one load warp issues TMA copies of the two 64-row halves of the query block and of every key
+  and value block into a ring of shared-memory stages, each stage guarded by mbarriers (``ready``
+  set by the copy's byte count, ``empty`` by the two consumers);
+- two consumer warpgroups, each owning 64 query rows, run the online softmax: ``q k^T`` and
+  ``p v`` as asynchronous warpgroup MMAs (``p`` stays in registers as the A operand), the
+  softmax between them. The two warpgroups are independent instruction streams, so one's softmax
+  runs while the other's MMAs occupy the tensor cores.
+
+Registers are moved from the load warp to the consumers (``setmaxnreg``): the loader needs few.
+
+Inputs are addressed through rank-4 TMA descriptors over ``(B, H, S, D)`` with the caller's
+strides, so the transposed ``(B, S, H, D)`` layout of most models needs no copy; rows past the end
+of a sequence read as zeros and keys past ``Skv`` are masked in the last block.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; without it this module reports itself unavailable.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+__all__ = ["HAVE_GLUON", "supported", "attention_forward_sm90"]
+
+_LOG2E = 1.4426950408889634
+_HALF = 64  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
+_BLOCK_N = 128
+_HEAD_DIMS = (64, 128)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _kv_blocks(start_m, Sq, Skv, lo_off, hi_off, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """Key blocks of the query block at ``start_m``: [lo, flo) masked, [flo, fhi) unmasked,
+        [fhi, hi) masked, as block indices (the same ranges as the Triton kernel's _kv_range)."""
+        last_row = gl.minimum(start_m + BLOCK_M, Sq) - 1
+        lo = 0
+        hi = Skv
+        full_lo = 0
+        full_hi = Skv // BLOCK_N * BLOCK_N
+        if HAS_LEFT:
+            lo = gl.maximum(start_m + lo_off, 0) // BLOCK_N * BLOCK_N
+            full_lo = (gl.maximum(last_row + lo_off, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        if HAS_RIGHT:
+            hi = gl.minimum(gl.maximum(last_row + hi_off + 1, 0), Skv)
+            full_hi = gl.minimum(full_hi, gl.maximum(start_m + hi_off + 1, 0) // BLOCK_N * BLOCK_N)
+        full_lo = gl.minimum(full_lo, hi)
+        full_hi = gl.maximum(full_hi, full_lo)
+        return (lo // BLOCK_N, full_lo // BLOCK_N, full_hi // BLOCK_N,
+                (hi + BLOCK_N - 1) // BLOCK_N)
+
+    @gluon.jit
+    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
+                        empty_bars, b, h, hk, start_m, lo, hi,
+                        HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        for c in gl.static_range(2):
+            mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, h, start_m + c * HALF, 0],
+                                            q_bars.index(c), q_smem.index(c))
+        for j in range(lo, hi):
+            i = j - lo
+            s = i % STAGES
+            # A fresh barrier counts as having completed the phase before phase 0, so the first
+            # pass over the ring does not wait.
+            mbarrier.wait(empty_bars.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_bars.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_bars.index(s),
+                                            k_smem.index(s))
+            mbarrier.expect(v_bars.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_bars.index(s),
+                                            v_smem.index(s))
+
+    @gluon.jit
+    def _softmax_step(q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, i, j, acc, l_i, m_i,
+                      rows, Skv, qk_scale, lo_off, hi_off,
+                      MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                      p_layout: gl.constexpr):
+        s = i % STAGES
+        phase = (i // STAGES) & 1
+        mbarrier.wait(k_bars.index(s), phase)
+        k_s = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        qk = warpgroup_mma(q_s, k_s.permute((1, 0)),
+                           gl.zeros([HALF, BLOCK_N], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+        qk, _, _ = warpgroup_mma_wait(0, deps=[qk, q_s, k_s])
+        if MASKED:
+            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            c2 = gl.expand_dims(cols, 0)
+            r2 = gl.expand_dims(rows, 1)
+            keep = c2 < Skv
+            if HAS_RIGHT:
+                keep = keep & (c2 <= r2 + hi_off)
+            if HAS_LEFT:
+                keep = keep & (c2 >= r2 + lo_off)
+            sc = gl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(sc, 1))
+            # A row that has seen no visible key keeps m = -inf; subtract 0 there, not -inf.
+            m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(sc - gl.expand_dims(m_sub, 1))
+        else:
+            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+            m_sub = m_new
+            p = gl.exp2(qk * qk_scale - gl.expand_dims(m_sub, 1))
+        alpha = gl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+        acc = acc * gl.expand_dims(alpha_o, 1)
+        p16 = gl.convert_layout(p.to(q_s.dtype), p_layout)
+        mbarrier.wait(v_bars.index(s), phase)
+        v_s = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        acc = warpgroup_mma(p16, v_s, acc, is_async=True)
+        acc, _ = warpgroup_mma_wait(0, deps=[acc, v_s])
+        mbarrier.arrive(empty_bars.index(s))
+        return acc, l_i, m_new
+
+    @gluon.jit
+    def _consumer_partition(c, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
+                            O, LSE, stride_ob, stride_oh, stride_om, b, h, Hq, Sq, Skv,
+                            start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
+                            HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                            HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                            STAGES: gl.constexpr):
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+        rows = start_m + c * HALF + gl.arange(0, HALF, layout=row_layout)
+        m_i = gl.full([HALF], float("-inf"), gl.float32, row_layout)
+        l_i = gl.zeros([HALF], gl.float32, row_layout)
+        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+        q_s = q_smem.index(c).reshape([HALF, HEAD_DIM])
+        mbarrier.wait(q_bars.index(c), 0)
+
+        for j in range(lo, flo):
+            acc, l_i, m_i = _softmax_step(
+                q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
+                Skv, qk_scale, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N,
+                HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
+        for j in range(flo, fhi):
+            acc, l_i, m_i = _softmax_step(
+                q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
+                Skv, qk_scale, lo_off, hi_off, False, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N,
+                HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
+        for j in range(fhi, hi):
+            acc, l_i, m_i = _softmax_step(
+                q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
+                Skv, qk_scale, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N,
+                HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
+
+        visible = l_i > 0.0
+        inv_l = gl.where(visible, 1.0 / gl.where(visible, l_i, 1.0), 0.0)
+        lse = gl.where(visible, (m_i + gl.log2(gl.where(visible, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        gl.store(LSE + (b * Hq + h).to(gl.int64) * Sq + rows, lse, mask=rows < Sq)
+        inv_o = gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout))
+        out = (acc * gl.expand_dims(inv_o, 1)).to(q_s.dtype)
+        rows_o = gl.convert_layout(rows, gl.SliceLayout(1, o_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        Ob = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+        ptrs = Ob + gl.expand_dims(rows_o.to(gl.int64) * stride_om, 1) + gl.expand_dims(offs_d, 0)
+        mask = (gl.expand_dims(rows_o, 1) < Sq) & (gl.expand_dims(offs_d, 0) < HEAD_DIM)
+        gl.store(ptrs, out, mask=mask)
+
+    @gluon.jit
+    def _attn_fwd_sm90_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_oh, stride_om,
+                              Hq, GROUP, Sq, Skv, qk_scale, lo_off, hi_off,
+                              HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                              STAGES: gl.constexpr, LOAD_REGS: gl.constexpr,
+                              MMA_REGS: gl.constexpr):
+        HALF: gl.constexpr = q_desc.block_type.shape[2]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+        BLOCK_M: gl.constexpr = 2 * HALF
+        dtype: gl.constexpr = q_desc.dtype
+
+        # Query blocks last-to-first: under a causal mask the last ones have the most keys.
+        start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        hk = h // GROUP
+        lo, flo, fhi, hi = _kv_blocks(start_m, Sq, Skv, lo_off, hi_off, BLOCK_M, BLOCK_N,
+                                      HAS_LEFT, HAS_RIGHT)
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM],
+                                           k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM],
+                                           v_desc.layout)
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for c in gl.static_range(2):
+            mbarrier.init(q_bars.index(c), count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(k_bars.index(s), count=1)
+            mbarrier.init(v_bars.index(s), count=1)
+            mbarrier.init(empty_bars.index(s), count=2)
+
+        gl.warp_specialize([
+            (_consumer_partition, (0, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
+                                   O, LSE, stride_ob, stride_oh, stride_om, b, h, Hq, Sq, Skv,
+                                   start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
+                                   HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES)),
+            (_consumer_partition, (1, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
+                                   O, LSE, stride_ob, stride_oh, stride_om, b, h, Hq, Sq, Skv,
+                                   start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
+                                   HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars,
+                               v_bars, empty_bars, b, h, hk, start_m, lo, hi, HALF, BLOCK_N,
+                               STAGES)),
+        ], [4, 1], [MMA_REGS, LOAD_REGS])
+
+
+def _stages(head_dim: int) -> int:
+    # Shared memory per stage: K and V blocks of 128 x D (64 KB at D = 128); Q takes 32 KB.
+    return 2 if head_dim > 64 else 4
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_left=None,
+              alibi_slopes=None, softcap=None, key_padding_mask=None, dropout_p=0.0) -> bool:
+    """Whether :func:`attention_forward_sm90` runs these inputs (else use the Triton kernel)."""
+    if not HAVE_GLUON or not q.is_cuda or _capability(q.device) != (9, 0):
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if q.shape[-1] not in _HEAD_DIMS:
+        return False
+    if alibi_slopes is not None or (softcap is not None and softcap > 0.0):
+        return False
+    if key_padding_mask is not None or dropout_p > 0.0:
+        return False
+    for t in (q, k, v):
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+_LAYOUTS = {}
+_CAPABILITY = {}
+
+
+def _capability(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(index)
+    if cap is None:
+        cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    key = (t.dtype, rows, t.shape[-1])
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, t.shape[-1]], gdt)
+        _LAYOUTS[key] = layout
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]], layout)
+
+
+def attention_forward_sm90(q, k, v, scale: float, has_left: bool, has_right: bool, lo_off: int,
+                           hi_off: int, out: Optional[torch.Tensor] = None,
+                           lse: Optional[torch.Tensor] = None):
+    """Launch the Gluon forward; ``(out, lse)`` as the Triton forward returns them. The band
+    arguments are those of ``flash_attention._band``."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    if lse is None:
+        lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    grid = (-(-Sq // (2 * _HALF)), Hq, B)
+    _attn_fwd_sm90_kernel[grid](
+        _descriptor(q, _HALF), _descriptor(k, _BLOCK_N), _descriptor(v, _BLOCK_N), out, lse,
+        out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv, Sq, Skv, scale * _LOG2E,
+        lo_off, hi_off, HAS_LEFT=has_left, HAS_RIGHT=has_right, STAGES=_stages(D),
+        LOAD_REGS=24, MMA_REGS=240, num_warps=4)
+    return out, lse
+
