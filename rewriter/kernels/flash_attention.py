@@ -44,8 +44,11 @@ Speed, measured on one H200 (bf16, D=128, S=4096, 16k tokens; see
 benchmarks/results/attention_nvidia-h200_quick.md): causal forward 0.82-0.85x of SDPA's
 ``is_causal`` kernel and forward+backward 0.82x; with ALiBi, a 512-key sliding window or
 soft-capping, 1.1-2.1x FlexAttention in GPU time and 2.5-6.7x SDPA given the materialized bias.
-Forward launches one Triton kernel and backward two; a call whose GPU time is well under a
-millisecond is bound by host launch overhead on a slow host (CUDA graphs remove it).
+Forward launches one kernel and backward two; a call whose GPU time is well under a
+millisecond is bound by host launch overhead on a slow host (CUDA graphs remove it). On Hopper
+(sm_90) the forward of the common variants (plain, causal, right-bounded windows; bf16/fp16; head
+dims 64 and 128) can run a warp-specialized Gluon kernel instead
+(:mod:`rewriter.kernels.flash_attention_sm90`); :func:`_sm90_choice` says where it does.
 
 Example::
 
