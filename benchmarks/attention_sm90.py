@@ -85,48 +85,49 @@ def graph_ms(fn, reps=30):
 
 def bench(dev, lines):
     tokens, H = 16384, 16
-    for D in (128, 64):
-        for S in (4096, 1024, 16384):
-            B = tokens // S
-            q = torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16)
-            k = torch.randn_like(q)
-            v = torch.randn_like(q)
-            scale = 1 / math.sqrt(D)
-            for name, causal, window in (("causal", True, None), ("plain", False, None),
-                                         ("window512", True, (511, 0))):
-                if S == 16384 and name != "causal":
-                    continue
-                hl, hr, lo, hi = band(S, S, causal, "top_left", window)
-                wl, wr = (None, None) if window is None else window
-                if window is None:
-                    vis = S * (S + 1) / 2 if causal else S * S
-                else:
-                    vis = sum(min(i + 1, 512) for i in range(S))
-                flop = 4 * B * H * D * vis
-                fns = {
-                    "gluon": lambda: g.attention_forward_sm90(q, k, v, scale, hl, hr, lo, hi),
-                    "gluonpp": lambda: g.attention_forward_sm90(q, k, v, scale, hl, hr, lo, hi,
-                                                                pingpong=PINGPONG),
-                    "gluon1": lambda: g.attention_forward_sm90(q, k, v, scale, hl, hr, lo, hi,
-                                                               persistent=False),
-                    "triton": lambda: fa.attention_forward(q, k, v, scale, causal, "top_left",
-                                                           wl, wr, None, None, None, 0.0, None),
-                }
-                if window is None:
-                    fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                for f in fns.values():
-                    f()
-                res = {}
-                for rnd in range(3):  # alternate rounds, keep each one's median of medians
-                    for n, f in fns.items():
-                        res.setdefault(n, []).append(graph_ms(f))
-                tf = {n: flop / (sorted(t)[1] * 1e-3) / 1e12 for n, t in res.items()}
-                row = (f"| {D} | {S} | {name} | " + " | ".join(
-                    f"{tf.get(n, float('nan')):.0f}" for n in ("gluon", "gluonpp", "gluon1", "triton", "sdpa")) +
-                    f" | {tf['gluon'] / tf.get('sdpa', float('nan')):.3f} | "
-                    f"{tf['gluon'] / tf['triton']:.3f} |")
-                print(row, flush=True)
-                lines.append(row)
+    rows = [(128, 4096, "causal"), (128, 4096, "plain"), (128, 4096, "window512"),
+            (128, 1024, "causal"), (128, 16384, "causal"), (64, 4096, "causal"),
+            (64, 1024, "causal")]
+    variants = {"causal": (True, None), "plain": (False, None), "window512": (True, (511, 0))}
+    for D, S, name in rows:
+        causal, window = variants[name]
+        B = tokens // S
+        q = torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16)
+        k = torch.randn_like(q)
+        v = torch.randn_like(q)
+        scale = 1 / math.sqrt(D)
+        hl, hr, lo, hi = band(S, S, causal, "top_left", window)
+        wl, wr = (None, None) if window is None else window
+        if window is None:
+            vis = S * (S + 1) / 2 if causal else S * S
+        else:
+            vis = sum(min(i + 1, window[0] + 1) for i in range(S))
+        flop = 4 * B * H * D * vis
+        fns = {
+            "gluon": lambda: g.attention_forward_sm90(q, k, v, scale, hl, hr, lo, hi),
+            "gluonpp": lambda: g.attention_forward_sm90(q, k, v, scale, hl, hr, lo, hi,
+                                                        pingpong=PINGPONG),
+            "gluon1": lambda: g.attention_forward_sm90(q, k, v, scale, hl, hr, lo, hi,
+                                                       persistent=False),
+            "triton": lambda: fa.attention_forward(q, k, v, scale, causal, "top_left", wl, wr,
+                                                   None, None, None, 0.0, None),
+        }
+        if window is None:
+            fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        for f in fns.values():
+            f()
+        res = {}
+        for _ in range(3):  # alternating rounds; the median of the three medians is kept
+            for n, f in fns.items():
+                res.setdefault(n, []).append(graph_ms(f))
+        tf = {n: flop / (sorted(t)[1] * 1e-3) / 1e12 for n, t in res.items()}
+        cells = " | ".join(f"{tf.get(n, float('nan')):.0f}"
+                           for n in ("gluon", "gluonpp", "gluon1", "triton", "sdpa"))
+        row = (f"| {D} | {S} | {name} | {cells} | "
+               f"{tf['gluon'] / tf.get('sdpa', float('nan')):.3f} | "
+               f"{tf['gluon'] / tf['triton']:.3f} |")
+        print(row, flush=True)
+        lines.append(row)
 
 
 def main():

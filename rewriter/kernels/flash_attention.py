@@ -959,7 +959,7 @@ def _sm90_choice(mode: str, head_dim: int, has_left: bool, sq: int, skv: int) ->
 
 
 def _use_sm90(q, k, v, meta, alibi, softcap, pad, dropout_p) -> bool:
-    if FORWARD_KERNEL == "triton" or _INTERPRET or not q.is_cuda:
+    if FORWARD_KERNEL == "triton" or _INTERPRET or not q.is_cuda or _sm90.DISABLED is not None:
         return False
     if not _sm90.supported(q, k, v, alibi_slopes=alibi, softcap=softcap, key_padding_mask=pad,
                            dropout_p=dropout_p):
@@ -984,8 +984,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                                              window_right, alibi_slopes, softcap,
                                              key_padding_mask, dropout_p)
     if _use_sm90(q, k, v, meta, alibi, softcap, pad, dropout_p):
-        return _sm90.attention_forward_sm90(q, k, v, scale, meta["HAS_LEFT"], meta["HAS_RIGHT"],
-                                            scalars["lo_off"], scalars["hi_off"])
+        try:
+            return _sm90.attention_forward_sm90(q, k, v, scale, meta["HAS_LEFT"],
+                                                meta["HAS_RIGHT"], scalars["lo_off"],
+                                                scalars["hi_off"])
+        except Exception as exc:  # e.g. a Triton build whose Gluon cannot compile the kernel
+            _sm90.disable(exc)
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
 

@@ -26,7 +26,7 @@ strides, so the transposed ``(B, S, H, D)`` layout of most models needs no copy;
 of a sequence read as zeros and keys past ``Skv`` are masked in the last block.
 """
 
-import math
+import warnings
 from typing import Optional
 
 import torch
@@ -45,7 +45,10 @@ try:  # Gluon ships with Triton >= 3.5; without it this module reports itself un
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "supported", "attention_forward_sm90"]
+__all__ = ["HAVE_GLUON", "supported", "attention_forward_sm90", "disable"]
+
+# Set when a launch failed: the caller then uses its Triton forward for the rest of the process.
+DISABLED = None
 
 _LOG2E = 1.4426950408889634
 _HALF = 64  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
@@ -123,20 +126,10 @@ if HAVE_GLUON:
             n_done += 1
 
     @gluon.jit
-    def _softmax_step(q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, i, j, acc, l_i, m_i,
-                      rows, Skv, qk_scale, lo_off, hi_off,
-                      MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                      STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                      p_layout: gl.constexpr):
-        s = i % STAGES
-        phase = (i // STAGES) & 1
-        mbarrier.wait(k_bars.index(s), phase)
-        k_s = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
-        qk = warpgroup_mma(q_s, k_s.permute((1, 0)),
-                           gl.zeros([HALF, BLOCK_N], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-        qk, _, _ = warpgroup_mma_wait(0, deps=[qk, q_s, k_s])
+    def _scores(qk, m_i, rows, j, Skv, qk_scale, lo_off, hi_off, MASKED: gl.constexpr,
+                HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr,
+                s_layout: gl.constexpr):
+        """Online-softmax update for one block of raw scores: (p, new row max, alpha)."""
         if MASKED:
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             c2 = gl.expand_dims(cols, 0)
@@ -155,7 +148,25 @@ if HAVE_GLUON:
             m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
             m_sub = m_new
             p = gl.exp2(qk * qk_scale - gl.expand_dims(m_sub, 1))
-        alpha = gl.exp2(m_i - m_sub)
+        return p, m_new, gl.exp2(m_i - m_sub)
+
+    @gluon.jit
+    def _softmax_step(q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, i, j, acc, l_i, m_i,
+                      rows, Skv, qk_scale, lo_off, hi_off,
+                      MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                      p_layout: gl.constexpr):
+        s = i % STAGES
+        phase = (i // STAGES) & 1
+        mbarrier.wait(k_bars.index(s), phase)
+        k_s = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        qk = warpgroup_mma(q_s, k_s.permute((1, 0)),
+                           gl.zeros([HALF, BLOCK_N], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+        qk, _, _ = warpgroup_mma_wait(0, deps=[qk, q_s, k_s])
+        p, m_new, alpha = _scores(qk, m_i, rows, j, Skv, qk_scale, lo_off, hi_off, MASKED,
+                                  HAS_LEFT, HAS_RIGHT, BLOCK_N, s_layout)
         l_i = l_i * alpha + gl.sum(p, 1)
         alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
         acc = acc * gl.expand_dims(alpha_o, 1)
@@ -166,30 +177,6 @@ if HAVE_GLUON:
         acc, _ = warpgroup_mma_wait(0, deps=[acc, v_s])
         mbarrier.arrive(empty_bars.index(s))
         return acc, l_i, m_new
-
-    @gluon.jit
-    def _scores(qk, m_i, rows, j, Skv, qk_scale, lo_off, hi_off, MASKED: gl.constexpr,
-                HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr,
-                s_layout: gl.constexpr):
-        """Online-softmax update for one block of raw scores: (p, new row max, alpha)."""
-        if MASKED:
-            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            c2 = gl.expand_dims(cols, 0)
-            r2 = gl.expand_dims(rows, 1)
-            keep = c2 < Skv
-            if HAS_RIGHT:
-                keep = keep & (c2 <= r2 + hi_off)
-            if HAS_LEFT:
-                keep = keep & (c2 >= r2 + lo_off)
-            sc = gl.where(keep, qk * qk_scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(sc, 1))
-            m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(sc - gl.expand_dims(m_sub, 1))
-        else:
-            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-            m_sub = m_new
-            p = gl.exp2(qk * qk_scale - gl.expand_dims(m_sub, 1))
-        return p, m_new, gl.exp2(m_i - m_sub)
 
     @gluon.jit
     def _turn(turn_bars, c, sec):
@@ -403,6 +390,16 @@ if HAVE_GLUON:
                                k_bars, v_bars, empty_bars, n_tiles, n_m, Hq, B, GROUP, Sq, Skv,
                                lo_off, hi_off, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, STAGES)),
         ], [4, 1], [MMA_REGS, LOAD_REGS])
+
+
+def disable(exc: BaseException) -> None:
+    """Stop using this kernel in this process after ``exc`` (the caller falls back to the Triton
+    forward); warns once, naming the error."""
+    global DISABLED
+    if DISABLED is None:
+        warnings.warn(f"rewriter: the Gluon Hopper attention forward failed ({type(exc).__name__}: "
+                      f"{exc}); using the Triton forward from now on", RuntimeWarning, stacklevel=3)
+    DISABLED = exc
 
 
 def _stages(head_dim: int) -> int:
