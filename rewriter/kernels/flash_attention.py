@@ -961,8 +961,12 @@ def _sm90_choice(mode: str, head_dim: int, has_left: bool, sq: int, skv: int) ->
 def _use_sm90(q, k, v, meta, alibi, softcap, pad, dropout_p) -> bool:
     if FORWARD_KERNEL == "triton" or _INTERPRET or not q.is_cuda or _sm90.DISABLED is not None:
         return False
-    if not _sm90.supported(q, k, v, alibi_slopes=alibi, softcap=softcap, key_padding_mask=pad,
-                           dropout_p=dropout_p):
+    try:
+        if not _sm90.supported(q, k, v, alibi_slopes=alibi, softcap=softcap,
+                               key_padding_mask=pad, dropout_p=dropout_p):
+            return False
+    except Exception as exc:  # never let the check itself break the call
+        _sm90.disable(exc)
         return False
     return _sm90_choice(FORWARD_KERNEL, q.shape[-1], meta["HAS_LEFT"], q.shape[2], k.shape[2])
 

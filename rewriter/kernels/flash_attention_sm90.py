@@ -80,56 +80,41 @@ if HAVE_GLUON:
                 (hi + BLOCK_N - 1) // BLOCK_N)
 
     @gluon.jit
-    def _tile(t, n_m, Hq, B, GROUP, Sq, Skv, lo_off, hi_off, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
-        """Tile ``t`` of the work list: query blocks last-to-first (under a causal mask the last
-        ones have the most keys), then heads, then batch."""
-        m_rev = t // (Hq * B)
-        rest = t - m_rev * (Hq * B)
-        h = rest % Hq
-        b = rest // Hq
-        start_m = (n_m - 1 - m_rev) * BLOCK_M
-        lo, flo, fhi, hi = _kv_blocks(start_m, Sq, Skv, lo_off, hi_off, BLOCK_M, BLOCK_N,
-                                      HAS_LEFT, HAS_RIGHT)
-        return start_m, h, b, h // GROUP, lo, flo, fhi, hi
-
-    @gluon.jit
-    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_empty, k_bars,
-                        v_bars, empty_bars, n_tiles, n_m, Hq, B, GROUP, Sq, Skv, lo_off, hi_off,
-                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HALF: gl.constexpr,
-                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        n_done = 0
-        kv = 0
-        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            start_m, h, b, hk, lo, flo, fhi, hi = _tile(t, n_m, Hq, B, GROUP, Sq, Skv, lo_off,
-                                                        hi_off, 2 * HALF, BLOCK_N, HAS_LEFT,
-                                                        HAS_RIGHT)
-            qb = n_done % 2
+    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
+                        empty_bars, b, h, hk, start_m, lo, hi,
+                        HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        for c in gl.static_range(2):
+            mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, h, start_m + c * HALF, 0],
+                                            q_bars.index(c), q_smem.index(c))
+        for j in range(lo, hi):
+            i = j - lo
+            s = i % STAGES
             # A fresh barrier counts as having completed the phase before phase 0, so the first
-            # pass over each ring does not wait.
-            mbarrier.wait(q_empty.index(qb), ((n_done // 2) & 1) ^ 1)
-            for c in gl.static_range(2):
-                mbarrier.expect(q_bars.index(2 * qb + c), q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [b, h, start_m + c * HALF, 0],
-                                                q_bars.index(2 * qb + c),
-                                                q_smem.index(2 * qb + c))
-            for j in range(lo, hi):
-                s = kv % STAGES
-                mbarrier.wait(empty_bars.index(s), ((kv // STAGES) & 1) ^ 1)
-                mbarrier.expect(k_bars.index(s), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_bars.index(s),
-                                                k_smem.index(s))
-                mbarrier.expect(v_bars.index(s), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_bars.index(s),
-                                                v_smem.index(s))
-                kv += 1
-            n_done += 1
+            # pass over the ring does not wait.
+            mbarrier.wait(empty_bars.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_bars.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_bars.index(s),
+                                            k_smem.index(s))
+            mbarrier.expect(v_bars.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_bars.index(s),
+                                            v_smem.index(s))
 
     @gluon.jit
-    def _scores(qk, m_i, rows, j, Skv, qk_scale, lo_off, hi_off, MASKED: gl.constexpr,
-                HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr,
-                s_layout: gl.constexpr):
-        """Online-softmax update for one block of raw scores: (p, new row max, alpha)."""
+    def _softmax_step(q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, i, j, acc, l_i, m_i,
+                      rows, Skv, qk_scale, lo_off, hi_off,
+                      MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                      p_layout: gl.constexpr):
+        s = i % STAGES
+        phase = (i // STAGES) & 1
+        mbarrier.wait(k_bars.index(s), phase)
+        k_s = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        qk = warpgroup_mma(q_s, k_s.permute((1, 0)),
+                           gl.zeros([HALF, BLOCK_N], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+        qk, _, _ = warpgroup_mma_wait(0, deps=[qk, q_s, k_s])
         if MASKED:
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             c2 = gl.expand_dims(cols, 0)
@@ -148,25 +133,7 @@ if HAVE_GLUON:
             m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
             m_sub = m_new
             p = gl.exp2(qk * qk_scale - gl.expand_dims(m_sub, 1))
-        return p, m_new, gl.exp2(m_i - m_sub)
-
-    @gluon.jit
-    def _softmax_step(q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, i, j, acc, l_i, m_i,
-                      rows, Skv, qk_scale, lo_off, hi_off,
-                      MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                      STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                      p_layout: gl.constexpr):
-        s = i % STAGES
-        phase = (i // STAGES) & 1
-        mbarrier.wait(k_bars.index(s), phase)
-        k_s = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
-        qk = warpgroup_mma(q_s, k_s.permute((1, 0)),
-                           gl.zeros([HALF, BLOCK_N], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-        qk, _, _ = warpgroup_mma_wait(0, deps=[qk, q_s, k_s])
-        p, m_new, alpha = _scores(qk, m_i, rows, j, Skv, qk_scale, lo_off, hi_off, MASKED,
-                                  HAS_LEFT, HAS_RIGHT, BLOCK_N, s_layout)
+        alpha = gl.exp2(m_i - m_sub)
         l_i = l_i * alpha + gl.sum(p, 1)
         alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
         acc = acc * gl.expand_dims(alpha_o, 1)
@@ -179,69 +146,12 @@ if HAVE_GLUON:
         return acc, l_i, m_new
 
     @gluon.jit
-    def _turn(turn_bars, c, sec):
-        """Wait for this warpgroup's turn to issue products: the two warpgroups alternate, so one
-        runs its softmax while the other's products occupy the tensor cores."""
-        mbarrier.wait(turn_bars.index(c), (sec & 1) ^ (1 - c))
-
-    @gluon.jit
-    def _pp_step(q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, turn_bars, c, sec, i, j, acc,
-                 l_i, m_i, p16, rows, Skv, qk_scale, lo_off, hi_off,
-                 FIRST: gl.constexpr, MASKED: gl.constexpr, HAS_LEFT: gl.constexpr,
-                 HAS_RIGHT: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-                 o_layout: gl.constexpr, p_layout: gl.constexpr):
-        """Block ``i`` (ring index) / ``j`` (key block): issue q k_j^T and, unless FIRST, the
-        previous block's p v in one turn, then the softmax of block j."""
-        s = i % STAGES
-        sp = (i + STAGES - 1) % STAGES
-        if not FIRST:
-            mbarrier.wait(v_bars.index(sp), ((i - 1) // STAGES) & 1)
-        mbarrier.wait(k_bars.index(s), (i // STAGES) & 1)
-        _turn(turn_bars, c, sec)
-        k_s = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
-        qk = warpgroup_mma(q_s, k_s.permute((1, 0)),
-                           gl.zeros([HALF, BLOCK_N], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-        if FIRST:
-            mbarrier.arrive(turn_bars.index(1 - c))
-            qk, _, _ = warpgroup_mma_wait(0, deps=[qk, q_s, k_s])
-        else:
-            v_s = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
-            acc = warpgroup_mma(p16, v_s, acc, is_async=True)
-            mbarrier.arrive(turn_bars.index(1 - c))
-            qk, acc, _, _, _ = warpgroup_mma_wait(0, deps=[qk, acc, q_s, k_s, v_s])
-            mbarrier.arrive(empty_bars.index(sp))
-        p, m_new, alpha = _scores(qk, m_i, rows, j, Skv, qk_scale, lo_off, hi_off, MASKED,
-                                  HAS_LEFT, HAS_RIGHT, BLOCK_N, s_layout)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p16 = gl.convert_layout(p.to(q_s.dtype), p_layout)
-        return acc, l_i, m_new, p16
-
-    @gluon.jit
-    def _pp_loop(q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, turn_bars, c, sec, base, lo,
-                 start, stop, acc, l_i, m_i, p16, rows, Skv, qk_scale, lo_off, hi_off,
-                 MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                 HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                 p_layout: gl.constexpr):
-        for j in range(start, stop):
-            acc, l_i, m_i, p16 = _pp_step(
-                q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, turn_bars, c, sec,
-                base + j - lo, j, acc, l_i, m_i, p16, rows, Skv, qk_scale, lo_off, hi_off, False,
-                MASKED, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout,
-                p_layout)
-            sec += 1
-        return acc, l_i, m_i, p16, sec
-
-    @gluon.jit
-    def _consumer_partition(c, q_smem, k_smem, v_smem, q_bars, q_empty, k_bars, v_bars,
-                            empty_bars, turn_bars, O, LSE, stride_ob, stride_oh, stride_om, n_tiles, n_m, Hq,
-                            B, GROUP, Sq, Skv, qk_scale, lo_off, hi_off,
+    def _consumer_partition(c, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
+                            O, LSE, stride_ob, stride_oh, stride_om, b, h, Hq, Sq, Skv,
+                            start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
                             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
                             HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                            STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+                            STAGES: gl.constexpr):
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -249,146 +159,91 @@ if HAVE_GLUON:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-        n_done = 0
-        kv = 0
-        sec = 0  # product turns taken (PINGPONG)
-        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            start_m, h, b, hk, lo, flo, fhi, hi = _tile(t, n_m, Hq, B, GROUP, Sq, Skv, lo_off,
-                                                        hi_off, 2 * HALF, BLOCK_N, HAS_LEFT,
-                                                        HAS_RIGHT)
-            qb = n_done % 2
-            rows = start_m + c * HALF + gl.arange(0, HALF, layout=row_layout)
-            m_i = gl.full([HALF], float("-inf"), gl.float32, row_layout)
-            l_i = gl.zeros([HALF], gl.float32, row_layout)
-            acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
-            q_s = q_smem.index(2 * qb + c).reshape([HALF, HEAD_DIM])
-            mbarrier.wait(q_bars.index(2 * qb + c), (n_done // 2) & 1)
+        rows = start_m + c * HALF + gl.arange(0, HALF, layout=row_layout)
+        m_i = gl.full([HALF], float("-inf"), gl.float32, row_layout)
+        l_i = gl.zeros([HALF], gl.float32, row_layout)
+        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+        q_s = q_smem.index(c).reshape([HALF, HEAD_DIM])
+        mbarrier.wait(q_bars.index(c), 0)
 
-            if PINGPONG:
-                if hi > lo:
-                    # The first block always takes the masked path (exact for any block), so the
-                    # three ranges below start after it.
-                    p16 = gl.zeros([HALF, BLOCK_N], q_s.dtype, p_layout)
-                    acc, l_i, m_i, p16 = _pp_step(
-                        q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, turn_bars, c, sec, kv,
-                        lo, acc, l_i, m_i, p16, rows, Skv, qk_scale, lo_off, hi_off, True, True,
-                        HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES, s_layout,
-                        o_layout, p_layout)
-                    sec += 1
-                    acc, l_i, m_i, p16, sec = _pp_loop(
-                        q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, turn_bars, c, sec, kv,
-                        lo, lo + 1, flo, acc, l_i, m_i, p16, rows, Skv, qk_scale, lo_off, hi_off,
-                        True, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES, s_layout,
-                        o_layout, p_layout)
-                    acc, l_i, m_i, p16, sec = _pp_loop(
-                        q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, turn_bars, c, sec, kv,
-                        lo, gl.maximum(flo, lo + 1), fhi, acc, l_i, m_i, p16, rows, Skv,
-                        qk_scale, lo_off, hi_off, False, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N,
-                        HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
-                    acc, l_i, m_i, p16, sec = _pp_loop(
-                        q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, turn_bars, c, sec, kv,
-                        lo, gl.maximum(fhi, lo + 1), hi, acc, l_i, m_i, p16, rows, Skv,
-                        qk_scale, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N,
-                        HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
-                    # The last block's p v, in a turn of its own.
-                    last = kv + hi - lo - 1
-                    sl = last % STAGES
-                    mbarrier.wait(v_bars.index(sl), (last // STAGES) & 1)
-                    _turn(turn_bars, c, sec)
-                    v_s = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
-                    acc = warpgroup_mma(p16, v_s, acc, is_async=True)
-                    mbarrier.arrive(turn_bars.index(1 - c))
-                    sec += 1
-                    acc, _ = warpgroup_mma_wait(0, deps=[acc, v_s])
-                    mbarrier.arrive(empty_bars.index(sl))
-            else:
-                for j in range(lo, flo):
-                    acc, l_i, m_i = _softmax_step(
-                        q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, kv + j - lo, j, acc,
-                        l_i, m_i, rows, Skv, qk_scale, lo_off, hi_off, True, HAS_LEFT,
-                        HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout,
-                        p_layout)
-                for j in range(flo, fhi):
-                    acc, l_i, m_i = _softmax_step(
-                        q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, kv + j - lo, j, acc,
-                        l_i, m_i, rows, Skv, qk_scale, lo_off, hi_off, False, HAS_LEFT,
-                        HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout,
-                        p_layout)
-                for j in range(fhi, hi):
-                    acc, l_i, m_i = _softmax_step(
-                        q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, kv + j - lo, j, acc,
-                        l_i, m_i, rows, Skv, qk_scale, lo_off, hi_off, True, HAS_LEFT,
-                        HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout,
-                        p_layout)
-            # This half of the query buffer is free for the tile after next.
-            mbarrier.arrive(q_empty.index(qb))
-            kv += hi - lo
-            n_done += 1
+        for j in range(lo, flo):
+            acc, l_i, m_i = _softmax_step(
+                q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
+                Skv, qk_scale, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N,
+                HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
+        for j in range(flo, fhi):
+            acc, l_i, m_i = _softmax_step(
+                q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
+                Skv, qk_scale, lo_off, hi_off, False, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N,
+                HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
+        for j in range(fhi, hi):
+            acc, l_i, m_i = _softmax_step(
+                q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
+                Skv, qk_scale, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N,
+                HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
 
-            visible = l_i > 0.0
-            inv_l = gl.where(visible, 1.0 / gl.where(visible, l_i, 1.0), 0.0)
-            lse = gl.where(visible,
-                           (m_i + gl.log2(gl.where(visible, l_i, 1.0))) * 0.6931471805599453,
-                           float("-inf"))
-            gl.store(LSE + (b * Hq + h).to(gl.int64) * Sq + rows, lse, mask=rows < Sq)
-            inv_o = gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout))
-            out = (acc * gl.expand_dims(inv_o, 1)).to(q_s.dtype)
-            rows_o = gl.convert_layout(rows, gl.SliceLayout(1, o_layout))
-            offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-            Ob = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-            ptrs = (Ob + gl.expand_dims(rows_o.to(gl.int64) * stride_om, 1)
-                    + gl.expand_dims(offs_d, 0))
-            mask = (gl.expand_dims(rows_o, 1) < Sq) & (gl.expand_dims(offs_d, 0) < HEAD_DIM)
-            gl.store(ptrs, out, mask=mask)
+        visible = l_i > 0.0
+        inv_l = gl.where(visible, 1.0 / gl.where(visible, l_i, 1.0), 0.0)
+        lse = gl.where(visible, (m_i + gl.log2(gl.where(visible, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        gl.store(LSE + (b * Hq + h).to(gl.int64) * Sq + rows, lse, mask=rows < Sq)
+        inv_o = gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout))
+        out = (acc * gl.expand_dims(inv_o, 1)).to(q_s.dtype)
+        rows_o = gl.convert_layout(rows, gl.SliceLayout(1, o_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        Ob = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+        ptrs = Ob + gl.expand_dims(rows_o.to(gl.int64) * stride_om, 1) + gl.expand_dims(offs_d, 0)
+        mask = (gl.expand_dims(rows_o, 1) < Sq) & (gl.expand_dims(offs_d, 0) < HEAD_DIM)
+        gl.store(ptrs, out, mask=mask)
 
     @gluon.jit
     def _attn_fwd_sm90_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_oh, stride_om,
-                              n_tiles, n_m, Hq, B, GROUP, Sq, Skv, qk_scale, lo_off, hi_off,
+                              Hq, GROUP, Sq, Skv, qk_scale, lo_off, hi_off,
                               HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                              STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                              LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr):
+                              STAGES: gl.constexpr, LOAD_REGS: gl.constexpr,
+                              MMA_REGS: gl.constexpr):
         HALF: gl.constexpr = q_desc.block_type.shape[2]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+        BLOCK_M: gl.constexpr = 2 * HALF
         dtype: gl.constexpr = q_desc.dtype
 
-        # Two query buffers (a tile's two halves each), so the next tile's queries load while
-        # this one's run; a ring of STAGES key and value blocks.
-        q_smem = gl.allocate_shared_memory(dtype, [4, 1, 1, HALF, HEAD_DIM], q_desc.layout)
+        # Query blocks last-to-first: under a causal mask the last ones have the most keys.
+        start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        hk = h // GROUP
+        lo, flo, fhi, hi = _kv_blocks(start_m, Sq, Skv, lo_off, hi_off, BLOCK_M, BLOCK_N,
+                                      HAS_LEFT, HAS_RIGHT)
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM],
                                            k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM],
                                            v_desc.layout)
-        q_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(4):
-            mbarrier.init(q_bars.index(i), count=1)
-        for i in gl.static_range(2):
-            mbarrier.init(q_empty.index(i), count=2)
-            mbarrier.init(turn_bars.index(i), count=1)
+        for c in gl.static_range(2):
+            mbarrier.init(q_bars.index(c), count=1)
         for s in gl.static_range(STAGES):
             mbarrier.init(k_bars.index(s), count=1)
             mbarrier.init(v_bars.index(s), count=1)
             mbarrier.init(empty_bars.index(s), count=2)
 
         gl.warp_specialize([
-            (_consumer_partition, (0, q_smem, k_smem, v_smem, q_bars, q_empty, k_bars, v_bars,
-                                   empty_bars, turn_bars, O, LSE, stride_ob, stride_oh,
-                                   stride_om, n_tiles, n_m, Hq, B, GROUP, Sq, Skv, qk_scale,
-                                   lo_off, hi_off, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM,
-                                   STAGES, PINGPONG)),
-            (_consumer_partition, (1, q_smem, k_smem, v_smem, q_bars, q_empty, k_bars, v_bars,
-                                   empty_bars, turn_bars, O, LSE, stride_ob, stride_oh,
-                                   stride_om, n_tiles, n_m, Hq, B, GROUP, Sq, Skv, qk_scale,
-                                   lo_off, hi_off, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM,
-                                   STAGES, PINGPONG)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_empty,
-                               k_bars, v_bars, empty_bars, n_tiles, n_m, Hq, B, GROUP, Sq, Skv,
-                               lo_off, hi_off, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, STAGES)),
+            (_consumer_partition, (0, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
+                                   O, LSE, stride_ob, stride_oh, stride_om, b, h, Hq, Sq, Skv,
+                                   start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
+                                   HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES)),
+            (_consumer_partition, (1, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
+                                   O, LSE, stride_ob, stride_oh, stride_om, b, h, Hq, Sq, Skv,
+                                   start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
+                                   HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars,
+                               v_bars, empty_bars, b, h, hk, start_m, lo, hi, HALF, BLOCK_N,
+                               STAGES)),
         ], [4, 1], [MMA_REGS, LOAD_REGS])
 
 
@@ -430,19 +285,6 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_left=
 
 _LAYOUTS = {}
 _CAPABILITY = {}
-_SM_COUNT = {}
-# One program per SM walking the tiles (True) or one program per tile (False).
-PERSISTENT = True
-# The two consumer warpgroups take turns issuing their products (True) or run freely (False).
-PINGPONG = False
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SM_COUNT.get(index)
-    if n is None:
-        n = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return n
 
 
 def _capability(device: torch.device):
@@ -465,9 +307,7 @@ def _descriptor(t: torch.Tensor, rows: int):
 
 def attention_forward_sm90(q, k, v, scale: float, has_left: bool, has_right: bool, lo_off: int,
                            hi_off: int, out: Optional[torch.Tensor] = None,
-                           lse: Optional[torch.Tensor] = None,
-                           persistent: Optional[bool] = None,
-                           pingpong: Optional[bool] = None):
+                           lse: Optional[torch.Tensor] = None):
     """Launch the Gluon forward; ``(out, lse)`` as the Triton forward returns them. The band
     arguments are those of ``flash_attention._band``."""
     B, Hq, Sq, D = q.shape
@@ -476,16 +316,11 @@ def attention_forward_sm90(q, k, v, scale: float, has_left: bool, has_right: boo
         out = torch.empty_like(q)
     if lse is None:
         lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
-    n_m = -(-Sq // (2 * _HALF))
-    n_tiles = n_m * Hq * B
-    if persistent is None:
-        persistent = PERSISTENT
-    grid = (min(n_tiles, _sm_count(q.device)) if persistent else n_tiles,)
+    grid = (-(-Sq // (2 * _HALF)), Hq, B)
     _attn_fwd_sm90_kernel[grid](
         _descriptor(q, _HALF), _descriptor(k, _BLOCK_N), _descriptor(v, _BLOCK_N), out, lse,
-        out.stride(0), out.stride(1), out.stride(2), n_tiles, n_m, Hq, B, Hq // Hkv, Sq, Skv,
-        scale * _LOG2E, lo_off, hi_off, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-        STAGES=_stages(D), PINGPONG=PINGPONG if pingpong is None else pingpong, LOAD_REGS=24,
-        MMA_REGS=240, num_warps=4)
+        out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv, Sq, Skv, scale * _LOG2E,
+        lo_off, hi_off, HAS_LEFT=has_left, HAS_RIGHT=has_right, STAGES=_stages(D),
+        LOAD_REGS=24, MMA_REGS=240, num_warps=4)
     return out, lse
 
