@@ -6,7 +6,6 @@ B*S = 16k tokens, H = 16, S = 4096, D = 64 / 128, all in one process.
 """
 import argparse
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -23,22 +22,9 @@ def band(sq, skv, causal, align, window):
 
 def check(dev):
     torch.manual_seed(0)
-    cases = [
-        # B, Hq, Hkv, Sq, Skv, D, causal, align, window, layout, dtype
-        (2, 4, 4, 256, 256, 128, True, "top_left", None, "bhsd", torch.bfloat16),
-        (2, 4, 4, 256, 256, 128, False, "top_left", None, "bhsd", torch.bfloat16),
-        (1, 4, 2, 1000, 1000, 128, True, "top_left", None, "bshd", torch.bfloat16),
-        (1, 2, 1, 113, 300, 64, True, "bottom_right", None, "bhsd", torch.float16),
-        (1, 2, 2, 300, 113, 128, True, "top_left", None, "bhsd", torch.bfloat16),
-        (1, 2, 2, 17, 17, 64, False, "top_left", None, "bshd", torch.bfloat16),
-        (1, 2, 2, 1, 777, 128, True, "bottom_right", None, "bhsd", torch.bfloat16),
-        (2, 3, 3, 1024, 1024, 128, True, "top_left", (200, 0), "bshd", torch.bfloat16),
-        (1, 2, 2, 700, 900, 64, False, "top_left", (100, 50), "bhsd", torch.float16),
-        (1, 8, 2, 2048, 2048, 128, True, "top_left", (511, 0), "bhsd", torch.bfloat16),
-        (4, 16, 16, 1024, 1024, 128, True, "top_left", None, "bshd", torch.bfloat16),
-        (3, 16, 4, 1000, 1100, 64, True, "bottom_right", None, "bhsd", torch.float16),
-        (2, 16, 8, 1500, 1500, 128, True, "top_left", (300, 0), "bhsd", torch.bfloat16),
-    ]
+    # The GPU test's cases (odd lengths, both alignments, Sq != Skv, GQA, layouts, fp16, windows).
+    from tests.kernels.test_flash_attention import SM90_CASES as cases
+
     worst = 0.0
     for (B, Hq, Hkv, Sq, Skv, D, causal, align, window, layout, dt) in cases:
         def mk(h, s):

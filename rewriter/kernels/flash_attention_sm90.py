@@ -31,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from ._device import capability as _capability
+
 try:  # Gluon ships with Triton >= 3.5; without it this module reports itself unavailable.
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -262,8 +264,8 @@ def _stages(head_dim: int) -> int:
     return 2 if head_dim > 64 else 4
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_left=None,
-              alibi_slopes=None, softcap=None, key_padding_mask=None, dropout_p=0.0) -> bool:
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alibi_slopes=None,
+              softcap=None, key_padding_mask=None, dropout_p=0.0) -> bool:
     """Whether :func:`attention_forward_sm90` runs these inputs (else use the Triton kernel)."""
     if not HAVE_GLUON or not q.is_cuda or _capability(q.device) != (9, 0):
         return False
@@ -284,15 +286,6 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_left=
 
 
 _LAYOUTS = {}
-_CAPABILITY = {}
-
-
-def _capability(device: torch.device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    cap = _CAPABILITY.get(index)
-    if cap is None:
-        cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return cap
 
 
 def _descriptor(t: torch.Tensor, rows: int):

@@ -38,7 +38,6 @@ and always in memory (0.28x the bytes of bf16).
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -49,6 +48,8 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ._device import capability as _capability
 
 try:  # Triton's launch internals, for the short launch path (_launch_kernel); absent -> the normal path
     from triton import knobs as _knobs
@@ -1415,14 +1416,6 @@ class NVFP4GemmConfig:
     maxnreg: int = 0  # mma: register cap per thread (0: the compiler's choice; lower caps spill, more warps fit)
 
 
-@functools.lru_cache(maxsize=None)
-def _capability_of(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    """Compute capability of a CUDA device, looked up once per device (it is read on every launch)."""
-    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _interpreting() -> bool:
