@@ -118,6 +118,7 @@ if HAVE_GLUON:
                            use_acc=False, is_async=True)
         qk, _, _ = warpgroup_mma_wait(0, deps=[qk, q_s, k_s])
         if MASKED:
+            # The visibility rule of the Triton kernel's _band_keep (lo_off <= j - i <= hi_off).
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             c2 = gl.expand_dims(cols, 0)
             r2 = gl.expand_dims(rows, 1)
