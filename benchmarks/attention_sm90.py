@@ -1,6 +1,6 @@
 """The Gluon Hopper forward (rewriter/kernels/flash_attention_sm90.py) against the Triton forward
 and SDPA: correctness over odd shapes and layouts, then GPU time (CUDA-graph replay, median) at
-B*S = 16k tokens, H = 16, S = 4096, D = 64 / 128, all in one process.
+B*S = 16k tokens, H = 16, D = 64 / 128 (rows chosen by --rows), all in one process.
 
     PYTHONPATH=. python benchmarks/attention_sm90.py [--out results/attention_sm90_<dev>.md]
 """
@@ -60,52 +60,146 @@ def graph_ms(fn, reps=30):
     return triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median")
 
 
-def bench(dev, lines):
+VARIANTS = {"causal": (True, None, False), "plain": (False, None, False),
+            "window512": (True, (511, 0), False), "alibi": (True, None, True)}
+DEFAULT_ROWS = ("128:4096:causal,128:4096:plain,128:4096:window512,128:4096:alibi,"
+                "128:1024:causal,128:16384:causal,64:4096:causal,64:4096:alibi,64:1024:causal,"
+                "64:16384:causal")
+
+
+def bench(dev, lines, rows):
     tokens, H = 16384, 16
-    for D in (128, 64):
-        for S in (4096, 1024, 16384):
-            B = tokens // S
-            q = torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16)
-            k = torch.randn_like(q)
-            v = torch.randn_like(q)
-            scale = 1 / math.sqrt(D)
-            for name, causal, window in (("causal", True, None), ("plain", False, None),
-                                         ("window512", True, (511, 0))):
-                if S != 4096 and name != "causal":
-                    continue
-                hl, hr, lo, hi = band(S, S, causal, "top_left", window)
-                wl, wr = (None, None) if window is None else window
-                if window is None:
-                    vis = S * (S + 1) / 2 if causal else S * S
-                else:
-                    vis = sum(min(i + 1, 512) for i in range(S))
-                flop = 4 * B * H * D * vis
-                fns = {
-                    "gluon": lambda: g.attention_forward_sm90(q, k, v, scale, hl, hr, lo, hi),
-                    "triton": lambda: fa.attention_forward(q, k, v, scale, causal, "top_left",
-                                                           wl, wr, None, None, None, 0.0, None),
-                }
-                if window is None:
-                    fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                for f in fns.values():
-                    f()
-                res = {}
-                for rnd in range(3):  # alternate rounds, keep each one's median of medians
-                    for n, f in fns.items():
-                        res.setdefault(n, []).append(graph_ms(f))
-                tf = {n: flop / (sorted(t)[1] * 1e-3) / 1e12 for n, t in res.items()}
-                row = (f"| {D} | {S} | {name} | " + " | ".join(
-                    f"{tf.get(n, float('nan')):.0f}" for n in ("gluon", "triton", "sdpa")) +
-                    f" | {tf['gluon'] / tf.get('sdpa', float('nan')):.3f} | "
-                    f"{tf['gluon'] / tf['triton']:.3f} |")
-                print(row, flush=True)
-                lines.append(row)
+    for spec in rows.split(","):
+        D, S, name = spec.split(":")
+        D, S = int(D), int(S)
+        causal, window, alibi = VARIANTS[name]
+        B = tokens // S
+        q = torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16)
+        k = torch.randn_like(q)
+        v = torch.randn_like(q)
+        slopes = (torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device=dev)
+                  if alibi else None)
+        scale = 1 / math.sqrt(D)
+        hl, hr, lo, hi = band(S, S, causal, "top_left", window)
+        wl, wr = (None, None) if window is None else window
+        if window is None:
+            vis = S * (S + 1) / 2 if causal else S * S
+        else:
+            vis = sum(min(i + 1, window[0] + 1) for i in range(S))
+        flop = 4 * B * H * D * vis
+        fns = {
+            "gluon": lambda: g.attention_forward_sm90(q, k, v, scale, hl, hr, lo, hi,
+                                                      alibi_slopes=slopes),
+            "triton": lambda: fa.attention_forward(q, k, v, scale, causal, "top_left",
+                                                   wl, wr, slopes, None, None, 0.0, None),
+        }
+        if window is None and not alibi:
+            fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        for f in fns.values():
+            f()
+        res = {}
+        for rnd in range(3):  # alternate rounds, keep each one's median of medians
+            for n, f in fns.items():
+                res.setdefault(n, []).append(graph_ms(f))
+        tf = {n: flop / (sorted(t)[1] * 1e-3) / 1e12 for n, t in res.items()}
+        row = (f"| {D} | {S} | {name} | " + " | ".join(
+            f"{tf.get(n, float('nan')):.0f}" for n in ("gluon", "triton", "sdpa")) +
+            f" | {tf['gluon'] / tf.get('sdpa', float('nan')):.3f} | "
+            f"{tf['gluon'] / tf['triton']:.3f} |")
+        print(row, flush=True)
+        lines.append(row)
+        del q, k, v
+
+
+def bench_backward(dev, lines, rows):
+    """Forward+backward through the library op with the Gluon dK/dV kernel against the Triton
+    one (the forward is the library's choice in both), FlexAttention and, where it has the
+    variant, SDPA; GPU time of CUDA-graph replays, same process."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    torch._dynamo.config.recompile_limit = 1024
+    tokens, H = 16384, 16
+    for spec in rows.split(","):
+        D, S, name = spec.split(":")
+        D, S = int(D), int(S)
+        causal, window, alibi = VARIANTS[name]
+        B = tokens // S
+        q, k, v = [torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16).requires_grad_()
+                   for _ in range(3)]
+        do = torch.randn_like(q)
+        slopes = (torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device=dev)
+                  if alibi else None)
+        kw = dict(causal=causal, window=window, alibi_slopes=slopes)
+        if window is None:
+            vis = S * (S + 1) / 2 if causal else S * S
+        else:
+            vis = sum(min(i + 1, window[0] + 1) for i in range(S))
+        flop = 3.5 * 4 * B * H * D * vis
+
+        def mask_mod(b, h, qi, kv):
+            keep = kv <= qi
+            if window is not None:
+                keep = keep & (kv >= qi - window[0])
+            return keep
+
+        def alibi_mod(score, b, h, qi, kv):
+            return score + slopes[h] * (kv - qi)
+
+        torch._dynamo.reset()
+        bm = create_block_mask(mask_mod, None, None, S, S, device=dev) if causal else None
+        flex = torch.compile(flex_attention, dynamic=False)
+
+        def call():
+            return fa.flash_attention(q, k, v, **kw)
+
+        fns = {"gluon": call, "triton": call,
+               "flex": lambda: flex(q, k, v, score_mod=alibi_mod if alibi else None,
+                                    block_mask=bm)}
+        if window is None and not alibi:
+            fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        def step(n):
+            f = fns[n]
+
+            def run():
+                # The dK/dV kernel is chosen when the backward runs, so the switch spans both.
+                saved = fa.BACKWARD_KERNEL
+                fa.BACKWARD_KERNEL = n if n in ("gluon", "triton") else saved
+                try:
+                    return torch.autograd.grad(f(), (q, k, v), do)
+                finally:
+                    fa.BACKWARD_KERNEL = saved
+            return run
+
+        grads = {n: step(n)() for n in ("gluon", "triton")}
+        err = max(((a.double() - b.double()).norm() / b.double().norm()).item()
+                  for a, b in zip(grads["gluon"], grads["triton"]))
+        del grads
+
+        for n in fns:
+            step(n)()
+        res = {}
+        for rnd in range(3):
+            for n in fns:
+                res.setdefault(n, []).append(graph_ms(step(n)))
+        tf = {n: flop / (sorted(t)[1] * 1e-3) / 1e12 for n, t in res.items()}
+        row = (f"| {D} | {S} | {name} | " + " | ".join(
+            f"{tf.get(n, float('nan')):.0f}" for n in ("gluon", "triton", "flex", "sdpa")) +
+            f" | {tf['gluon'] / tf['triton']:.3f} | {tf['gluon'] / tf['flex']:.3f} | "
+            f"{tf['gluon'] / tf.get('sdpa', float('nan')):.3f} | {err:.1e} |")
+        print(row, flush=True)
+        lines.append(row)
+        del q, k, v, do
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--rows", default=DEFAULT_ROWS,
+                    help="comma-separated D:S:variant, variant in " + ", ".join(VARIANTS))
+    ap.add_argument("--bwd-rows", default="",
+                    help="also time forward+backward with the Gluon dK/dV kernel, same format")
     args = ap.parse_args()
     fa.FORWARD_KERNEL = "triton"  # the "triton" column and the check's baseline
     dev = "cuda"
@@ -113,13 +207,23 @@ def main():
     lines = [f"# Gluon sm_90 forward vs Triton forward vs SDPA ({name}, torch {torch.__version__}, "
              f"triton {triton.__version__})", "",
              "GPU time of CUDA-graph replays (median of do_bench_cudagraph, median of 3 "
-             "alternating rounds), bf16, B*S = 16384, H = 16. TFLOP/s count visible entries.", "",
+             "alternating rounds), bf16, B*S = 16384, H = 16. TFLOP/s count visible entries; "
+             "alibi is causal with ALiBi slopes 2^(-8i/H) (no SDPA column).", "",
              "| D | S | variant | gluon TF/s | triton TF/s | SDPA TF/s | gluon/SDPA | gluon/triton |",
              "|---|---|---|---|---|---|---|---|"]
     if not args.skip_check:
         w = check(dev)
         print("worst error ratio gluon/triton", w)
-    bench(dev, lines)
+    if args.rows:
+        bench(dev, lines, args.rows)
+    if args.bwd_rows:
+        lines += ["", "Forward+backward (3.5x the forward's FLOPs), library op, dK/dV by the "
+                  "Gluon or the Triton kernel; err: largest relative difference of dK, dV "
+                  "between the two.", "",
+                  "| D | S | variant | gluon-bwd TF/s | triton-bwd TF/s | Flex TF/s | SDPA TF/s "
+                  "| gluon/triton | gluon/Flex | gluon/SDPA | err |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        bench_backward(dev, lines, args.bwd_rows)
     if args.out:
         open(args.out, "w").write("\n".join(lines) + "\n")
 

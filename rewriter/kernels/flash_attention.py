@@ -971,6 +971,34 @@ def _use_sm90(q, k, v, meta, alibi, softcap, pad, dropout_p) -> bool:
     return _sm90_choice(FORWARD_KERNEL, q.shape[-1], meta["HAS_LEFT"], q.shape[2], k.shape[2])
 
 
+# Which dK/dV kernel the backward runs: "auto" (the rule below), "triton" or "gluon" (the Hopper
+# kernel of flash_attention_sm90 wherever it supports the call); env REWRITER_ATTENTION_BACKWARD.
+BACKWARD_KERNEL = os.environ.get("REWRITER_ATTENTION_BACKWARD", "auto")
+
+
+def _sm90_backward_choice(mode: str, head_dim: int) -> bool:
+    """Whether a backward the Gluon dK/dV kernel supports should run it, by ``mode``."""
+    if mode == "gluon":
+        return True
+    if mode != "auto":
+        return False
+    return head_dim == 128
+
+
+def _use_sm90_backward(q, k, v, do, meta, alibi, softcap, pad, dropout_p) -> bool:
+    if (BACKWARD_KERNEL == "triton" or _INTERPRET or not q.is_cuda
+            or _sm90.BACKWARD_DISABLED is not None):
+        return False
+    try:
+        if not _sm90.supported_backward(q, k, v, do, alibi_slopes=alibi, softcap=softcap,
+                                        key_padding_mask=pad, dropout_p=dropout_p):
+            return False
+    except Exception as exc:  # never let the check itself break the call
+        _sm90.disable_backward(exc)
+        return False
+    return _sm90_backward_choice(BACKWARD_KERNEL, q.shape[-1])
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       causal: bool, causal_align: str, window_left: Optional[int],
                       window_right: Optional[int], alibi_slopes: Optional[torch.Tensor],
@@ -991,7 +1019,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         try:
             return _sm90.attention_forward_sm90(q, k, v, scale, meta["HAS_LEFT"],
                                                 meta["HAS_RIGHT"], scalars["lo_off"],
-                                                scalars["hi_off"])
+                                                scalars["hi_off"], alibi_slopes=alibi)
         except Exception as exc:  # e.g. a Triton build whose Gluon cannot compile the kernel
             _sm90.disable(exc)
     out = torch.empty_like(q)
@@ -1050,6 +1078,14 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
         dq.stride(0), dq.stride(1), dq.stride(2),
         pad_stride, *tail, HAS_DLSE=dlse is not None, **meta,
     )
+    if _use_sm90_backward(q, k, v, do, meta, alibi, softcap, pad, dropout_p):
+        try:
+            _sm90.attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, scale,
+                                               meta["HAS_LEFT"], meta["HAS_RIGHT"], s["lo_off"],
+                                               s["hi_off"], alibi_slopes=alibi)
+            return dq, dk, dv
+        except Exception as exc:  # e.g. a Triton build whose Gluon cannot compile the kernel
+            _sm90.disable_backward(exc)
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B)](
         q, k, v, do, dk, dv, lse2, delta, alibi, pad, seed,
         q.stride(0), q.stride(1), q.stride(2),

@@ -2,7 +2,7 @@
 
 What: the forward of :mod:`rewriter.kernels.flash_attention` (same inputs, same ``(out, lse)``
 outputs, lse in natural-log units) for the common variants: plain, causal (either alignment),
-sliding windows, with bf16 / fp16 inputs and head dims 64 and 128. The backward stays the Triton
+sliding windows, ALiBi, with bf16 / fp16 inputs and head dims 64 and 128. The backward stays the Triton
 one, which reads the lse this kernel writes.
 
 Why: the Triton kernel runs one 8-warp program per SM whose two warpgroups move in lock step
@@ -47,7 +47,8 @@ try:  # Gluon ships with Triton >= 3.5; without it this module reports itself un
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "supported", "attention_forward_sm90", "disable"]
+__all__ = ["HAVE_GLUON", "supported", "attention_forward_sm90", "supported_backward",
+           "attention_backward_dkdv_sm90", "disable", "disable_backward"]
 
 # Set when a launch failed: the caller then uses its Triton forward for the rest of the process.
 DISABLED = None
@@ -104,8 +105,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _softmax_step(q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, i, j, acc, l_i, m_i,
-                      rows, Skv, qk_scale, lo_off, hi_off,
+                      rows, Skv, qk_scale, lo_off, hi_off, slope_log2, start_m,
                       MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                      HAS_ALIBI: gl.constexpr,
                       HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
                       p_layout: gl.constexpr):
@@ -117,17 +119,26 @@ if HAVE_GLUON:
                            gl.zeros([HALF, BLOCK_N], gl.float32, s_layout),
                            use_acc=False, is_async=True)
         qk, _, _ = warpgroup_mma_wait(0, deps=[qk, q_s, k_s])
-        if MASKED:
-            # The visibility rule of the Triton kernel's _band_keep (lo_off <= j - i <= hi_off).
+        if MASKED or HAS_ALIBI:
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             c2 = gl.expand_dims(cols, 0)
-            r2 = gl.expand_dims(rows, 1)
-            keep = c2 < Skv
-            if HAS_RIGHT:
-                keep = keep & (c2 <= r2 + hi_off)
-            if HAS_LEFT:
-                keep = keep & (c2 >= r2 + lo_off)
-            sc = gl.where(keep, qk * qk_scale, float("-inf"))
+            if HAS_ALIBI:
+                # The ALiBi bias slope * (j - i) without its row term: slope * (j - start_m) per
+                # column, one FMA per score. The softmax of a row is unchanged by a constant
+                # added to the row; the log-sum-exp takes the row term back at the end.
+                colb = slope_log2 * (cols - start_m).to(gl.float32)
+                sc = qk * qk_scale + gl.expand_dims(colb, 0)
+            else:
+                sc = qk * qk_scale
+            if MASKED:
+                # The visibility rule of the Triton kernel's _band_keep (lo_off <= j - i <= hi_off).
+                r2 = gl.expand_dims(rows, 1)
+                keep = c2 < Skv
+                if HAS_RIGHT:
+                    keep = keep & (c2 <= r2 + hi_off)
+                if HAS_LEFT:
+                    keep = keep & (c2 >= r2 + lo_off)
+                sc = gl.where(keep, sc, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(sc, 1))
             # A row that has seen no visible key keeps m = -inf; subtract 0 there, not -inf.
             m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -150,10 +161,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer_partition(c, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
-                            O, LSE, stride_ob, stride_oh, stride_om, b, h, Hq, Sq, Skv,
+                            O, LSE, ALIBI, stride_ob, stride_oh, stride_om, b, h, Hq, Sq, Skv,
                             start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
                             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                            HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                            HAS_ALIBI: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                             STAGES: gl.constexpr):
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -166,29 +177,37 @@ if HAVE_GLUON:
         m_i = gl.full([HALF], float("-inf"), gl.float32, row_layout)
         l_i = gl.zeros([HALF], gl.float32, row_layout)
         acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+        slope_log2 = 0.0
+        if HAS_ALIBI:
+            slope_log2 = gl.load(ALIBI + h).to(gl.float32) * 1.4426950408889634
         q_s = q_smem.index(c).reshape([HALF, HEAD_DIM])
         mbarrier.wait(q_bars.index(c), 0)
 
         for j in range(lo, flo):
             acc, l_i, m_i = _softmax_step(
                 q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
-                Skv, qk_scale, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N,
+                Skv, qk_scale, lo_off, hi_off, slope_log2, start_m, True, HAS_LEFT, HAS_RIGHT,
+                HAS_ALIBI, HALF, BLOCK_N,
                 HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
         for j in range(flo, fhi):
             acc, l_i, m_i = _softmax_step(
                 q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
-                Skv, qk_scale, lo_off, hi_off, False, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N,
+                Skv, qk_scale, lo_off, hi_off, slope_log2, start_m, False, HAS_LEFT, HAS_RIGHT,
+                HAS_ALIBI, HALF, BLOCK_N,
                 HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
         for j in range(fhi, hi):
             acc, l_i, m_i = _softmax_step(
                 q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
-                Skv, qk_scale, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N,
+                Skv, qk_scale, lo_off, hi_off, slope_log2, start_m, True, HAS_LEFT, HAS_RIGHT,
+                HAS_ALIBI, HALF, BLOCK_N,
                 HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
 
         visible = l_i > 0.0
         inv_l = gl.where(visible, 1.0 / gl.where(visible, l_i, 1.0), 0.0)
-        lse = gl.where(visible, (m_i + gl.log2(gl.where(visible, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
+        lse2 = m_i + gl.log2(gl.where(visible, l_i, 1.0))
+        if HAS_ALIBI:
+            lse2 = lse2 - slope_log2 * (rows - start_m).to(gl.float32)  # the row term (above)
+        lse = gl.where(visible, lse2 * 0.6931471805599453, float("-inf"))
         gl.store(LSE + (b * Hq + h).to(gl.int64) * Sq + rows, lse, mask=rows < Sq)
         inv_o = gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout))
         out = (acc * gl.expand_dims(inv_o, 1)).to(q_s.dtype)
@@ -200,9 +219,10 @@ if HAVE_GLUON:
         gl.store(ptrs, out, mask=mask)
 
     @gluon.jit
-    def _attn_fwd_sm90_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_oh, stride_om,
-                              Hq, GROUP, Sq, Skv, qk_scale, lo_off, hi_off,
+    def _attn_fwd_sm90_kernel(q_desc, k_desc, v_desc, O, LSE, ALIBI, stride_ob, stride_oh,
+                              stride_om, Hq, GROUP, Sq, Skv, qk_scale, lo_off, hi_off,
                               HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                              HAS_ALIBI: gl.constexpr,
                               STAGES: gl.constexpr, LOAD_REGS: gl.constexpr,
                               MMA_REGS: gl.constexpr):
         HALF: gl.constexpr = q_desc.block_type.shape[2]
@@ -237,17 +257,245 @@ if HAVE_GLUON:
 
         gl.warp_specialize([
             (_consumer_partition, (0, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
-                                   O, LSE, stride_ob, stride_oh, stride_om, b, h, Hq, Sq, Skv,
-                                   start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
-                                   HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES)),
+                                   O, LSE, ALIBI, stride_ob, stride_oh, stride_om, b, h, Hq, Sq,
+                                   Skv, start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
+                                   HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HALF, BLOCK_N, HEAD_DIM, STAGES)),
             (_consumer_partition, (1, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
-                                   O, LSE, stride_ob, stride_oh, stride_om, b, h, Hq, Sq, Skv,
-                                   start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
-                                   HAS_LEFT, HAS_RIGHT, HALF, BLOCK_N, HEAD_DIM, STAGES)),
+                                   O, LSE, ALIBI, stride_ob, stride_oh, stride_om, b, h, Hq, Sq,
+                                   Skv, start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
+                                   HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HALF, BLOCK_N, HEAD_DIM, STAGES)),
             (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars,
                                v_bars, empty_bars, b, h, hk, start_m, lo, hi, HALF, BLOCK_N,
                                STAGES)),
         ], [4, 1], [MMA_REGS, LOAD_REGS])
+
+
+if HAVE_GLUON:
+
+    # ----------------------------------------------------------------------------------------
+    # Backward: dK and dV. One program per 128-key block; the dQ (and delta, lse2) of the Triton
+    # backward run first and this kernel replaces the Triton dK/dV kernel.
+    # ----------------------------------------------------------------------------------------
+
+    @gluon.jit
+    def _q_blocks(start_n, Sq, Skv, lo_off, hi_off, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """Query blocks of the key block at ``start_n``: [lo, flo) masked, [flo, fhi) unmasked,
+        [fhi, hi) masked, as block indices (the ranges of the Triton kernel's _q_range)."""
+        last_col = gl.minimum(start_n + BLOCK_N, Skv) - 1
+        lo = 0
+        hi = Sq
+        full_lo = 0
+        full_hi = Sq // BLOCK_M * BLOCK_M
+        if HAS_RIGHT:
+            lo = gl.maximum(start_n - hi_off, 0) // BLOCK_M * BLOCK_M
+            full_lo = (gl.maximum(last_col - hi_off, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        if HAS_LEFT:
+            hi = gl.minimum(gl.maximum(last_col - lo_off + 1, 0), Sq)
+            full_hi = gl.minimum(full_hi, gl.maximum(start_n - lo_off + 1, 0) // BLOCK_M * BLOCK_M)
+        full_lo = gl.minimum(full_lo, hi)
+        full_hi = gl.maximum(full_hi, full_lo)
+        return (lo // BLOCK_M, full_lo // BLOCK_M, full_hi // BLOCK_M,
+                (hi + BLOCK_M - 1) // BLOCK_M)
+
+    @gluon.jit
+    def _bwd_load_partition(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem,
+                            kv_bar, q_bars, do_bars, empty_bars, b, hk, GROUP, start_n, lo, hi,
+                            HALF: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+        for c in gl.static_range(2):
+            tma.async_copy_global_to_shared(k_desc, [b, hk, start_n + c * HALF, 0], kv_bar,
+                                            k_smem.index(c))
+            tma.async_copy_global_to_shared(v_desc, [b, hk, start_n + c * HALF, 0], kv_bar,
+                                            v_smem.index(c))
+        n = hi - lo
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            for j in range(lo, hi):
+                i = g * n + j - lo
+                s = i % STAGES
+                mbarrier.wait(empty_bars.index(s), ((i // STAGES) & 1) ^ 1)
+                mbarrier.expect(q_bars.index(s), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [b, h, j * BLOCK_M, 0], q_bars.index(s),
+                                                q_smem.index(s))
+                mbarrier.expect(do_bars.index(s), do_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(do_desc, [b, h, j * BLOCK_M, 0],
+                                                do_bars.index(s), do_smem.index(s))
+
+    @gluon.jit
+    def _bwd_step(k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, i, j, dk, dv, cols,
+                  colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2, start_n, lo_off, hi_off,
+                  MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                  HAS_ALIBI: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+                  a_layout: gl.constexpr):
+        # Transposed tiles (keys x queries): per-query vectors broadcast along axis 0 and dK, dV
+        # accumulate as plain (keys x D) products, as in the Triton dK/dV kernel.
+        s = i % STAGES
+        phase = (i // STAGES) & 1
+        rows = j * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        # Rows past Sq: lse2 = +inf gives p = 0 (their q and dO also read as zeros).
+        lse2 = gl.load(LSE2h + rows, mask=rows < Sq, other=float("inf"))
+        mbarrier.wait(q_bars.index(s), phase)
+        q_s = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+        sT = warpgroup_mma(k_s, q_s.permute((1, 0)),
+                           gl.zeros([HALF, BLOCK_M], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+        sT, _ = warpgroup_mma_wait(0, deps=[sT, k_s])
+        if HAS_ALIBI:
+            # slope * (j - i) split into a column and a row term, each relative to start_n.
+            rowv = lse2 + slope_log2 * (rows - start_n).to(gl.float32)
+            pT = gl.exp2(sT * qk_scale + gl.expand_dims(colb, 1) - gl.expand_dims(rowv, 0))
+        else:
+            pT = gl.exp2(sT * qk_scale - gl.expand_dims(lse2, 0))
+        if MASKED:
+            if HAS_LEFT or HAS_RIGHT:
+                c2 = gl.expand_dims(cols, 1)
+                r2 = gl.expand_dims(rows, 0)
+                keep = c2 >= 0
+                if HAS_RIGHT:
+                    keep = keep & (c2 <= r2 + hi_off)
+                if HAS_LEFT:
+                    keep = keep & (c2 >= r2 + lo_off)
+                pT = gl.where(keep, pT, 0.0)
+        # Registers are the limit (dK and dV take 128 per thread): p lives on only as the bf16
+        # A operand of dV += p^T dO, and dS = p (dP - delta) reads that rounded p back.
+        pT16 = gl.convert_layout(pT.to(q_s.dtype), a_layout)
+        mbarrier.wait(do_bars.index(s), phase)
+        do_s = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+        dv = warpgroup_mma(pT16, do_s, dv, is_async=True)
+        dpT = warpgroup_mma(v_s, do_s.permute((1, 0)),
+                            gl.zeros([HALF, BLOCK_M], gl.float32, s_layout),
+                            use_acc=False, is_async=True)
+        delta = gl.load(DELTAh + rows, mask=rows < Sq, other=0.0)
+        dv, dpT, _, _ = warpgroup_mma_wait(0, deps=[dv, dpT, v_s, do_s])
+        p32 = gl.convert_layout(pT16, s_layout).to(gl.float32)
+        dsT = p32 * (dpT - gl.expand_dims(delta, 0))
+        dsT16 = gl.convert_layout(dsT.to(q_s.dtype), a_layout)
+        dk = warpgroup_mma(dsT16, q_s, dk, is_async=True)
+        dk, _ = warpgroup_mma_wait(0, deps=[dk, q_s])
+        mbarrier.arrive(empty_bars.index(s))
+        return dk, dv
+
+    @gluon.jit
+    def _bwd_consumer_partition(c, k_smem, v_smem, q_smem, do_smem, kv_bar, q_bars, do_bars,
+                                empty_bars, DK, DV, LSE2, DELTA, ALIBI, stride_dkb, stride_dkh,
+                                stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, Hq, GROUP,
+                                Sq, Skv, start_n, lo, flo, fhi, hi, scale, qk_scale, lo_off,
+                                hi_off, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                                HAS_ALIBI: gl.constexpr, BLOCK_M: gl.constexpr,
+                                HALF: gl.constexpr, HEAD_DIM: gl.constexpr,
+                                STAGES: gl.constexpr):
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
+                                                     k_width=2)
+        cols = start_n + c * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+        dk = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+        dv = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(kv_bar, 0)
+        k_s = k_smem.index(c).reshape([HALF, HEAD_DIM])
+        v_s = v_smem.index(c).reshape([HALF, HEAD_DIM])
+        n = hi - lo
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            bh = (b * Hq + h).to(gl.int64)
+            LSE2h = LSE2 + bh * Sq
+            DELTAh = DELTA + bh * Sq
+            slope_log2 = 0.0
+            colb = cols.to(gl.float32)
+            if HAS_ALIBI:
+                slope_log2 = gl.load(ALIBI + h).to(gl.float32) * 1.4426950408889634
+                colb = slope_log2 * (cols - start_n).to(gl.float32)
+            for j in range(lo, flo):
+                dk, dv = _bwd_step(k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars,
+                                   g * n + j - lo, j, dk, dv, cols, colb, LSE2h, DELTAh, Sq,
+                                   qk_scale, slope_log2, start_n, lo_off, hi_off, True, HAS_LEFT,
+                                   HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF, HEAD_DIM, STAGES,
+                                   s_layout, a_layout)
+            for j in range(flo, fhi):
+                dk, dv = _bwd_step(k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars,
+                                   g * n + j - lo, j, dk, dv, cols, colb, LSE2h, DELTAh, Sq,
+                                   qk_scale, slope_log2, start_n, lo_off, hi_off, False,
+                                   HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF, HEAD_DIM,
+                                   STAGES, s_layout, a_layout)
+            for j in range(fhi, hi):
+                dk, dv = _bwd_step(k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars,
+                                   g * n + j - lo, j, dk, dv, cols, colb, LSE2h, DELTAh, Sq,
+                                   qk_scale, slope_log2, start_n, lo_off, hi_off, True, HAS_LEFT,
+                                   HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF, HEAD_DIM, STAGES,
+                                   s_layout, a_layout)
+        keys = start_n + c * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        mask = (gl.expand_dims(keys, 1) < Skv) & (gl.expand_dims(offs_d, 0) < HEAD_DIM)
+        k64 = gl.expand_dims(keys.to(gl.int64), 1)
+        DKb = DK + b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
+        gl.store(DKb + k64 * stride_dkn + gl.expand_dims(offs_d, 0),
+                 (dk * scale).to(DK.dtype.element_ty), mask=mask)
+        DVb = DV + b.to(gl.int64) * stride_dvb + hk.to(gl.int64) * stride_dvh
+        gl.store(DVb + k64 * stride_dvn + gl.expand_dims(offs_d, 0),
+                 dv.to(DV.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _attn_bwd_dkdv_sm90_kernel(q_desc, do_desc, k_desc, v_desc, DK, DV, LSE2, DELTA, ALIBI,
+                                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                                   stride_dvn, Hq, GROUP, Sq, Skv, scale, qk_scale, lo_off,
+                                   hi_off, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                                   HAS_ALIBI: gl.constexpr, STAGES: gl.constexpr,
+                                   MMA_REGS: gl.constexpr):
+        BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
+        HALF: gl.constexpr = k_desc.block_type.shape[2]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+        BLOCK_N: gl.constexpr = 2 * HALF
+        dtype: gl.constexpr = q_desc.dtype
+
+        # Key blocks first-to-last: under a causal mask the first ones see the most queries.
+        start_n = gl.program_id(0) * BLOCK_N
+        hk = gl.program_id(1)
+        b = gl.program_id(2)
+        lo, flo, fhi, hi = _q_blocks(start_n, Sq, Skv, lo_off, hi_off, BLOCK_M, BLOCK_N,
+                                     HAS_LEFT, HAS_RIGHT)
+
+        k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_DIM], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM],
+                                           q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM],
+                                            do_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(q_bars.index(s), count=1)
+            mbarrier.init(do_bars.index(s), count=1)
+            mbarrier.init(empty_bars.index(s), count=2)
+
+        # The loader is the default partition (it keeps 24 registers); the two consumers are
+        # workers with 240 each. As the default partition a consumer would be held to the
+        # launch's 168 registers and spill (dK and dV alone take 128).
+        gl.warp_specialize([
+            (_bwd_load_partition, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem,
+                                   v_smem, kv_bar, q_bars, do_bars, empty_bars, b, hk, GROUP,
+                                   start_n, lo, hi, HALF, BLOCK_M, STAGES)),
+            (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, kv_bar, q_bars,
+                                       do_bars, empty_bars, DK, DV, LSE2, DELTA, ALIBI,
+                                       stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                                       stride_dvh, stride_dvn, b, hk, Hq, GROUP, Sq, Skv,
+                                       start_n, lo, flo, fhi, hi, scale, qk_scale, lo_off,
+                                       hi_off, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF,
+                                       HEAD_DIM, STAGES)),
+            (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, q_bars,
+                                       do_bars, empty_bars, DK, DV, LSE2, DELTA, ALIBI,
+                                       stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                                       stride_dvh, stride_dvn, b, hk, Hq, GROUP, Sq, Skv,
+                                       start_n, lo, flo, fhi, hi, scale, qk_scale, lo_off,
+                                       hi_off, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF,
+                                       HEAD_DIM, STAGES)),
+        ], [4, 4], [MMA_REGS, MMA_REGS])
 
 
 def disable(exc: BaseException) -> None:
@@ -258,6 +506,19 @@ def disable(exc: BaseException) -> None:
         warnings.warn(f"rewriter: the Gluon Hopper attention forward failed ({type(exc).__name__}: "
                       f"{exc}); using the Triton forward from now on", RuntimeWarning, stacklevel=3)
     DISABLED = exc
+
+
+BACKWARD_DISABLED = None
+
+
+def disable_backward(exc: BaseException) -> None:
+    """As :func:`disable`, for the dK/dV kernel (the Triton one answers from then on)."""
+    global BACKWARD_DISABLED
+    if BACKWARD_DISABLED is None:
+        warnings.warn(f"rewriter: the Gluon Hopper attention backward failed "
+                      f"({type(exc).__name__}: {exc}); using the Triton dK/dV kernel from now on",
+                      RuntimeWarning, stacklevel=3)
+    BACKWARD_DISABLED = exc
 
 
 def _stages(head_dim: int) -> int:
@@ -274,7 +535,10 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alibi_slopes
         return False
     if q.shape[-1] not in _HEAD_DIMS:
         return False
-    if alibi_slopes is not None or (softcap is not None and softcap > 0.0):
+    if softcap is not None and softcap > 0.0:
+        return False
+    if alibi_slopes is not None and (not alibi_slopes.is_cuda or alibi_slopes.dim() != 1
+                                     or alibi_slopes.numel() != q.shape[1]):
         return False
     if key_padding_mask is not None or dropout_p > 0.0:
         return False
@@ -301,20 +565,59 @@ def _descriptor(t: torch.Tensor, rows: int):
 
 def attention_forward_sm90(q, k, v, scale: float, has_left: bool, has_right: bool, lo_off: int,
                            hi_off: int, out: Optional[torch.Tensor] = None,
-                           lse: Optional[torch.Tensor] = None):
+                           lse: Optional[torch.Tensor] = None,
+                           alibi_slopes: Optional[torch.Tensor] = None):
     """Launch the Gluon forward; ``(out, lse)`` as the Triton forward returns them. The band
-    arguments are those of ``flash_attention._band``."""
+    arguments are those of ``flash_attention._band``; ``alibi_slopes`` one per query head (the
+    bias of key j for query i is ``slope * (j - i)``, as in the Triton kernel)."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     if out is None:
         out = torch.empty_like(q)
     if lse is None:
         lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    alibi = lse if alibi_slopes is None else alibi_slopes.contiguous()  # any pointer if unused
     grid = (-(-Sq // (2 * _HALF)), Hq, B)
     _attn_fwd_sm90_kernel[grid](
         _descriptor(q, _HALF), _descriptor(k, _BLOCK_N), _descriptor(v, _BLOCK_N), out, lse,
-        out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv, Sq, Skv, scale * _LOG2E,
-        lo_off, hi_off, HAS_LEFT=has_left, HAS_RIGHT=has_right, STAGES=_stages(D),
+        alibi, out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv, Sq, Skv,
+        scale * _LOG2E, lo_off, hi_off, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+        HAS_ALIBI=alibi_slopes is not None, STAGES=_stages(D),
         LOAD_REGS=24, MMA_REGS=240, num_warps=4)
     return out, lse
 
+
+
+_BWD_BLOCK_M = 64  # queries per step of the dK/dV kernel
+_BWD_HALF = 64     # keys per consumer warpgroup (a program owns 128 keys)
+
+
+def supported_backward(q, k, v, do, *, alibi_slopes=None, softcap=None, key_padding_mask=None,
+                       dropout_p=0.0) -> bool:
+    """Whether :func:`attention_backward_dkdv_sm90` runs these inputs."""
+    if not supported(q, k, v, alibi_slopes=alibi_slopes, softcap=softcap,
+                     key_padding_mask=key_padding_mask, dropout_p=dropout_p):
+        return False
+    if do.dtype != q.dtype or do.shape != q.shape or do.stride(-1) != 1 or do.data_ptr() % 16:
+        return False
+    return not any((st * do.element_size()) % 16 for st in do.stride()[:-1])
+
+
+def attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, scale: float, has_left: bool,
+                                 has_right: bool, lo_off: int, hi_off: int,
+                                 alibi_slopes: Optional[torch.Tensor] = None):
+    """dK and dV into ``dk``, ``dv`` (any strides), from ``lse2`` (log-sum-exp times log2(e),
+    +inf for rows that see no key) and ``delta`` (rowsum(dO * O) less the lse gradient), both
+    (B, Hq, Sq) fp32 as the Triton dQ kernel writes them."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    alibi = lse2 if alibi_slopes is None else alibi_slopes.contiguous()
+    grid = (-(-Skv // (2 * _BWD_HALF)), Hkv, B)
+    _attn_bwd_dkdv_sm90_kernel[grid](
+        _descriptor(q, _BWD_BLOCK_M), _descriptor(do, _BWD_BLOCK_M), _descriptor(k, _BWD_HALF),
+        _descriptor(v, _BWD_HALF), dk, dv, lse2, delta, alibi,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        Hq, Hq // Hkv, Sq, Skv, scale, scale * _LOG2E, lo_off, hi_off,
+        HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_ALIBI=alibi_slopes is not None,
+        STAGES=2 if D > 64 else 4, MMA_REGS=240, num_warps=4)
+    return dk, dv

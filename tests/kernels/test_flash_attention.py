@@ -590,14 +590,53 @@ def test_gpu_sm90_forward_matches_reference(case):
     assert (out[dead.unsqueeze(-1).expand_as(out)] == 0).all()
 
 
-def _triton_forward(q, k, v, scale, causal, align, wl, wr):
+def _triton_forward(q, k, v, scale, causal, align, wl, wr, alibi=None):
     saved = fa_mod.FORWARD_KERNEL
     fa_mod.FORWARD_KERNEL = "triton"
     try:
-        return fa_mod.attention_forward(q, k, v, scale, causal, align, wl, wr, None, None, None,
+        return fa_mod.attention_forward(q, k, v, scale, causal, align, wl, wr, alibi, None, None,
                                         0.0, None)
     finally:
         fa_mod.FORWARD_KERNEL = saved
+
+
+SM90_ALIBI_CASES = [
+    # B, Hq, Hkv, Sq, Skv, D, causal, align, window
+    (2, 4, 4, 256, 256, 128, True, "top_left", None),
+    (1, 4, 2, 1000, 1100, 128, True, "bottom_right", None),
+    (1, 4, 4, 4096, 4096, 128, False, "top_left", None),  # bias up to slope * 4095 both ways
+    (1, 2, 2, 300, 300, 64, False, "top_left", (100, 50)),
+    (2, 16, 16, 1024, 1024, 128, True, "top_left", (511, 0)),
+]
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("case", SM90_ALIBI_CASES,
+                         ids=[str(i) for i in range(len(SM90_ALIBI_CASES))])
+def test_gpu_sm90_alibi_matches_reference(case):
+    """The ALiBi bias enters per column (its row term returns in the log-sum-exp): output and
+    lse as exact as the Triton forward's, also where the bias reaches thousands."""
+    B, Hq, Hkv, Sq, Skv, D, causal, align, window = case
+    q, k, v = [t.detach() for t in _inputs(B, Hq, Hkv, Sq, Skv, D, dtype=torch.bfloat16)]
+    slopes = _slopes(Hq)
+    assert sm90.supported(q, k, v, alibi_slopes=slopes)
+    scale = 1 / math.sqrt(D)
+    wl, wr = (None, None) if window is None else window
+    has_left, has_right, lo, hi = fa_mod._band(Sq, Skv, causal, align, wl, wr)
+    out, lse = sm90.attention_forward_sm90(q, k, v, scale, has_left, has_right, lo, hi,
+                                           alibi_slopes=slopes)
+    tri_out, tri_lse = _triton_forward(q, k, v, scale, causal, align, wl, wr, slopes)
+    ref_out, ref_lse = attention_reference(q.double(), k.double(), v.double(), scale=scale,
+                                           causal=causal, causal_align=align, window=window,
+                                           alibi_slopes=slopes)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref_out) <= 1.5 * _rel(tri_out, ref_out) + 1e-4
+    dead = ref_lse == float("-inf")
+    assert torch.equal(lse == float("-inf"), dead)
+    err = (lse[~dead] - ref_lse[~dead].float()).abs().max().item()
+    tri_err = (tri_lse[~dead] - ref_lse[~dead].float()).abs().max().item()
+    assert err <= 2 * tri_err + 1e-3
 
 
 @pytest.mark.gpu
@@ -608,7 +647,8 @@ def test_gpu_sm90_supported_refuses_what_it_lacks():
     assert not sm90.supported(q.float(), q.float(), q.float())
     q80 = torch.randn(1, 2, 256, 80, device=DEVICE, dtype=torch.bfloat16)
     assert not sm90.supported(q80, q80, q80)
-    assert not sm90.supported(q, q, q, alibi_slopes=torch.ones(2, device=DEVICE))
+    assert sm90.supported(q, q, q, alibi_slopes=torch.ones(2, device=DEVICE))
+    assert not sm90.supported(q, q, q, alibi_slopes=torch.ones(3, device=DEVICE))
     assert not sm90.supported(q, q, q, softcap=30.0)
     assert not sm90.supported(q, q, q, dropout_p=0.1)
     assert not sm90.supported(q, q, q, key_padding_mask=torch.zeros(1, 256, device=DEVICE))
@@ -657,3 +697,109 @@ def test_sm90_failure_falls_back_to_triton(monkeypatch):
     out2, _ = fa_mod.attention_forward(q, k, v, 0.2, True, "top_left", None, None, None, None,
                                        None, 0.0, None)
     assert len(calls) == 1 and torch.equal(out, out2)
+
+
+# The Gluon Hopper dK/dV kernel (flash_attention_sm90.attention_backward_dkdv_sm90).
+SM90_BWD_CASES = [
+    # B, Hq, Hkv, Sq, Skv, D, causal, align, window, alibi, layout, dtype
+    (2, 4, 4, 256, 256, 128, True, "top_left", None, False, "bhsd", torch.bfloat16),
+    (1, 4, 2, 1000, 1000, 128, True, "top_left", None, True, "bshd", torch.bfloat16),
+    (1, 2, 1, 113, 300, 64, True, "bottom_right", None, False, "bhsd", torch.float16),
+    (1, 2, 2, 300, 113, 128, True, "top_left", None, False, "bhsd", torch.bfloat16),
+    (1, 2, 2, 17, 17, 64, False, "top_left", None, True, "bshd", torch.bfloat16),
+    (1, 2, 2, 1, 777, 128, True, "bottom_right", None, False, "bhsd", torch.bfloat16),
+    (2, 3, 3, 1024, 1024, 128, True, "top_left", (200, 0), False, "bshd", torch.bfloat16),
+    (1, 2, 2, 700, 900, 64, False, "top_left", (100, 50), True, "bhsd", torch.float16),
+    (1, 8, 2, 2048, 2048, 128, True, "top_left", (511, 0), True, "bhsd", torch.bfloat16),
+    (1, 4, 4, 2048, 2048, 128, False, "top_left", None, False, "bhsd", torch.bfloat16),
+]
+
+
+def _grads_with(mode, q, k, v, kw, seed=1):
+    saved = fa_mod.BACKWARD_KERNEL
+    fa_mod.BACKWARD_KERNEL = mode
+    try:
+        out, lse = _op(q, k, v, **kw)
+        grads, g, gl = _grads(out, lse, (q, k, v), seed=seed)
+    finally:
+        fa_mod.BACKWARD_KERNEL = saved
+    return out, lse, grads, g, gl
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("case", SM90_BWD_CASES, ids=[str(i) for i in range(len(SM90_BWD_CASES))])
+def test_gpu_sm90_backward_matches_reference(case, monkeypatch):
+    """dK and dV from the Gluon kernel against float64, next to the Triton kernel's error (with a
+    gradient on the log-sum-exp too, which enters through delta)."""
+    B, Hq, Hkv, Sq, Skv, D, causal, align, window, alibi, layout, dt = case
+    g = torch.Generator().manual_seed(0)
+
+    def mk(h, s):
+        if layout == "bshd":
+            t = torch.randn(B, s, h, D, generator=g).to(DEVICE, dt).transpose(1, 2)
+        else:
+            t = torch.randn(B, h, s, D, generator=g).to(DEVICE, dt)
+        return t.requires_grad_()
+
+    q, k, v = mk(Hq, Sq), mk(Hkv, Skv), mk(Hkv, Skv)
+    kw = dict(causal=causal, causal_align=align, window=window,
+              alibi_slopes=_slopes(Hq) if alibi else None)
+    calls = []
+    real = sm90.attention_backward_dkdv_sm90
+    monkeypatch.setattr(sm90, "attention_backward_dkdv_sm90",
+                        lambda *a, **k_: calls.append(1) or real(*a, **k_))
+    _, _, ours, go, gl = _grads_with("gluon", q, k, v, kw)
+    assert calls, "the Gluon dK/dV kernel did not run"
+    _, _, tri, _, _ = _grads_with("triton", q, k, v, kw)
+    assert len(calls) == 1
+    _, _, ref = _reference_with_grads(q, k, v, go, gl, **kw)
+    for name, x, t, r in zip(("dq", "dk", "dv"), ours, tri, ref):
+        assert torch.isfinite(x).all(), name
+        # dS is formed from the bf16-rounded p (registers are the limit; see _bwd_step): one
+        # more rounding than the Triton kernel's, hence the wider factor for dK.
+        factor = 2.0 if name == "dk" else 1.5
+        assert _rel(x, r) <= factor * _rel(t, r) + 1e-4, (name, _rel(x, r), _rel(t, r))
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_sm90_backward_refuses_what_it_lacks():
+    q = torch.randn(1, 2, 256, 128, device=DEVICE, dtype=torch.bfloat16)
+    assert sm90.supported_backward(q, q, q, q)
+    assert not sm90.supported_backward(q, q, q, q, softcap=30.0)
+    assert not sm90.supported_backward(q, q, q, q, dropout_p=0.1)
+    odd = torch.randn(1, 2, 256, 129, device=DEVICE, dtype=torch.bfloat16)[..., :128]
+    assert not sm90.supported_backward(q, q, q, odd)
+    assert not sm90.supported_backward(q, q, q, q.half())
+
+
+def test_sm90_backward_failure_falls_back_to_triton(monkeypatch):
+    """A Gluon dK/dV launch that raises never reaches the user: the Triton kernel answers, one
+    warning names the error, and later backwards do not try the Gluon kernel again."""
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(1)
+        raise RuntimeError("simulated Gluon backward failure")
+
+    monkeypatch.setattr(sm90, "BACKWARD_DISABLED", None)
+    monkeypatch.setattr(sm90, "attention_backward_dkdv_sm90", broken)
+    monkeypatch.setattr(fa_mod, "_use_sm90_backward", lambda *a: sm90.BACKWARD_DISABLED is None)
+    q, k, v = _inputs(1, 2, 2, 40, 40, 32)
+    out, lse = _op(q, k, v, scale=0.2, causal=True)
+    with pytest.warns(RuntimeWarning, match="simulated Gluon backward failure"):
+        grads, g, gl = _grads(out, lse, (q, k, v))
+    _, _, ref = _reference_with_grads(q, k, v, g, gl, scale=0.2, causal=True)
+    for x, r in zip(grads, ref):
+        assert _rel(x, r) < FP32_TOL
+    assert isinstance(sm90.BACKWARD_DISABLED, RuntimeError)
+    out, lse = _op(q, k, v, scale=0.2, causal=True)
+    _grads(out, lse, (q, k, v))
+    assert len(calls) == 1
+
+
+def test_sm90_backward_choice_rule():
+    choice = fa_mod._sm90_backward_choice
+    assert choice("gluon", 64) and not choice("triton", 128)
+    assert choice("auto", 128) and not choice("auto", 64)
