@@ -980,9 +980,7 @@ def _sm90_backward_choice(mode: str, head_dim: int) -> bool:
     """Whether a backward the Gluon dK/dV kernel supports should run it, by ``mode``."""
     if mode == "gluon":
         return True
-    if mode != "auto":
-        return False
-    return head_dim == 128
+    return False
 
 
 def _use_sm90_backward(q, k, v, do, meta, alibi, softcap, pad, dropout_p) -> bool:
