@@ -152,7 +152,7 @@ def bench_backward(dev, lines, rows):
         def call():
             return fa.flash_attention(q, k, v, **kw)
 
-        fns = {"gluon": call, "gluon-pfirst": call, "triton": call,
+        fns = {"gluon": call, "triton": call,
                "flex": lambda: flex(q, k, v, score_mod=alibi_mod if alibi else None,
                                     block_mask=bm)}
         if window is None and not alibi:
@@ -163,20 +163,18 @@ def bench_backward(dev, lines, rows):
 
             def run():
                 # The dK/dV kernel is chosen when the backward runs, so the switch spans both.
-                saved = fa.BACKWARD_KERNEL, g.BWD_SCORES_FIRST
-                if n in ("gluon", "gluon-pfirst", "triton"):
-                    fa.BACKWARD_KERNEL = n.split("-")[0]
-                g.BWD_SCORES_FIRST = n != "gluon-pfirst"
+                saved = fa.BACKWARD_KERNEL
+                if n in ("gluon", "triton"):
+                    fa.BACKWARD_KERNEL = n
                 try:
                     return torch.autograd.grad(f(), (q, k, v), do)
                 finally:
-                    fa.BACKWARD_KERNEL, g.BWD_SCORES_FIRST = saved
+                    fa.BACKWARD_KERNEL = saved
             return run
 
-        grads = {n: step(n)() for n in ("gluon", "gluon-pfirst", "triton")}
+        grads = {n: step(n)() for n in ("gluon", "triton")}
         err = max(((a.double() - b.double()).norm() / b.double().norm()).item()
-                  for n in ("gluon", "gluon-pfirst")
-                  for a, b in zip(grads[n], grads["triton"]))
+                  for a, b in zip(grads["gluon"], grads["triton"]))
         del grads
 
         for n in fns:
@@ -188,7 +186,7 @@ def bench_backward(dev, lines, rows):
         tf = {n: flop / (sorted(t)[1] * 1e-3) / 1e12 for n, t in res.items()}
         row = (f"| {D} | {S} | {name} | " + " | ".join(
             f"{tf.get(n, float('nan')):.0f}"
-            for n in ("gluon", "gluon-pfirst", "triton", "flex", "sdpa")) +
+            for n in ("gluon", "triton", "flex", "sdpa")) +
             f" | {tf['gluon'] / tf['triton']:.3f} | {tf['gluon'] / tf['flex']:.3f} | "
             f"{tf['gluon'] / tf.get('sdpa', float('nan')):.3f} | {err:.1e} |")
         print(row, flush=True)
@@ -224,11 +222,9 @@ def main():
         lines += ["", "Forward+backward (3.5x the forward's FLOPs), library op, dK/dV by the "
                   "Gluon or the Triton kernel; err: largest relative difference of dK, dV "
                   "between the two.", "",
-                  "gluon: dK/dV steps issue both score products first; gluon-pfirst: p, then "
-                  "dV and dP, then dS from the bf16 p.", "",
-                  "| D | S | variant | gluon TF/s | gluon-pfirst TF/s | triton TF/s | Flex TF/s "
-                  "| SDPA TF/s | gluon/triton | gluon/Flex | gluon/SDPA | err |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| D | S | variant | gluon TF/s | triton TF/s | Flex TF/s | SDPA TF/s "
+                  "| gluon/triton | gluon/Flex | gluon/SDPA | err |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         bench_backward(dev, lines, args.bwd_rows)
     if args.out:
         open(args.out, "w").write("\n".join(lines) + "\n")

@@ -330,66 +330,12 @@ if HAVE_GLUON:
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
                   a_layout: gl.constexpr):
         # Transposed tiles (keys x queries): per-query vectors broadcast along axis 0 and dK, dV
-        # accumulate as plain (keys x D) products, as in the Triton dK/dV kernel.
-        s = i % STAGES
-        phase = (i // STAGES) & 1
-        rows = j * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        # Rows past Sq: lse2 = +inf gives p = 0 (their q and dO also read as zeros).
-        lse2 = gl.load(LSE2h + rows, mask=rows < Sq, other=float("inf"))
-        mbarrier.wait(q_bars.index(s), phase)
-        q_s = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        sT = warpgroup_mma(k_s, q_s.permute((1, 0)),
-                           gl.zeros([HALF, BLOCK_M], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-        sT, _ = warpgroup_mma_wait(0, deps=[sT, k_s])
-        if HAS_ALIBI:
-            # slope * (j - i) split into a column and a row term, each relative to start_n.
-            rowv = lse2 + slope_log2 * (rows - start_n).to(gl.float32)
-            pT = gl.exp2(sT * qk_scale + gl.expand_dims(colb, 1) - gl.expand_dims(rowv, 0))
-        else:
-            pT = gl.exp2(sT * qk_scale - gl.expand_dims(lse2, 0))
-        if MASKED:
-            if HAS_LEFT or HAS_RIGHT:
-                c2 = gl.expand_dims(cols, 1)
-                r2 = gl.expand_dims(rows, 0)
-                keep = c2 >= 0
-                if HAS_RIGHT:
-                    keep = keep & (c2 <= r2 + hi_off)
-                if HAS_LEFT:
-                    keep = keep & (c2 >= r2 + lo_off)
-                pT = gl.where(keep, pT, 0.0)
-        # Registers are the limit (dK and dV take 128 per thread): p lives on only as the bf16
-        # A operand of dV += p^T dO, and dS = p (dP - delta) reads that rounded p back.
-        pT16 = gl.convert_layout(pT.to(q_s.dtype), a_layout)
-        mbarrier.wait(do_bars.index(s), phase)
-        do_s = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        dv = warpgroup_mma(pT16, do_s, dv, is_async=True)
-        dpT = warpgroup_mma(v_s, do_s.permute((1, 0)),
-                            gl.zeros([HALF, BLOCK_M], gl.float32, s_layout),
-                            use_acc=False, is_async=True)
-        delta = gl.load(DELTAh + rows, mask=rows < Sq, other=0.0)
-        dv, dpT, _, _ = warpgroup_mma_wait(0, deps=[dv, dpT, v_s, do_s])
-        p32 = gl.convert_layout(pT16, s_layout).to(gl.float32)
-        dsT = p32 * (dpT - gl.expand_dims(delta, 0))
-        dsT16 = gl.convert_layout(dsT.to(q_s.dtype), a_layout)
-        dk = warpgroup_mma(dsT16, q_s, dk, is_async=True)
-        dk, _ = warpgroup_mma_wait(0, deps=[dk, q_s])
-        mbarrier.arrive(empty_bars.index(s))
-        return dk, dv
-
-    @gluon.jit
-    def _bwd_step_scores_first(k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, i, j, dk,
-                               dv, cols, colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2, start_n,
-                               lo_off, hi_off, MASKED: gl.constexpr, HAS_LEFT: gl.constexpr,
-                               HAS_RIGHT: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                               BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                               s_layout: gl.constexpr, a_layout: gl.constexpr):
-        # As _bwd_step, but both score-side products (K Q^T and V dO^T) are issued first, so
-        # V dO^T runs under the exponentials, and dS takes the fp32 p. Needs 64 registers
-        # more than _bwd_step while both are in flight. (Leaving this step's dV and dK products
-        # in flight into the next step made ptxas serialize every wgmma of the kernel: the
-        # next step's zeroed accumulators are written while they run.)
+        # accumulate as plain (keys x D) products, as in the Triton dK/dV kernel. Both
+        # score-side products (K Q^T and V dO^T) are issued first, so V dO^T runs under the
+        # exponentials (4-8% faster than computing p before issuing it; NOTES_attention.md,
+        # eighth round). This step's dV and dK products are waited for here: left in flight
+        # into the next step, they made ptxas serialize every wgmma of the kernel (the next
+        # step's zeroed accumulators are written while they run).
         s = i % STAGES
         phase = (i // STAGES) & 1
         rows = j * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
@@ -406,6 +352,7 @@ if HAVE_GLUON:
                             use_acc=False, is_async=True)
         sT = warpgroup_mma_wait(1, deps=[sT])
         if HAS_ALIBI:
+            # slope * (j - i) split into a column and a row term, each relative to start_n.
             rowv = lse2 + slope_log2 * (rows - start_n).to(gl.float32)
             pT = gl.exp2(sT * qk_scale + gl.expand_dims(colb, 1) - gl.expand_dims(rowv, 0))
         else:
@@ -439,7 +386,7 @@ if HAVE_GLUON:
                                 hi_off, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
                                 HAS_ALIBI: gl.constexpr, BLOCK_M: gl.constexpr,
                                 HALF: gl.constexpr, HEAD_DIM: gl.constexpr,
-                                STAGES: gl.constexpr, SCORES_FIRST: gl.constexpr):
+                                STAGES: gl.constexpr):
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -463,44 +410,24 @@ if HAVE_GLUON:
             if HAS_ALIBI:
                 slope_log2 = gl.load(ALIBI + h).to(gl.float32) * 1.4426950408889634
                 colb = slope_log2 * (cols - start_n).to(gl.float32)
-            if SCORES_FIRST:
-                for j in range(lo, flo):
-                    dk, dv = _bwd_step_scores_first(
-                        k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, g * n + j - lo, j,
-                        dk, dv, cols, colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2,
-                        start_n, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M,
-                        HALF, HEAD_DIM, STAGES, s_layout, a_layout)
-                for j in range(flo, fhi):
-                    dk, dv = _bwd_step_scores_first(
-                        k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, g * n + j - lo, j,
-                        dk, dv, cols, colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2,
-                        start_n, lo_off, hi_off, False, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M,
-                        HALF, HEAD_DIM, STAGES, s_layout, a_layout)
-                for j in range(fhi, hi):
-                    dk, dv = _bwd_step_scores_first(
-                        k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, g * n + j - lo, j,
-                        dk, dv, cols, colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2,
-                        start_n, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M,
-                        HALF, HEAD_DIM, STAGES, s_layout, a_layout)
-            else:
-                for j in range(lo, flo):
-                    dk, dv = _bwd_step(k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars,
-                                       g * n + j - lo, j, dk, dv, cols, colb, LSE2h, DELTAh, Sq,
-                                       qk_scale, slope_log2, start_n, lo_off, hi_off, True, HAS_LEFT,
-                                       HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF, HEAD_DIM, STAGES,
-                                       s_layout, a_layout)
-                for j in range(flo, fhi):
-                    dk, dv = _bwd_step(k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars,
-                                       g * n + j - lo, j, dk, dv, cols, colb, LSE2h, DELTAh, Sq,
-                                       qk_scale, slope_log2, start_n, lo_off, hi_off, False,
-                                       HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF, HEAD_DIM,
-                                       STAGES, s_layout, a_layout)
-                for j in range(fhi, hi):
-                    dk, dv = _bwd_step(k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars,
-                                       g * n + j - lo, j, dk, dv, cols, colb, LSE2h, DELTAh, Sq,
-                                       qk_scale, slope_log2, start_n, lo_off, hi_off, True, HAS_LEFT,
-                                       HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF, HEAD_DIM, STAGES,
-                                       s_layout, a_layout)
+            for j in range(lo, flo):
+                dk, dv = _bwd_step(
+                    k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, g * n + j - lo, j,
+                    dk, dv, cols, colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2,
+                    start_n, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M,
+                    HALF, HEAD_DIM, STAGES, s_layout, a_layout)
+            for j in range(flo, fhi):
+                dk, dv = _bwd_step(
+                    k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, g * n + j - lo, j,
+                    dk, dv, cols, colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2,
+                    start_n, lo_off, hi_off, False, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M,
+                    HALF, HEAD_DIM, STAGES, s_layout, a_layout)
+            for j in range(fhi, hi):
+                dk, dv = _bwd_step(
+                    k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, g * n + j - lo, j,
+                    dk, dv, cols, colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2,
+                    start_n, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M,
+                    HALF, HEAD_DIM, STAGES, s_layout, a_layout)
         keys = start_n + c * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
         mask = (gl.expand_dims(keys, 1) < Skv) & (gl.expand_dims(offs_d, 0) < HEAD_DIM)
@@ -518,7 +445,7 @@ if HAVE_GLUON:
                                    stride_dvn, Hq, GROUP, Sq, Skv, scale, qk_scale, lo_off,
                                    hi_off, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
                                    HAS_ALIBI: gl.constexpr, STAGES: gl.constexpr,
-                                   SCORES_FIRST: gl.constexpr, MMA_REGS: gl.constexpr):
+                                   MMA_REGS: gl.constexpr):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
         HALF: gl.constexpr = k_desc.block_type.shape[2]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -561,14 +488,14 @@ if HAVE_GLUON:
                                        stride_dvh, stride_dvn, b, hk, Hq, GROUP, Sq, Skv,
                                        start_n, lo, flo, fhi, hi, scale, qk_scale, lo_off,
                                        hi_off, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF,
-                                       HEAD_DIM, STAGES, SCORES_FIRST)),
+                                       HEAD_DIM, STAGES)),
             (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, q_bars,
                                        do_bars, empty_bars, DK, DV, LSE2, DELTA, ALIBI,
                                        stride_dkb, stride_dkh, stride_dkn, stride_dvb,
                                        stride_dvh, stride_dvn, b, hk, Hq, GROUP, Sq, Skv,
                                        start_n, lo, flo, fhi, hi, scale, qk_scale, lo_off,
                                        hi_off, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF,
-                                       HEAD_DIM, STAGES, SCORES_FIRST)),
+                                       HEAD_DIM, STAGES)),
         ], [4, 4], [MMA_REGS, MMA_REGS])
 
 
@@ -661,9 +588,7 @@ def attention_forward_sm90(q, k, v, scale: float, has_left: bool, has_right: boo
     return out, lse
 
 
-
 _BWD_BLOCK_M = 64  # queries per step of the dK/dV kernel
-BWD_SCORES_FIRST = True  # the step order of _bwd_step_scores_first (else _bwd_step)
 _BWD_HALF = 64     # keys per consumer warpgroup (a program owns 128 keys)
 
 
@@ -680,8 +605,7 @@ def supported_backward(q, k, v, do, *, alibi_slopes=None, softcap=None, key_padd
 
 def attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, scale: float, has_left: bool,
                                  has_right: bool, lo_off: int, hi_off: int,
-                                 alibi_slopes: Optional[torch.Tensor] = None,
-                                 scores_first: Optional[bool] = None):
+                                 alibi_slopes: Optional[torch.Tensor] = None):
     """dK and dV into ``dk``, ``dv`` (any strides), from ``lse2`` (log-sum-exp times log2(e),
     +inf for rows that see no key) and ``delta`` (rowsum(dO * O) less the lse gradient), both
     (B, Hq, Sq) fp32 as the Triton dQ kernel writes them."""
@@ -695,6 +619,5 @@ def attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, scale: float,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         Hq, Hq // Hkv, Sq, Skv, scale, scale * _LOG2E, lo_off, hi_off,
         HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_ALIBI=alibi_slopes is not None,
-        STAGES=2 if D > 64 else 4, SCORES_FIRST=BWD_SCORES_FIRST if scores_first is None else scores_first,
-        MMA_REGS=240, num_warps=4)
+        STAGES=2 if D > 64 else 4, MMA_REGS=240, num_warps=4)
     return dk, dv

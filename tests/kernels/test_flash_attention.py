@@ -756,8 +756,8 @@ def test_gpu_sm90_backward_matches_reference(case, monkeypatch):
     _, _, ref = _reference_with_grads(q, k, v, go, gl, **kw)
     for name, x, t, r in zip(("dq", "dk", "dv"), ours, tri, ref):
         assert torch.isfinite(x).all(), name
-        # dS is formed from the bf16-rounded p (registers are the limit; see _bwd_step): one
-        # more rounding than the Triton kernel's, hence the wider factor for dK.
+        # dK's bound is the one these cases passed under on the H100 (2x; a tighter one has not
+        # been run); dV and dQ (the Triton dQ kernel) get the forward's 1.5x.
         factor = 2.0 if name == "dk" else 1.5
         assert _rel(x, r) <= factor * _rel(t, r) + 1e-4, (name, _rel(x, r), _rel(t, r))
 
@@ -801,5 +801,10 @@ def test_sm90_backward_failure_falls_back_to_triton(monkeypatch):
 
 def test_sm90_backward_choice_rule():
     choice = fa_mod._sm90_backward_choice
-    assert choice("gluon", 64) and not choice("triton", 128)
-    assert not choice("auto", 128) and not choice("auto", 64)
+    assert choice("gluon", 64, False, True, 1, 1) and not choice("triton", 128, True, False,
+                                                                 4096, 4096)
+    assert choice("auto", 128, True, False, 4096, 4096)
+    assert not choice("auto", 128, False, False, 4096, 4096)  # causal without ALiBi: a tie
+    assert not choice("auto", 128, True, True, 4096, 4096)    # windows lose
+    assert not choice("auto", 64, True, False, 4096, 4096)
+    assert not choice("auto", 128, True, False, 512, 512)     # not timed
