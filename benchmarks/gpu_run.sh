@@ -91,11 +91,12 @@ for stage in "$@"; do
       python3 -m rewriter report hf:llama $common $nv --json "$OUT/decode_nvfp4.json" > "$OUT/decode_nvfp4.txt" 2>/dev/null
       python3 -m rewriter report hf:llama $common $nv --cuda-graphs --json "$OUT/decode_nvfp4_cg.json" > "$OUT/decode_nvfp4_cg.txt" 2>/dev/null
       for f in "$OUT"/decode_*.txt; do echo "$(basename "$f")"; grep -h "^measured\|^total" "$f"; done ;;
-    attn-sm90)  # the Gluon Hopper forward: its GPU tests, the check and the A/B against Triton and SDPA
+    attn-sm90)  # the Gluon Hopper kernels: their GPU tests, the check and the A/B against Triton, Flex and SDPA
       python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -k sm90 tests/kernels/test_flash_attention.py \
         > "$OUT/tests_sm90.log" 2>&1
       grep -E "^E  |^FAILED|passed|failed" "$OUT/tests_sm90.log" | head -20
-      python3 benchmarks/attention_sm90.py --out "$OUT/attention_sm90.md" 2>&1 | tail -24
+      python3 benchmarks/attention_sm90.py --out "$OUT/attention_sm90.md" \
+        --bwd-rows 128:4096:alibi,128:4096:window512,128:4096:causal 2>&1 | tail -30
       python3 benchmarks/attention.py --shapes 128:4096 --variants causal,plain --rep 30 --eager-max-s 1 \
         --suffix _sm90 --out "$OUT" 2>&1 | grep -v "^ *(\|autotune" | tail -12 ;;
     attn-d128)  # full sweep, D = 128
