@@ -976,21 +976,23 @@ def _use_sm90(q, k, v, meta, alibi, softcap, pad, dropout_p) -> bool:
 BACKWARD_KERNEL = os.environ.get("REWRITER_ATTENTION_BACKWARD", "auto")
 
 
-def _sm90_backward_choice(mode: str, head_dim: int, has_alibi: bool, has_left: bool, sq: int,
-                          skv: int) -> bool:
+def _sm90_backward_choice(mode: str, head_dim: int, has_alibi: bool, has_left: bool,
+                          has_right: bool, bf16: bool, sq: int, skv: int) -> bool:
     """Whether a backward the Gluon dK/dV kernel supports should run it, by ``mode``.
 
     "auto" takes it only where it measured faster than the Triton dK/dV kernel (H100, bf16,
-    B*S = 16k, H = 16, D = 128, S = 4096, forward+backward through this module, same process;
+    B*S = 16k, H = 16, D = 128, S = 4096, forward+backward, same process;
     benchmarks/results/attention_sm90_bwd_nvidia-h100-80gb-hbm3.md): causal ALiBi 1.04x. Plain
-    causal ties (1.00x) and the 512 window loses (0.96x), so those keep the Triton kernel; the
-    length bounds are those of the forward's rule (shorter sequences were not timed).
+    causal ties (1.00x) and the 512 window loses (0.96x), so those keep the Triton kernel, and so
+    does what was not timed (non-causal ALiBi, fp16); the length bounds are those of the
+    forward's rule.
     """
     if mode == "gluon":
         return True
     if mode != "auto":
         return False
-    return head_dim == 128 and has_alibi and not has_left and sq >= 1024 and skv >= 2048
+    return (head_dim == 128 and has_alibi and has_right and not has_left and bf16
+            and sq >= 1024 and skv >= 2048)
 
 
 def _use_sm90_backward(q, k, v, do, meta, alibi, softcap, pad, dropout_p) -> bool:
@@ -1005,7 +1007,8 @@ def _use_sm90_backward(q, k, v, do, meta, alibi, softcap, pad, dropout_p) -> boo
         _sm90.disable_backward(exc)
         return False
     return _sm90_backward_choice(BACKWARD_KERNEL, q.shape[-1], alibi is not None,
-                                 meta["HAS_LEFT"], q.shape[2], k.shape[2])
+                                 meta["HAS_LEFT"], meta["HAS_RIGHT"],
+                                 q.dtype == torch.bfloat16, q.shape[2], k.shape[2])
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -77,6 +77,10 @@ if HAVE_GLUON:
         if HAS_RIGHT:
             hi = gl.minimum(gl.maximum(last_row + hi_off + 1, 0), Skv)
             full_hi = gl.minimum(full_hi, gl.maximum(start_m + hi_off + 1, 0) // BLOCK_N * BLOCK_N)
+        # A block that sees no key at all can get lo > hi; as block indices (hi rounded up, the
+        # others down) the masked loops would then run where the loader issues nothing, and wait
+        # on a stage that never fills. An empty range everywhere instead.
+        hi = gl.maximum(hi, lo)
         full_lo = gl.minimum(full_lo, hi)
         full_hi = gl.maximum(full_hi, full_lo)
         return (lo // BLOCK_N, full_lo // BLOCK_N, full_hi // BLOCK_N,
@@ -293,6 +297,7 @@ if HAVE_GLUON:
         if HAS_LEFT:
             hi = gl.minimum(gl.maximum(last_col - lo_off + 1, 0), Sq)
             full_hi = gl.minimum(full_hi, gl.maximum(start_n - lo_off + 1, 0) // BLOCK_M * BLOCK_M)
+        hi = gl.maximum(hi, lo)  # no visible query: an empty range (see _kv_blocks)
         full_lo = gl.minimum(full_lo, hi)
         full_hi = gl.maximum(full_hi, full_lo)
         return (lo // BLOCK_M, full_lo // BLOCK_M, full_hi // BLOCK_M,
@@ -544,11 +549,17 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alibi_slopes
     if key_padding_mask is not None or dropout_p > 0.0:
         return False
     for t in (q, k, v):
-        if t.stride(-1) != 1 or t.data_ptr() % 16:
-            return False
-        if any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
+        if not _tma_ok(t):
             return False
     return True
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    # TMA descriptors: 16-byte aligned base and strides, unit stride last; no broadcast (zero)
+    # strides, which a descriptor may not accept.
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all(st > 0 and (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
 
 
 _LAYOUTS = {}
@@ -598,9 +609,7 @@ def supported_backward(q, k, v, do, *, alibi_slopes=None, softcap=None, key_padd
     if not supported(q, k, v, alibi_slopes=alibi_slopes, softcap=softcap,
                      key_padding_mask=key_padding_mask, dropout_p=dropout_p):
         return False
-    if do.dtype != q.dtype or do.shape != q.shape or do.stride(-1) != 1 or do.data_ptr() % 16:
-        return False
-    return not any((st * do.element_size()) % 16 for st in do.stride()[:-1])
+    return do.dtype == q.dtype and do.shape == q.shape and _tma_ok(do)
 
 
 def attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, scale: float, has_left: bool,

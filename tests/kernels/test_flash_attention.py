@@ -558,6 +558,8 @@ SM90_CASES = [
     (4, 16, 16, 1024, 1024, 128, True, "top_left", None, "bshd", torch.bfloat16),
     (3, 16, 4, 1000, 1100, 64, True, "bottom_right", None, "bhsd", torch.float16),
     (2, 16, 8, 1500, 1500, 128, True, "top_left", (300, 0), "bhsd", torch.bfloat16),
+    # query tiles that see no key at all (Sq > Skv under a two-sided window): an empty range
+    (1, 2, 2, 1000, 300, 128, False, "top_left", (100, 50), "bhsd", torch.bfloat16),
 ]
 
 
@@ -664,8 +666,10 @@ def test_gpu_sm90_runs_in_training_and_gradients_match(monkeypatch):
     monkeypatch.setattr(sm90, "attention_forward_sm90",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v = _inputs(1, 8, 4, 2048, 2048, 128, dtype=torch.bfloat16)
+    monkeypatch.setattr(sm90, "DISABLED", None)
     out = flash_attention(q, k, v, causal=True)
     assert calls, "the Gluon forward did not run for a causal D=128 S=2048 call"
+    assert sm90.DISABLED is None, "the Gluon forward failed and fell back"
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref_out, _, ref_grads = _reference_with_grads(q, k, v, g, None, causal=True)
@@ -712,6 +716,9 @@ SM90_BWD_CASES = [
     (1, 2, 2, 700, 900, 64, False, "top_left", (100, 50), True, "bhsd", torch.float16),
     (1, 8, 2, 2048, 2048, 128, True, "top_left", (511, 0), True, "bhsd", torch.bfloat16),
     (1, 4, 4, 2048, 2048, 128, False, "top_left", None, False, "bhsd", torch.bfloat16),
+    # key blocks that no query sees (causal top-left with Skv > Sq): an empty range
+    (1, 2, 2, 100, 256, 128, True, "top_left", None, True, "bhsd", torch.bfloat16),
+    (1, 2, 2, 1100, 2300, 128, True, "top_left", None, True, "bshd", torch.bfloat16),
 ]
 
 
@@ -749,8 +756,10 @@ def test_gpu_sm90_backward_matches_reference(case, monkeypatch):
     real = sm90.attention_backward_dkdv_sm90
     monkeypatch.setattr(sm90, "attention_backward_dkdv_sm90",
                         lambda *a, **k_: calls.append(1) or real(*a, **k_))
+    monkeypatch.setattr(sm90, "BACKWARD_DISABLED", None)
     _, _, ours, go, gl = _grads_with("gluon", q, k, v, kw)
     assert calls, "the Gluon dK/dV kernel did not run"
+    assert sm90.BACKWARD_DISABLED is None, "the Gluon dK/dV kernel failed and fell back"
     _, _, tri, _, _ = _grads_with("triton", q, k, v, kw)
     assert len(calls) == 1
     _, _, ref = _reference_with_grads(q, k, v, go, gl, **kw)
@@ -801,10 +810,13 @@ def test_sm90_backward_failure_falls_back_to_triton(monkeypatch):
 
 def test_sm90_backward_choice_rule():
     choice = fa_mod._sm90_backward_choice
-    assert choice("gluon", 64, False, True, 1, 1) and not choice("triton", 128, True, False,
-                                                                 4096, 4096)
-    assert choice("auto", 128, True, False, 4096, 4096)
-    assert not choice("auto", 128, False, False, 4096, 4096)  # causal without ALiBi: a tie
-    assert not choice("auto", 128, True, True, 4096, 4096)    # windows lose
-    assert not choice("auto", 64, True, False, 4096, 4096)
-    assert not choice("auto", 128, True, False, 512, 512)     # not timed
+    # (mode, head_dim, has_alibi, has_left, has_right, bf16, sq, skv)
+    assert choice("gluon", 64, False, True, False, False, 1, 1)
+    assert not choice("triton", 128, True, False, True, True, 4096, 4096)
+    assert choice("auto", 128, True, False, True, True, 4096, 4096)      # causal ALiBi: 1.04x
+    assert not choice("auto", 128, False, False, True, True, 4096, 4096)  # causal alone: a tie
+    assert not choice("auto", 128, True, True, True, True, 4096, 4096)    # windows lose
+    for untimed in ((64, True, False, True, True, 4096, 4096), (128, True, False, False, True,
+                    4096, 4096), (128, True, False, True, False, 4096, 4096),
+                    (128, True, False, True, True, 512, 512)):
+        assert not choice("auto", *untimed)
