@@ -984,15 +984,16 @@ def _sm90_backward_choice(mode: str, head_dim: int, has_alibi: bool, has_left: b
     B*S = 16k, H = 16, D = 128, S = 4096, forward+backward, same process;
     benchmarks/results/attention_sm90_bwd_nvidia-h100-80gb-hbm3.md): causal ALiBi 1.04x. Plain
     causal ties (1.00x) and the 512 window loses (0.96x), so those keep the Triton kernel, and so
-    does what was not timed (non-causal ALiBi, fp16); the length bounds are those of the
-    forward's rule.
+    does what was not timed (non-causal ALiBi, fp16, Sq != Skv). Sq == Skv is also the case
+    whose block ranges were GPU-tested before ``_q_blocks`` gained its hi >= lo clamp (key blocks
+    that no query sees, which need Skv > Sq; the clamp itself has not run on a GPU yet).
     """
     if mode == "gluon":
         return True
     if mode != "auto":
         return False
     return (head_dim == 128 and has_alibi and has_right and not has_left and bf16
-            and sq >= 1024 and skv >= 2048)
+            and sq == skv and sq >= 2048)
 
 
 def _use_sm90_backward(q, k, v, do, meta, alibi, softcap, pad, dropout_p) -> bool:

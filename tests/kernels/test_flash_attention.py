@@ -818,5 +818,6 @@ def test_sm90_backward_choice_rule():
     assert not choice("auto", 128, True, True, True, True, 4096, 4096)    # windows lose
     for untimed in ((64, True, False, True, True, 4096, 4096), (128, True, False, False, True,
                     4096, 4096), (128, True, False, True, False, 4096, 4096),
-                    (128, True, False, True, True, 512, 512)):
+                    (128, True, False, True, True, 512, 512),
+                    (128, True, False, True, True, 1100, 4096)):
         assert not choice("auto", *untimed)
