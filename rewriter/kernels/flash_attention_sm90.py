@@ -187,24 +187,16 @@ if HAVE_GLUON:
         q_s = q_smem.index(c).reshape([HALF, HEAD_DIM])
         mbarrier.wait(q_bars.index(c), 0)
 
-        for j in range(lo, flo):
-            acc, l_i, m_i = _softmax_step(
-                q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
-                Skv, qk_scale, lo_off, hi_off, slope_log2, start_m, True, HAS_LEFT, HAS_RIGHT,
-                HAS_ALIBI, HALF, BLOCK_N,
-                HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
-        for j in range(flo, fhi):
-            acc, l_i, m_i = _softmax_step(
-                q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
-                Skv, qk_scale, lo_off, hi_off, slope_log2, start_m, False, HAS_LEFT, HAS_RIGHT,
-                HAS_ALIBI, HALF, BLOCK_N,
-                HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
-        for j in range(fhi, hi):
-            acc, l_i, m_i = _softmax_step(
-                q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i, rows,
-                Skv, qk_scale, lo_off, hi_off, slope_log2, start_m, True, HAS_LEFT, HAS_RIGHT,
-                HAS_ALIBI, HALF, BLOCK_N,
-                HEAD_DIM, STAGES, s_layout, o_layout, p_layout)
+        # Three ranges of key blocks: masked [lo, flo), unmasked [flo, fhi), masked [fhi, hi).
+        for seg in gl.static_range(3):
+            start = lo if seg == 0 else (flo if seg == 1 else fhi)
+            stop = flo if seg == 0 else (fhi if seg == 1 else hi)
+            for j in range(start, stop):
+                acc, l_i, m_i = _softmax_step(
+                    q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j, acc, l_i, m_i,
+                    rows, Skv, qk_scale, lo_off, hi_off, slope_log2, start_m, seg != 1, HAS_LEFT,
+                    HAS_RIGHT, HAS_ALIBI, HALF, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout,
+                    p_layout)
 
         visible = l_i > 0.0
         inv_l = gl.where(visible, 1.0 / gl.where(visible, l_i, 1.0), 0.0)
@@ -415,24 +407,16 @@ if HAVE_GLUON:
             if HAS_ALIBI:
                 slope_log2 = gl.load(ALIBI + h).to(gl.float32) * 1.4426950408889634
                 colb = slope_log2 * (cols - start_n).to(gl.float32)
-            for j in range(lo, flo):
-                dk, dv = _bwd_step(
-                    k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, g * n + j - lo, j,
-                    dk, dv, cols, colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2,
-                    start_n, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M,
-                    HALF, HEAD_DIM, STAGES, s_layout, a_layout)
-            for j in range(flo, fhi):
-                dk, dv = _bwd_step(
-                    k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, g * n + j - lo, j,
-                    dk, dv, cols, colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2,
-                    start_n, lo_off, hi_off, False, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M,
-                    HALF, HEAD_DIM, STAGES, s_layout, a_layout)
-            for j in range(fhi, hi):
-                dk, dv = _bwd_step(
-                    k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, g * n + j - lo, j,
-                    dk, dv, cols, colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2,
-                    start_n, lo_off, hi_off, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M,
-                    HALF, HEAD_DIM, STAGES, s_layout, a_layout)
+            # Three ranges of query blocks: masked, unmasked, masked (as in the forward).
+            for seg in gl.static_range(3):
+                start = lo if seg == 0 else (flo if seg == 1 else fhi)
+                stop = flo if seg == 0 else (fhi if seg == 1 else hi)
+                for j in range(start, stop):
+                    dk, dv = _bwd_step(
+                        k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, g * n + j - lo,
+                        j, dk, dv, cols, colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2, start_n,
+                        lo_off, hi_off, seg != 1, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF,
+                        HEAD_DIM, STAGES, s_layout, a_layout)
         keys = start_n + c * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
         mask = (gl.expand_dims(keys, 1) < Skv) & (gl.expand_dims(offs_d, 0) < HEAD_DIM)
