@@ -71,41 +71,54 @@ DEFAULT_ROWS = ("128:4096:causal,128:4096:plain,128:4096:window512,128:4096:alib
                 "64:16384:causal")
 
 
+def parse_row(spec, dev, H=16, tokens=16384):
+    """(D, S, B, causal, window, alibi slopes or None, forward FLOPs over visible entries) of a
+    D:S:variant row."""
+    D, S, name = spec.split(":")
+    D, S = int(D), int(S)
+    causal, window, alibi = VARIANTS[name]
+    slopes = (torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device=dev)
+              if alibi else None)
+    if window is None:
+        vis = S * (S + 1) / 2 if causal else S * S
+    else:
+        vis = sum(min(i + 1, window[0] + 1) for i in range(S))
+    B = tokens // S
+    return D, S, B, causal, window, slopes, 4 * B * H * D * vis
+
+
+def alternate_tflops(fns, flop):
+    """TFLOP/s of each callable: three alternating rounds of CUDA-graph medians, the median of
+    the three kept."""
+    for f in fns.values():
+        f()
+    res = {}
+    for rnd in range(3):
+        for n, f in fns.items():
+            res.setdefault(n, []).append(graph_ms(f))
+    return {n: flop / (sorted(t)[1] * 1e-3) / 1e12 for n, t in res.items()}
+
+
 def bench(dev, lines, rows):
-    tokens, H = 16384, 16
+    H = 16
     for spec in rows.split(","):
-        D, S, name = spec.split(":")
-        D, S = int(D), int(S)
-        causal, window, alibi = VARIANTS[name]
-        B = tokens // S
+        D, S, B, causal, window, slopes, flop = parse_row(spec, dev, H)
+        name = spec.split(":")[2]
         q = torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16)
         k = torch.randn_like(q)
         v = torch.randn_like(q)
-        slopes = (torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device=dev)
-                  if alibi else None)
         scale = 1 / math.sqrt(D)
         hl, hr, lo, hi = band(S, S, causal, "top_left", window)
         wl, wr = (None, None) if window is None else window
-        if window is None:
-            vis = S * (S + 1) / 2 if causal else S * S
-        else:
-            vis = sum(min(i + 1, window[0] + 1) for i in range(S))
-        flop = 4 * B * H * D * vis
         fns = {
             "gluon": lambda: g.attention_forward_sm90(q, k, v, scale, hl, hr, lo, hi,
                                                       alibi_slopes=slopes),
             "triton": lambda: fa.attention_forward(q, k, v, scale, causal, "top_left",
                                                    wl, wr, slopes, None, None, 0.0, None),
         }
-        if window is None and not alibi:
+        if window is None and slopes is None:
             fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        for f in fns.values():
-            f()
-        res = {}
-        for rnd in range(3):  # alternate rounds, keep each one's median of medians
-            for n, f in fns.items():
-                res.setdefault(n, []).append(graph_ms(f))
-        tf = {n: flop / (sorted(t)[1] * 1e-3) / 1e12 for n, t in res.items()}
+        tf = alternate_tflops(fns, flop)
         row = (f"| {D} | {S} | {name} | " + " | ".join(
             f"{tf.get(n, float('nan')):.0f}" for n in ("gluon", "triton", "sdpa")) +
             f" | {tf['gluon'] / tf.get('sdpa', float('nan')):.3f} | "
@@ -123,23 +136,16 @@ def bench_backward(dev, lines, rows):
 
     torch._dynamo.config.recompile_limit = 1024
     fa.FORWARD_KERNEL = "auto"  # the library's forward (main pins "triton" for the forward rows)
-    tokens, H = 16384, 16
+    H = 16
     for spec in rows.split(","):
-        D, S, name = spec.split(":")
-        D, S = int(D), int(S)
-        causal, window, alibi = VARIANTS[name]
-        B = tokens // S
+        D, S, B, causal, window, slopes, flop = parse_row(spec, dev, H)
+        name = spec.split(":")[2]
+        alibi = slopes is not None
+        flop = 3.5 * flop
         q, k, v = [torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16).requires_grad_()
                    for _ in range(3)]
         do = torch.randn_like(q)
-        slopes = (torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device=dev)
-                  if alibi else None)
         kw = dict(causal=causal, window=window, alibi_slopes=slopes)
-        if window is None:
-            vis = S * (S + 1) / 2 if causal else S * S
-        else:
-            vis = sum(min(i + 1, window[0] + 1) for i in range(S))
-        flop = 3.5 * 4 * B * H * D * vis
 
         def mask_mod(b, h, qi, kv):
             keep = kv <= qi
@@ -182,13 +188,7 @@ def bench_backward(dev, lines, rows):
                   for a, b in zip(grads["gluon"], grads["triton"]))
         del grads
 
-        for n in fns:
-            step(n)()
-        res = {}
-        for rnd in range(3):
-            for n in fns:
-                res.setdefault(n, []).append(graph_ms(step(n)))
-        tf = {n: flop / (sorted(t)[1] * 1e-3) / 1e12 for n, t in res.items()}
+        tf = alternate_tflops({n: step(n) for n in fns}, flop)
         row = (f"| {D} | {S} | {name} | " + " | ".join(
             f"{tf.get(n, float('nan')):.0f}"
             for n in ("gluon", "triton", "flex", "sdpa")) +
