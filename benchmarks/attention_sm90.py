@@ -128,9 +128,14 @@ def bench(dev, lines, rows):
         del q, k, v
 
 
+# Backward kernel pairs timed against each other: (dQ kernel, dK/dV kernel).
+BWD_COMBOS = {"T/T": ("triton", "triton"), "T/G": ("triton", "gluon"),
+              "G/T": ("gluon", "triton"), "G/G": ("gluon", "gluon"), "auto": ("auto", "auto")}
+
+
 def bench_backward(dev, lines, rows):
-    """Forward+backward through the library op with the Gluon dK/dV kernel against the Triton
-    one (the forward is the library's choice in both), FlexAttention and, where it has the
+    """Forward+backward through the library op with each pair of dQ and dK/dV kernels (Gluon or
+    Triton; the forward is the library's choice in all), FlexAttention and, where it has the
     variant, SDPA; GPU time of CUDA-graph replays, same process."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -163,9 +168,9 @@ def bench_backward(dev, lines, rows):
         def call():
             return fa.flash_attention(q, k, v, **kw)
 
-        fns = {"gluon": call, "triton": call,
-               "flex": lambda: flex(q, k, v, score_mod=alibi_mod if alibi else None,
-                                    block_mask=bm)}
+        fns = {n: call for n in BWD_COMBOS}
+        fns["flex"] = lambda: flex(q, k, v, score_mod=alibi_mod if alibi else None,
+                                   block_mask=bm)
         if window is None and not alibi:
             fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
@@ -173,27 +178,26 @@ def bench_backward(dev, lines, rows):
             f = fns[n]
 
             def run():
-                # The dK/dV kernel is chosen when the backward runs, so the switch spans both.
-                saved = fa.BACKWARD_KERNEL
-                if n in ("gluon", "triton"):
-                    fa.BACKWARD_KERNEL = n
+                # The kernels are chosen when the backward runs, so the switch spans both.
+                saved = fa.DQ_KERNEL, fa.BACKWARD_KERNEL
+                if n in BWD_COMBOS:
+                    fa.DQ_KERNEL, fa.BACKWARD_KERNEL = BWD_COMBOS[n]
                 try:
                     return torch.autograd.grad(f(), (q, k, v), do)
                 finally:
-                    fa.BACKWARD_KERNEL = saved
+                    fa.DQ_KERNEL, fa.BACKWARD_KERNEL = saved
             return run
 
-        grads = {n: step(n)() for n in ("gluon", "triton")}
+        grads = {n: step(n)() for n in ("T/T", "G/G")}
         err = max(((a.double() - b.double()).norm() / b.double().norm()).item()
-                  for a, b in zip(grads["gluon"], grads["triton"]))
+                  for a, b in zip(grads["G/G"], grads["T/T"]))
         del grads
 
         tf = alternate_tflops({n: step(n) for n in fns}, flop)
         row = (f"| {D} | {S} | {name} | " + " | ".join(
-            f"{tf.get(n, float('nan')):.0f}"
-            for n in ("gluon", "triton", "flex", "sdpa")) +
-            f" | {tf['gluon'] / tf['triton']:.3f} | {tf['gluon'] / tf['flex']:.3f} | "
-            f"{tf['gluon'] / tf.get('sdpa', float('nan')):.3f} | {err:.1e} |")
+            f"{tf.get(n, float('nan')):.0f}" for n in list(BWD_COMBOS) + ["flex", "sdpa"]) +
+            f" | {tf['auto'] / tf['flex']:.3f} | "
+            f"{tf['auto'] / tf.get('sdpa', float('nan')):.3f} | {err:.1e} |")
         print(row, flush=True)
         lines.append(row)
         del q, k, v, do
@@ -206,7 +210,8 @@ def main():
     ap.add_argument("--rows", default=DEFAULT_ROWS,
                     help="comma-separated D:S:variant, variant in " + ", ".join(VARIANTS))
     ap.add_argument("--bwd-rows", default="",
-                    help="also time forward+backward with the Gluon dK/dV kernel, same format")
+                    help="also time forward+backward with each pair of dQ and dK/dV kernels, "
+                    "same format")
     args = ap.parse_args()
     fa.FORWARD_KERNEL = "triton"  # the "triton" column and the check's baseline
     dev = "cuda"
@@ -224,12 +229,13 @@ def main():
     if args.rows:
         bench(dev, lines, args.rows)
     if args.bwd_rows:
-        lines += ["", "Forward+backward (3.5x the forward's FLOPs), library op, dK/dV by the "
-                  "Gluon or the Triton kernel, forward as the library chooses it; err: largest "
-                  "relative difference of dK, dV between the two.", "",
-                  "| D | S | variant | gluon TF/s | triton TF/s | Flex TF/s | SDPA TF/s "
-                  "| gluon/triton | gluon/Flex | gluon/SDPA | err |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Forward+backward (3.5x the forward's FLOPs), library op, forward as the "
+                  "library chooses it; X/Y: dQ kernel X, dK/dV kernel Y, T Triton, G Gluon; "
+                  "auto: both as the library chooses them; err: largest relative difference of "
+                  "dQ, dK, dV between G/G and T/T.", "",
+                  "| D | S | variant | " + " | ".join(f"{n} TF/s" for n in BWD_COMBOS)
+                  + " | Flex TF/s | SDPA TF/s | auto/Flex | auto/SDPA | err |",
+                  "|---|---|---|" + "---|" * (len(BWD_COMBOS) + 5)]
         bench_backward(dev, lines, args.bwd_rows)
     if args.out:
         open(args.out, "w").write("\n".join(lines) + "\n")

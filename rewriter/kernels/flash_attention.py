@@ -982,11 +982,11 @@ def _sm90_backward_choice(mode: str, head_dim: int, has_alibi: bool, has_left: b
 
     "auto" takes it only where it measured faster than the Triton dK/dV kernel (H100, bf16,
     B*S = 16k, H = 16, D = 128, S = 4096, forward+backward, same process;
-    benchmarks/results/attention_sm90_bwd_nvidia-h100-80gb-hbm3.md): causal ALiBi 1.04x. Plain
-    causal ties (1.00x) and the 512 window loses (0.96x), so those keep the Triton kernel, and so
-    does what was not timed (non-causal ALiBi, fp16, Sq != Skv). Sq == Skv is also the case
-    whose block ranges were GPU-tested before ``_q_blocks`` gained its hi >= lo clamp (key blocks
-    that no query sees, which need Skv > Sq; the clamp itself has not run on a GPU yet).
+    benchmarks/results/attention_sm90_bwd_nvidia-h100-80gb-hbm3.md): causal ALiBi 1.04x, and
+    1.04x again next to the Gluon dQ kernel (attention_sm90_dq_nvidia-h100-80gb-hbm3.md). Plain
+    causal ties (1.00x) and the 512 window loses (0.94-0.96x), so those keep the Triton kernel,
+    and so does what was not timed (non-causal ALiBi, fp16, Sq != Skv; the GPU tests cover
+    those shapes for correctness, including key blocks that no query sees).
     """
     if mode == "gluon":
         return True
@@ -996,20 +996,46 @@ def _sm90_backward_choice(mode: str, head_dim: int, has_alibi: bool, has_left: b
             and sq == skv and sq >= 2048)
 
 
-def _use_sm90_backward(q, k, v, do, meta, alibi, softcap, pad, dropout_p) -> bool:
-    if (BACKWARD_KERNEL == "triton" or _INTERPRET or not q.is_cuda
-            or _sm90.BACKWARD_DISABLED is not None):
+# Which dQ kernel the backward runs, as BACKWARD_KERNEL; env REWRITER_ATTENTION_DQ.
+DQ_KERNEL = os.environ.get("REWRITER_ATTENTION_DQ", "auto")
+
+
+def _sm90_dq_choice(mode: str, head_dim: int, has_alibi: bool, has_left: bool, has_right: bool,
+                    bf16: bool, sq: int, skv: int) -> bool:
+    """Whether a backward the Gluon dQ kernel supports should run it, by ``mode``.
+
+    "auto" takes it where it measured faster than the Triton dQ kernel (H100, bf16, B*S = 16k,
+    H = 16, D = 128, S = 4096, forward+backward, same process;
+    benchmarks/results/attention_sm90_dq_nvidia-h100-80gb-hbm3.md): causal with the Triton dK/dV
+    kernel 1.03x, causal ALiBi 1.03x (1.03x again with the Gluon dK/dV kernel on both sides).
+    The 512 window loses (0.98x: short programs, as in the forward), so it keeps the Triton
+    kernel, and so does what was not timed (no causal mask, fp16, head dim 64, Sq != Skv).
+    """
+    if mode == "gluon":
+        return True
+    if mode != "auto":
+        return False
+    return (head_dim == 128 and has_right and not has_left and bf16
+            and sq == skv and sq >= 2048)
+
+
+def _use_sm90_backward(kind, q, k, v, do, meta, alibi, softcap, pad, dropout_p) -> bool:
+    """Whether the Gluon ``kind`` ("dkdv" or "dq") kernel runs this backward."""
+    dq = kind == "dq"
+    mode = DQ_KERNEL if dq else BACKWARD_KERNEL
+    failed = _sm90.DQ_DISABLED if dq else _sm90.BACKWARD_DISABLED
+    if mode == "triton" or _INTERPRET or not q.is_cuda or failed is not None:
         return False
     try:
         if not _sm90.supported_backward(q, k, v, do, alibi_slopes=alibi, softcap=softcap,
                                         key_padding_mask=pad, dropout_p=dropout_p):
             return False
     except Exception as exc:  # never let the check itself break the call
-        _sm90.disable_backward(exc)
+        (_sm90.disable_dq if dq else _sm90.disable_backward)(exc)
         return False
-    return _sm90_backward_choice(BACKWARD_KERNEL, q.shape[-1], alibi is not None,
-                                 meta["HAS_LEFT"], meta["HAS_RIGHT"],
-                                 q.dtype == torch.bfloat16, q.shape[2], k.shape[2])
+    choice = _sm90_dq_choice if dq else _sm90_backward_choice
+    return choice(mode, q.shape[-1], alibi is not None, meta["HAS_LEFT"], meta["HAS_RIGHT"],
+                  q.dtype == torch.bfloat16, q.shape[2], k.shape[2])
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -1081,17 +1107,27 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
     tail = (s["Hq"], s["GROUP"], Sq, Skv, s["SQ_KEY"], s["SKV_KEY"], scale, s["qk_scale"],
             s["cap_log2"], s["cap_inv_scale"], s["lo_off"], s["hi_off"], s["dropout_p"])
     # dQ first: it writes delta and lse2, which the dK/dV kernel reads.
-    _attn_bwd_dq_kernel[lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)](
-        q, k, v, out, do, dq, lse.contiguous(), dlse, lse2, delta, alibi, pad, seed,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        pad_stride, *tail, HAS_DLSE=dlse is not None, **meta,
-    )
-    if _use_sm90_backward(q, k, v, do, meta, alibi, softcap, pad, dropout_p):
+    gluon_dq = _use_sm90_backward("dq", q, k, v, do, meta, alibi, softcap, pad, dropout_p)
+    if gluon_dq:
+        try:
+            _sm90.attention_backward_dq_sm90(q, k, v, out, do, lse, dlse, dq, lse2, delta,
+                                             scale, meta["HAS_LEFT"], meta["HAS_RIGHT"],
+                                             s["lo_off"], s["hi_off"], alibi_slopes=alibi)
+        except Exception as exc:  # as for the dK/dV kernel below
+            _sm90.disable_dq(exc)
+            gluon_dq = False
+    if not gluon_dq:
+        _attn_bwd_dq_kernel[lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)](
+            q, k, v, out, do, dq, lse.contiguous(), dlse, lse2, delta, alibi, pad, seed,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            pad_stride, *tail, HAS_DLSE=dlse is not None, **meta,
+        )
+    if _use_sm90_backward("dkdv", q, k, v, do, meta, alibi, softcap, pad, dropout_p):
         try:
             _sm90.attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, scale,
                                                meta["HAS_LEFT"], meta["HAS_RIGHT"], s["lo_off"],

@@ -1,9 +1,11 @@
-"""Hopper (sm_90) forward kernel for fused attention, written in Gluon with warp specialization.
+"""Hopper (sm_90) kernels for fused attention, written in Gluon with warp specialization.
 
 What: the forward of :mod:`rewriter.kernels.flash_attention` (same inputs, same ``(out, lse)``
 outputs, lse in natural-log units) for the common variants: plain, causal (either alignment),
-sliding windows, ALiBi, with bf16 / fp16 inputs and head dims 64 and 128. The backward stays the Triton
-one, which reads the lse this kernel writes.
+sliding windows, ALiBi, with bf16 / fp16 inputs and head dims 64 and 128; and, for the same
+variants, the two backward kernels: dQ (which also writes delta and the log2 lse) and dK/dV.
+Each replaces its Triton twin where the caller's rule picks it; the Triton kernels keep
+soft-capping, key padding and dropout.
 
 Why: the Triton kernel runs one 8-warp program per SM whose two warpgroups move in lock step
 (they share each K/V buffer through ``bar.sync``), so the tensor cores wait during the softmax and
@@ -48,7 +50,8 @@ except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 __all__ = ["HAVE_GLUON", "supported", "attention_forward_sm90", "supported_backward",
-           "attention_backward_dkdv_sm90", "disable", "disable_backward"]
+           "attention_backward_dkdv_sm90", "attention_backward_dq_sm90", "disable",
+           "disable_backward", "disable_dq"]
 
 # Set when a launch failed: the caller then uses its Triton forward for the rest of the process.
 DISABLED = None
@@ -87,11 +90,20 @@ if HAVE_GLUON:
                 (hi + BLOCK_N - 1) // BLOCK_N)
 
     @gluon.jit
-    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
-                        empty_bars, b, h, hk, start_m, lo, hi,
-                        HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    def _load_partition(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bars,
+                        k_bars, v_bars, empty_bars, b, h, hk, start_m, lo, hi,
+                        HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        WITH_DO: gl.constexpr):
+        # The two 64-row halves of the query block (and, for the dQ kernel, of dO) once, then
+        # the key and value blocks through the ring.
         for c in gl.static_range(2):
-            mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
+            if WITH_DO:
+                mbarrier.expect(q_bars.index(c),
+                                q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(do_desc, [b, h, start_m + c * HALF, 0],
+                                                q_bars.index(c), do_smem.index(c))
+            else:
+                mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [b, h, start_m + c * HALF, 0],
                                             q_bars.index(c), q_smem.index(c))
         for j in range(lo, hi):
@@ -106,6 +118,40 @@ if HAVE_GLUON:
             mbarrier.expect(v_bars.index(s), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_bars.index(s),
                                             v_smem.index(s))
+
+    @gluon.jit
+    def _query_program(q_desc, k_desc, v_desc, GROUP, Sq, Skv, lo_off, hi_off,
+                       HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, STAGES: gl.constexpr):
+        """What a program over one 128-query block (the forward, the dQ kernel) starts with: its
+        coordinates, its key-block ranges, and the shared memory the loader fills (the two query
+        halves once, a ring of key and value blocks) with the barriers guarding it."""
+        HALF: gl.constexpr = q_desc.block_type.shape[2]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+        dtype: gl.constexpr = q_desc.dtype
+        # Query blocks last-to-first: under a causal mask the last ones have the most keys.
+        start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * (2 * HALF)
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        lo, flo, fhi, hi = _kv_blocks(start_m, Sq, Skv, lo_off, hi_off, 2 * HALF, BLOCK_N,
+                                      HAS_LEFT, HAS_RIGHT)
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM],
+                                           k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM],
+                                           v_desc.layout)
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for c in gl.static_range(2):
+            mbarrier.init(q_bars.index(c), count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(k_bars.index(s), count=1)
+            mbarrier.init(v_bars.index(s), count=1)
+            mbarrier.init(empty_bars.index(s), count=2)
+        return (start_m, h, b, h // GROUP, lo, flo, fhi, hi, q_smem, k_smem, v_smem, q_bars,
+                k_bars, v_bars, empty_bars)
 
     @gluon.jit
     def _softmax_step(q_s, k_smem, v_smem, k_bars, v_bars, empty_bars, i, j, acc, l_i, m_i,
@@ -224,32 +270,9 @@ if HAVE_GLUON:
         HALF: gl.constexpr = q_desc.block_type.shape[2]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
-        BLOCK_M: gl.constexpr = 2 * HALF
-        dtype: gl.constexpr = q_desc.dtype
-
-        # Query blocks last-to-first: under a causal mask the last ones have the most keys.
-        start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
-        h = gl.program_id(1)
-        b = gl.program_id(2)
-        hk = h // GROUP
-        lo, flo, fhi, hi = _kv_blocks(start_m, Sq, Skv, lo_off, hi_off, BLOCK_M, BLOCK_N,
-                                      HAS_LEFT, HAS_RIGHT)
-
-        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM],
-                                           k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM],
-                                           v_desc.layout)
-        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for c in gl.static_range(2):
-            mbarrier.init(q_bars.index(c), count=1)
-        for s in gl.static_range(STAGES):
-            mbarrier.init(k_bars.index(s), count=1)
-            mbarrier.init(v_bars.index(s), count=1)
-            mbarrier.init(empty_bars.index(s), count=2)
+        (start_m, h, b, hk, lo, flo, fhi, hi, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
+         empty_bars) = _query_program(q_desc, k_desc, v_desc, GROUP, Sq, Skv, lo_off, hi_off,
+                                      HAS_LEFT, HAS_RIGHT, STAGES)
 
         gl.warp_specialize([
             (_consumer_partition, (0, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
@@ -260,9 +283,9 @@ if HAVE_GLUON:
                                    O, LSE, ALIBI, stride_ob, stride_oh, stride_om, b, h, Hq, Sq,
                                    Skv, start_m, lo, flo, fhi, hi, qk_scale, lo_off, hi_off,
                                    HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HALF, BLOCK_N, HEAD_DIM, STAGES)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_bars,
-                               v_bars, empty_bars, b, h, hk, start_m, lo, hi, HALF, BLOCK_N,
-                               STAGES)),
+            (_load_partition, (q_desc, q_desc, k_desc, v_desc, q_smem, q_smem, k_smem, v_smem,
+                               q_bars, k_bars, v_bars, empty_bars, b, h, hk, start_m, lo, hi,
+                               HALF, BLOCK_N, STAGES, False)),
         ], [4, 1], [MMA_REGS, LOAD_REGS])
 
 
@@ -488,27 +511,196 @@ if HAVE_GLUON:
         ], [4, 4], [MMA_REGS, MMA_REGS])
 
 
+if HAVE_GLUON:
+
+    # ----------------------------------------------------------------------------------------
+    # Backward: dQ (with delta and lse2 for the dK/dV kernel). One program per 128-query block,
+    # shaped as the forward: the loader brings the query and dO halves once and streams key and
+    # value blocks; each consumer owns 64 query rows.
+    # ----------------------------------------------------------------------------------------
+
+    @gluon.jit
+    def _dq_step(q_s, do_s, k_smem, v_smem, k_bars, v_bars, empty_bars, i, j, dq, rowv, delta,
+                 rows, Skv, qk_scale, slope_log2, start_m, lo_off, hi_off, MASKED: gl.constexpr,
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                 HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 STAGES: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr):
+        # p = exp2(s - lse2) from the recomputed scores, ds = p * (dp - delta), dq += ds k.
+        # Both score-side products (q k^T, dO v^T) are issued before the exponentials, so the
+        # second runs under them (as in the dK/dV kernel). The row terms (lse2, and ALiBi's
+        # row part) are per consumer, not per step: ``rowv``.
+        s = i % STAGES
+        phase = (i // STAGES) & 1
+        mbarrier.wait(k_bars.index(s), phase)
+        k_s = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        qk = warpgroup_mma(q_s, k_s.permute((1, 0)),
+                           gl.zeros([HALF, BLOCK_N], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+        mbarrier.wait(v_bars.index(s), phase)
+        v_s = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        dp = warpgroup_mma(do_s, v_s.permute((1, 0)),
+                           gl.zeros([HALF, BLOCK_N], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=[qk])
+        cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        if HAS_ALIBI:
+            colb = slope_log2 * (cols - start_m).to(gl.float32)
+            p = gl.exp2(qk * qk_scale + gl.expand_dims(colb, 0) - gl.expand_dims(rowv, 1))
+        else:
+            p = gl.exp2(qk * qk_scale - gl.expand_dims(rowv, 1))
+        if MASKED:
+            c2 = gl.expand_dims(cols, 0)
+            r2 = gl.expand_dims(rows, 1)
+            keep = c2 < Skv
+            if HAS_RIGHT:
+                keep = keep & (c2 <= r2 + hi_off)
+            if HAS_LEFT:
+                keep = keep & (c2 >= r2 + lo_off)
+            p = gl.where(keep, p, 0.0)
+        dp, _, _ = warpgroup_mma_wait(0, deps=[dp, q_s, do_s])
+        ds = p * (dp - gl.expand_dims(delta, 1))
+        ds16 = gl.convert_layout(ds.to(q_s.dtype), a_layout)
+        dq = warpgroup_mma(ds16, k_s, dq, is_async=True)
+        dq, _, _ = warpgroup_mma_wait(0, deps=[dq, k_s, v_s])
+        mbarrier.arrive(empty_bars.index(s))
+        return dq
+
+    @gluon.jit
+    def _dq_consumer_partition(c, q_smem, do_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
+                               empty_bars, O, DO, LSE, DLSE, LSE2, DELTA, DQ, ALIBI, stride_ob,
+                               stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                               stride_dqb, stride_dqh, stride_dqm, b, h, Hq, Sq, Skv, start_m,
+                               lo, flo, fhi, hi, scale, qk_scale, lo_off, hi_off,
+                               HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                               HAS_ALIBI: gl.constexpr, HAS_DLSE: gl.constexpr,
+                               HALF: gl.constexpr, BLOCK_N: gl.constexpr,
+                               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
+                                                     k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+
+        # delta = rowsum(dO * O), less the lse gradient (d lse_i / d s_ij = p_ij folds into it),
+        # and lse2 = lse * log2(e) with +inf where no key is visible (every p is then 0); both
+        # stored for the dK/dV kernel, as the Triton dQ kernel does.
+        rows_io = start_m + c * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, io_layout))
+        offs_io = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io_layout))
+        m_io = (gl.expand_dims(rows_io, 1) < Sq) & (gl.expand_dims(offs_io, 0) < HEAD_DIM)
+        r64 = gl.expand_dims(rows_io.to(gl.int64), 1)
+        o = gl.load(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+                    + r64 * stride_om + gl.expand_dims(offs_io, 0), mask=m_io, other=0.0)
+        do = gl.load(DO + b.to(gl.int64) * stride_dob + h.to(gl.int64) * stride_doh
+                     + r64 * stride_dom + gl.expand_dims(offs_io, 0), mask=m_io, other=0.0)
+        delta = gl.convert_layout(gl.sum(o.to(gl.float32) * do.to(gl.float32), 1), row_layout)
+        rows = start_m + c * HALF + gl.arange(0, HALF, layout=row_layout)
+        row_offs = (b * Hq + h).to(gl.int64) * Sq + rows
+        if HAS_DLSE:
+            delta = delta - gl.load(DLSE + row_offs, mask=rows < Sq, other=0.0)
+        lse = gl.load(LSE + row_offs, mask=rows < Sq, other=float("-inf"))
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        gl.store(DELTA + row_offs, delta, mask=rows < Sq)
+        gl.store(LSE2 + row_offs, lse2, mask=rows < Sq)
+        slope_log2 = 0.0
+        rowv = lse2
+        if HAS_ALIBI:
+            # slope * (j - i) as a column term relative to start_m (in the step) and this row
+            # term, which joins lse2 once for the whole loop.
+            slope_log2 = gl.load(ALIBI + h).to(gl.float32) * 1.4426950408889634
+            rowv = lse2 + slope_log2 * (rows - start_m).to(gl.float32)
+
+        dq = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+        q_s = q_smem.index(c).reshape([HALF, HEAD_DIM])
+        do_s = do_smem.index(c).reshape([HALF, HEAD_DIM])
+        mbarrier.wait(q_bars.index(c), 0)
+        for seg in gl.static_range(3):
+            start = lo if seg == 0 else (flo if seg == 1 else fhi)
+            stop = flo if seg == 0 else (fhi if seg == 1 else hi)
+            for j in range(start, stop):
+                dq = _dq_step(q_s, do_s, k_smem, v_smem, k_bars, v_bars, empty_bars, j - lo, j,
+                              dq, rowv, delta, rows, Skv, qk_scale, slope_log2, start_m, lo_off,
+                              hi_off, seg != 1, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HALF, BLOCK_N,
+                              HEAD_DIM, STAGES, s_layout, a_layout)
+
+        rows_o = gl.convert_layout(rows, gl.SliceLayout(1, acc_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        mask = (gl.expand_dims(rows_o, 1) < Sq) & (gl.expand_dims(offs_d, 0) < HEAD_DIM)
+        DQb = DQ + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
+        gl.store(DQb + gl.expand_dims(rows_o.to(gl.int64) * stride_dqm, 1)
+                 + gl.expand_dims(offs_d, 0), (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _attn_bwd_dq_sm90_kernel(q_desc, do_desc, k_desc, v_desc, O, DO, LSE, DLSE, LSE2, DELTA,
+                                 DQ, ALIBI, stride_ob, stride_oh, stride_om, stride_dob,
+                                 stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm, Hq,
+                                 GROUP, Sq, Skv, scale, qk_scale, lo_off, hi_off,
+                                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                                 HAS_ALIBI: gl.constexpr, HAS_DLSE: gl.constexpr,
+                                 STAGES: gl.constexpr, MMA_REGS: gl.constexpr):
+        HALF: gl.constexpr = q_desc.block_type.shape[2]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+        (start_m, h, b, hk, lo, flo, fhi, hi, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
+         empty_bars) = _query_program(q_desc, k_desc, v_desc, GROUP, Sq, Skv, lo_off, hi_off,
+                                      HAS_LEFT, HAS_RIGHT, STAGES)
+        # dO's halves arrive with the query's, on the same barriers.
+        do_smem = gl.allocate_shared_memory(do_desc.dtype, [2, 1, 1, HALF, HEAD_DIM],
+                                            do_desc.layout)
+
+        # Loader as the default partition, consumers as workers (see the dK/dV kernel).
+        gl.warp_specialize([
+            (_load_partition, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem,
+                               q_bars, k_bars, v_bars, empty_bars, b, h, hk, start_m, lo, hi,
+                               HALF, BLOCK_N, STAGES, True)),
+            (_dq_consumer_partition, (0, q_smem, do_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
+                                      empty_bars, O, DO, LSE, DLSE, LSE2, DELTA, DQ, ALIBI,
+                                      stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
+                                      stride_dom, stride_dqb, stride_dqh, stride_dqm, b, h, Hq,
+                                      Sq, Skv, start_m, lo, flo, fhi, hi, scale, qk_scale,
+                                      lo_off, hi_off, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DLSE,
+                                      HALF, BLOCK_N, HEAD_DIM, STAGES)),
+            (_dq_consumer_partition, (1, q_smem, do_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
+                                      empty_bars, O, DO, LSE, DLSE, LSE2, DELTA, DQ, ALIBI,
+                                      stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
+                                      stride_dom, stride_dqb, stride_dqh, stride_dqm, b, h, Hq,
+                                      Sq, Skv, start_m, lo, flo, fhi, hi, scale, qk_scale,
+                                      lo_off, hi_off, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DLSE,
+                                      HALF, BLOCK_N, HEAD_DIM, STAGES)),
+        ], [4, 4], [MMA_REGS, MMA_REGS])
+
+
+def _warn_once(current, exc: BaseException, what: str, fallback: str) -> BaseException:
+    if current is None:
+        warnings.warn(f"rewriter: the Gluon Hopper attention {what} failed "
+                      f"({type(exc).__name__}: {exc}); using the Triton {fallback} from now on",
+                      RuntimeWarning, stacklevel=4)
+    return exc
+
+
 def disable(exc: BaseException) -> None:
     """Stop using this kernel in this process after ``exc`` (the caller falls back to the Triton
     forward); warns once, naming the error."""
     global DISABLED
-    if DISABLED is None:
-        warnings.warn(f"rewriter: the Gluon Hopper attention forward failed ({type(exc).__name__}: "
-                      f"{exc}); using the Triton forward from now on", RuntimeWarning, stacklevel=3)
-    DISABLED = exc
+    DISABLED = _warn_once(DISABLED, exc, "forward", "forward")
 
 
 BACKWARD_DISABLED = None
+DQ_DISABLED = None
 
 
 def disable_backward(exc: BaseException) -> None:
     """As :func:`disable`, for the dK/dV kernel (the Triton one answers from then on)."""
     global BACKWARD_DISABLED
-    if BACKWARD_DISABLED is None:
-        warnings.warn(f"rewriter: the Gluon Hopper attention backward failed "
-                      f"({type(exc).__name__}: {exc}); using the Triton dK/dV kernel from now on",
-                      RuntimeWarning, stacklevel=3)
-    BACKWARD_DISABLED = exc
+    BACKWARD_DISABLED = _warn_once(BACKWARD_DISABLED, exc, "backward", "dK/dV kernel")
+
+
+def disable_dq(exc: BaseException) -> None:
+    """As :func:`disable`, for the dQ kernel."""
+    global DQ_DISABLED
+    DQ_DISABLED = _warn_once(DQ_DISABLED, exc, "dQ kernel", "dQ kernel")
 
 
 def _stages(head_dim: int) -> int:
@@ -614,3 +806,30 @@ def attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, scale: float,
         HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_ALIBI=alibi_slopes is not None,
         STAGES=2 if D > 64 else 4, MMA_REGS=240, num_warps=4)
     return dk, dv
+
+
+_DQ_BLOCK_N = 64  # keys per step of the dQ kernel (query rows per consumer: _HALF)
+
+
+def attention_backward_dq_sm90(q, k, v, out, do, lse, grad_lse, dq, lse2, delta, scale: float,
+                               has_left: bool, has_right: bool, lo_off: int, hi_off: int,
+                               alibi_slopes: Optional[torch.Tensor] = None):
+    """dQ into ``dq`` (any strides), and ``delta`` and ``lse2`` (both (B, Hq, Sq) fp32, written
+    here as the Triton dQ kernel writes them, for the dK/dV kernel that runs next), from the
+    forward's ``out`` and ``lse`` (natural log; ``grad_lse`` its gradient or None)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    alibi = lse if alibi_slopes is None else alibi_slopes.contiguous()
+    dlse = lse if grad_lse is None else grad_lse
+    grid = (-(-Sq // (2 * _HALF)), Hq, B)
+    # Shared memory: query and dO halves (32 KB each at D = 128) and per stage a 64-key block of
+    # K and of V (32 KB): four stages fit at D = 128.
+    _attn_bwd_dq_sm90_kernel[grid](
+        _descriptor(q, _HALF), _descriptor(do, _HALF), _descriptor(k, _DQ_BLOCK_N),
+        _descriptor(v, _DQ_BLOCK_N), out, do, lse.contiguous(), dlse.contiguous(), lse2, delta,
+        dq, alibi, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1),
+        do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), Hq, Hq // Hkv, Sq, Skv, scale,
+        scale * _LOG2E, lo_off, hi_off, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+        HAS_ALIBI=alibi_slopes is not None, HAS_DLSE=grad_lse is not None, STAGES=4,
+        MMA_REGS=240, num_warps=4)
+    return dq

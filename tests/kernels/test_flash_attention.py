@@ -665,13 +665,21 @@ def test_gpu_sm90_runs_in_training_and_gradients_match(monkeypatch):
     real = sm90.attention_forward_sm90
     monkeypatch.setattr(sm90, "attention_forward_sm90",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    dq_calls = []
+    real_dq = sm90.attention_backward_dq_sm90
+    monkeypatch.setattr(sm90, "attention_backward_dq_sm90",
+                        lambda *a, **kw: dq_calls.append(1) or real_dq(*a, **kw))
     q, k, v = _inputs(1, 8, 4, 2048, 2048, 128, dtype=torch.bfloat16)
     monkeypatch.setattr(sm90, "DISABLED", None)
+    monkeypatch.setattr(sm90, "DQ_DISABLED", None)
+    monkeypatch.setattr(fa_mod, "DQ_KERNEL", "auto")
     out = flash_attention(q, k, v, causal=True)
     assert calls, "the Gluon forward did not run for a causal D=128 S=2048 call"
     assert sm90.DISABLED is None, "the Gluon forward failed and fell back"
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
+    # The library's own choice (auto) takes the Gluon dQ kernel here as well.
+    assert dq_calls and sm90.DQ_DISABLED is None, "the Gluon dQ kernel did not run"
     ref_out, _, ref_grads = _reference_with_grads(q, k, v, g, None, causal=True)
     assert _rel(out, ref_out) < 1e-2
     for x, r in zip(grads, ref_grads):
@@ -722,23 +730,19 @@ SM90_BWD_CASES = [
 ]
 
 
-def _grads_with(mode, q, k, v, kw, seed=1):
-    saved = fa_mod.BACKWARD_KERNEL
-    fa_mod.BACKWARD_KERNEL = mode
+def _grads_with(mode, q, k, v, kw, seed=1, dq="triton"):
+    """Forward and backward with the dK/dV kernel ``mode`` and the dQ kernel ``dq``."""
+    saved = fa_mod.BACKWARD_KERNEL, fa_mod.DQ_KERNEL
+    fa_mod.BACKWARD_KERNEL, fa_mod.DQ_KERNEL = mode, dq
     try:
         out, lse = _op(q, k, v, **kw)
         grads, g, gl = _grads(out, lse, (q, k, v), seed=seed)
     finally:
-        fa_mod.BACKWARD_KERNEL = saved
+        fa_mod.BACKWARD_KERNEL, fa_mod.DQ_KERNEL = saved
     return out, lse, grads, g, gl
 
 
-@pytest.mark.gpu
-@needs_sm90
-@pytest.mark.parametrize("case", SM90_BWD_CASES, ids=[str(i) for i in range(len(SM90_BWD_CASES))])
-def test_gpu_sm90_backward_matches_reference(case, monkeypatch):
-    """dK and dV from the Gluon kernel against float64, next to the Triton kernel's error (with a
-    gradient on the log-sum-exp too, which enters through delta)."""
+def _bwd_case_inputs(case):
     B, Hq, Hkv, Sq, Skv, D, causal, align, window, alibi, layout, dt = case
     g = torch.Generator().manual_seed(0)
 
@@ -749,24 +753,38 @@ def test_gpu_sm90_backward_matches_reference(case, monkeypatch):
             t = torch.randn(B, h, s, D, generator=g).to(DEVICE, dt)
         return t.requires_grad_()
 
-    q, k, v = mk(Hq, Sq), mk(Hkv, Skv), mk(Hkv, Skv)
     kw = dict(causal=causal, causal_align=align, window=window,
               alibi_slopes=_slopes(Hq) if alibi else None)
+    return mk(Hq, Sq), mk(Hkv, Skv), mk(Hkv, Skv), kw
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("kind", ["dkdv", "dq"])
+@pytest.mark.parametrize("case", SM90_BWD_CASES, ids=[str(i) for i in range(len(SM90_BWD_CASES))])
+def test_gpu_sm90_backward_matches_reference(case, kind, monkeypatch):
+    """The Gluon backward kernels against float64, next to the Triton kernels' error, with a
+    gradient on the log-sum-exp too (it enters through delta). "dkdv": the Gluon dK/dV kernel
+    after the Triton dQ kernel. "dq": both Gluon kernels, so dK and dV also check the delta and
+    lse2 that the Gluon dQ kernel wrote."""
+    q, k, v, kw = _bwd_case_inputs(case)
     calls = []
-    real = sm90.attention_backward_dkdv_sm90
-    monkeypatch.setattr(sm90, "attention_backward_dkdv_sm90",
-                        lambda *a, **k_: calls.append(1) or real(*a, **k_))
+    launcher = "attention_backward_dq_sm90" if kind == "dq" else "attention_backward_dkdv_sm90"
+    real = getattr(sm90, launcher)
+    monkeypatch.setattr(sm90, launcher, lambda *a, **k_: calls.append(1) or real(*a, **k_))
+    monkeypatch.setattr(sm90, "DQ_DISABLED", None)
     monkeypatch.setattr(sm90, "BACKWARD_DISABLED", None)
-    _, _, ours, go, gl = _grads_with("gluon", q, k, v, kw)
-    assert calls, "the Gluon dK/dV kernel did not run"
-    assert sm90.BACKWARD_DISABLED is None, "the Gluon dK/dV kernel failed and fell back"
-    _, _, tri, _, _ = _grads_with("triton", q, k, v, kw)
+    _, _, ours, go, gl = _grads_with("gluon", q, k, v, kw,
+                                     dq="gluon" if kind == "dq" else "triton")
+    assert calls, f"the Gluon {kind} kernel did not run"
+    assert sm90.DQ_DISABLED is None and sm90.BACKWARD_DISABLED is None, "a Gluon kernel fell back"
+    _, _, tri, _, _ = _grads_with("triton", q, k, v, kw, dq="triton")
     assert len(calls) == 1
     _, _, ref = _reference_with_grads(q, k, v, go, gl, **kw)
     for name, x, t, r in zip(("dq", "dk", "dv"), ours, tri, ref):
         assert torch.isfinite(x).all(), name
         # dK's bound is the one these cases passed under on the H100 (2x; a tighter one has not
-        # been run); dV and dQ (the Triton dQ kernel) get the forward's 1.5x.
+        # been run); dV and dQ get the forward's 1.5x.
         factor = 2.0 if name == "dk" else 1.5
         assert _rel(x, r) <= factor * _rel(t, r) + 1e-4, (name, _rel(x, r), _rel(t, r))
 
@@ -783,29 +801,48 @@ def test_gpu_sm90_backward_refuses_what_it_lacks():
     assert not sm90.supported_backward(q, q, q, q.half())
 
 
-def test_sm90_backward_failure_falls_back_to_triton(monkeypatch):
-    """A Gluon dK/dV launch that raises never reaches the user: the Triton kernel answers, one
-    warning names the error, and later backwards do not try the Gluon kernel again."""
+@pytest.mark.parametrize("kind,launcher,flag", [
+    ("dkdv", "attention_backward_dkdv_sm90", "BACKWARD_DISABLED"),
+    ("dq", "attention_backward_dq_sm90", "DQ_DISABLED")])
+def test_sm90_backward_failure_falls_back_to_triton(monkeypatch, kind, launcher, flag):
+    """A Gluon dK/dV or dQ launch that raises never reaches the user: the Triton kernel answers,
+    one warning names the error, and later backwards do not try that Gluon kernel again."""
     calls = []
 
     def broken(*a, **kw):
         calls.append(1)
-        raise RuntimeError("simulated Gluon backward failure")
+        raise RuntimeError(f"simulated Gluon {kind} failure")
 
-    monkeypatch.setattr(sm90, "BACKWARD_DISABLED", None)
-    monkeypatch.setattr(sm90, "attention_backward_dkdv_sm90", broken)
-    monkeypatch.setattr(fa_mod, "_use_sm90_backward", lambda *a: sm90.BACKWARD_DISABLED is None)
+    monkeypatch.setattr(sm90, flag, None)
+    monkeypatch.setattr(sm90, launcher, broken)
+    monkeypatch.setattr(fa_mod, "_use_sm90_backward",
+                        lambda k_, *a: k_ == kind and getattr(sm90, flag) is None)
     q, k, v = _inputs(1, 2, 2, 40, 40, 32)
     out, lse = _op(q, k, v, scale=0.2, causal=True)
-    with pytest.warns(RuntimeWarning, match="simulated Gluon backward failure"):
+    with pytest.warns(RuntimeWarning, match=f"simulated Gluon {kind} failure"):
         grads, g, gl = _grads(out, lse, (q, k, v))
     _, _, ref = _reference_with_grads(q, k, v, g, gl, scale=0.2, causal=True)
     for x, r in zip(grads, ref):
         assert _rel(x, r) < FP32_TOL
-    assert isinstance(sm90.BACKWARD_DISABLED, RuntimeError)
+    assert isinstance(getattr(sm90, flag), RuntimeError)
     out, lse = _op(q, k, v, scale=0.2, causal=True)
     _grads(out, lse, (q, k, v))
     assert len(calls) == 1
+
+
+def test_sm90_dq_choice_rule():
+    choice = fa_mod._sm90_dq_choice
+    # (mode, head_dim, has_alibi, has_left, has_right, bf16, sq, skv)
+    assert choice("gluon", 64, False, True, False, False, 1, 1)
+    assert not choice("triton", 128, True, False, True, True, 4096, 4096)
+    assert choice("auto", 128, True, False, True, True, 4096, 4096)     # causal ALiBi: 1.03x
+    assert choice("auto", 128, False, False, True, True, 4096, 4096)    # causal: 1.03x
+    assert not choice("auto", 128, False, True, True, True, 4096, 4096)  # the window loses
+    for untimed in ((64, False, False, True, True, 4096, 4096), (128, False, False, False, True,
+                    4096, 4096), (128, False, False, True, False, 4096, 4096),
+                    (128, False, False, True, True, 1024, 1024),
+                    (128, False, False, True, True, 2048, 4096)):
+        assert not choice("auto", *untimed)
 
 
 def test_sm90_backward_choice_rule():
