@@ -343,6 +343,26 @@ if HAVE_GLUON:
                                                 do_bars.index(s), do_smem.index(s))
 
     @gluon.jit
+    def _score_products(a_s, b_ring, b_bars, a2_s, b2_ring, b2_bars, s, phase,
+                        ROWS: gl.constexpr, COLS: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        s_layout: gl.constexpr):
+        """``a_s b^T`` and ``a2_s b2^T``, b and b2 the rings' stage ``s`` once its copies land,
+        issued together so the second runs under whatever follows the wait for the first (the
+        exponentials, in both backward kernels). Returns both results (the second still in
+        flight) and the two stage views."""
+        mbarrier.wait(b_bars.index(s), phase)
+        b_s = b_ring.index(s).reshape([COLS, HEAD_DIM])
+        x = warpgroup_mma(a_s, b_s.permute((1, 0)), gl.zeros([ROWS, COLS], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+        mbarrier.wait(b2_bars.index(s), phase)
+        b2_s = b2_ring.index(s).reshape([COLS, HEAD_DIM])
+        y = warpgroup_mma(a2_s, b2_s.permute((1, 0)),
+                          gl.zeros([ROWS, COLS], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+        x = warpgroup_mma_wait(1, deps=[x])
+        return x, y, b_s, b2_s
+
+    @gluon.jit
     def _bwd_step(k_s, v_s, q_smem, do_smem, q_bars, do_bars, empty_bars, i, j, dk, dv, cols,
                   colb, LSE2h, DELTAh, Sq, qk_scale, slope_log2, start_n, lo_off, hi_off,
                   MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
@@ -360,17 +380,8 @@ if HAVE_GLUON:
         phase = (i // STAGES) & 1
         rows = j * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         lse2 = gl.load(LSE2h + rows, mask=rows < Sq, other=float("inf"))
-        mbarrier.wait(q_bars.index(s), phase)
-        q_s = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        sT = warpgroup_mma(k_s, q_s.permute((1, 0)),
-                           gl.zeros([HALF, BLOCK_M], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-        mbarrier.wait(do_bars.index(s), phase)
-        do_s = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        dpT = warpgroup_mma(v_s, do_s.permute((1, 0)),
-                            gl.zeros([HALF, BLOCK_M], gl.float32, s_layout),
-                            use_acc=False, is_async=True)
-        sT = warpgroup_mma_wait(1, deps=[sT])
+        sT, dpT, q_s, do_s = _score_products(k_s, q_smem, q_bars, v_s, do_smem, do_bars, s, phase,
+                                             HALF, BLOCK_M, HEAD_DIM, s_layout)
         if HAS_ALIBI:
             # slope * (j - i) split into a column and a row term, each relative to start_n.
             rowv = lse2 + slope_log2 * (rows - start_n).to(gl.float32)
@@ -531,17 +542,8 @@ if HAVE_GLUON:
         # row part) are per consumer, not per step: ``rowv``.
         s = i % STAGES
         phase = (i // STAGES) & 1
-        mbarrier.wait(k_bars.index(s), phase)
-        k_s = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
-        qk = warpgroup_mma(q_s, k_s.permute((1, 0)),
-                           gl.zeros([HALF, BLOCK_N], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-        mbarrier.wait(v_bars.index(s), phase)
-        v_s = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
-        dp = warpgroup_mma(do_s, v_s.permute((1, 0)),
-                           gl.zeros([HALF, BLOCK_N], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-        qk = warpgroup_mma_wait(1, deps=[qk])
+        qk, dp, k_s, v_s = _score_products(q_s, k_smem, k_bars, do_s, v_smem, v_bars, s, phase,
+                                           HALF, BLOCK_N, HEAD_DIM, s_layout)
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         if HAS_ALIBI:
             colb = slope_log2 * (cols - start_m).to(gl.float32)
