@@ -5,8 +5,8 @@ B*S = 16k tokens, H = 16, D = 64 / 128 (rows chosen by --rows), all in one proce
     PYTHONPATH=. python benchmarks/attention_sm90.py [--out results/attention_sm90_<dev>.md]
         [--rows 128:4096:causal,...] [--bwd-rows 128:4096:alibi,...] [--skip-check]
 
-``--bwd-rows`` adds forward+backward through the library op with the Gluon dK/dV kernel
-against the Triton one (FlexAttention and SDPA beside them).
+``--bwd-rows`` adds forward+backward through the library op with each pair of dQ and dK/dV
+kernels (Gluon or Triton) and the library's own choice (FlexAttention and SDPA beside them).
 """
 import argparse
 import math

@@ -46,9 +46,10 @@ benchmarks/results/attention_nvidia-h200_quick.md): causal forward 0.82-0.85x of
 soft-capping, 1.1-2.1x FlexAttention in GPU time and 2.5-6.7x SDPA given the materialized bias.
 Forward launches one kernel and backward two; a call whose GPU time is well under a
 millisecond is bound by host launch overhead on a slow host (CUDA graphs remove it). On Hopper
-(sm_90) the forward of the common variants (plain, causal, right-bounded windows; bf16/fp16; head
-dims 64 and 128) can run a warp-specialized Gluon kernel instead
-(:mod:`rewriter.kernels.flash_attention_sm90`); :func:`_sm90_choice` says where it does.
+(sm_90) the forward and the two backward kernels (dQ, dK/dV) of the common variants (plain,
+causal, windows, ALiBi; bf16/fp16; head dims 64 and 128) can run warp-specialized Gluon kernels
+instead (:mod:`rewriter.kernels.flash_attention_sm90`); :func:`_sm90_choice`,
+:func:`_sm90_dq_choice` and :func:`_sm90_backward_choice` say where they do.
 
 Example::
 

@@ -1416,8 +1416,6 @@ class NVFP4GemmConfig:
     maxnreg: int = 0  # mma: register cap per thread (0: the compiler's choice; lower caps spill, more warps fit)
 
 
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

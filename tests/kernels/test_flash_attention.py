@@ -711,7 +711,8 @@ def test_sm90_failure_falls_back_to_triton(monkeypatch):
     assert len(calls) == 1 and torch.equal(out, out2)
 
 
-# The Gluon Hopper dK/dV kernel (flash_attention_sm90.attention_backward_dkdv_sm90).
+# The Gluon Hopper backward kernels (flash_attention_sm90.attention_backward_dq_sm90 and
+# attention_backward_dkdv_sm90).
 SM90_BWD_CASES = [
     # B, Hq, Hkv, Sq, Skv, D, causal, align, window, alibi, layout, dtype
     (2, 4, 4, 256, 256, 128, True, "top_left", None, False, "bhsd", torch.bfloat16),
