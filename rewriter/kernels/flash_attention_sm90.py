@@ -65,6 +65,19 @@ _HEAD_DIMS = (64, 128)
 
 
 if HAVE_GLUON:
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language._core import builtin as _builtin
+
+    @_builtin
+    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        """TMA reduce-add of the shared-memory tile ``src`` into ``tensor_desc`` at ``coord``
+        (cp.reduce.async.bulk.tensor ... .add); completion as for a TMA store (store_wait)."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD,
+                                                  tensor_desc.handle, coord, src.handle)
+
+
+if HAVE_GLUON:
 
     @gluon.jit
     def _kv_blocks(start_m, Sq, Skv, lo_off, hi_off, BLOCK_M: gl.constexpr,
@@ -690,7 +703,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fused_step(k_s, v_s, k0_s, k1_s, q_smem, do_smem, ds_smem, q_bars, do_bars, empty_bars,
-                    ds_bars, c, i, j, dk, dv, cols, colb, LSE2h, DELTAh, DQACCh, Sq, qk_scale,
+                    ds_bars, c, i, j, dk, dv, cols, colb, LSE2h, DELTAh, dqacc_desc, dq_smem, b, h, Sq,
+                    qk_scale,
                     slope_log2, start_n, lo_off, hi_off, MASKED: gl.constexpr,
                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_ALIBI: gl.constexpr,
                     BLOCK_M: gl.constexpr, HALF: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -745,18 +759,22 @@ if HAVE_GLUON:
             dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv, dk, q_s, do_s])
         mbarrier.arrive(empty_bars.index(s))
         if DQ_MODE == 0:
-            red_layout: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
-            dq = gl.convert_layout(dq, red_layout)
-            qrows = j * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, red_layout))
-            dcols = c * (HEAD_DIM // 2) + gl.arange(0, HEAD_DIM // 2,
-                                                     layout=gl.SliceLayout(0, red_layout))
-            offs = gl.expand_dims(qrows * HEAD_DIM, 1) + gl.expand_dims(dcols, 0)
-            gl.atomic_add(DQACCh + offs, dq, mask=gl.expand_dims(qrows, 1) < Sq, sem="relaxed")
+            # dQ's share through this consumer's staging buffer: wait until the bulk reduction
+            # of the previous step has read it, fill it, then one TMA reduce-add into the fp32
+            # accumulator (rows past Sq are clipped by the copy engine).
+            tma.store_wait(0)
+            gl.thread_barrier()
+            stage = dq_smem.index(c)
+            stage.reshape([BLOCK_M, HEAD_DIM // 2]).store(dq)
+            fence_async_shared()
+            gl.thread_barrier()
+            _tma_reduce_add(dqacc_desc, [b, h, j * BLOCK_M, c * (HEAD_DIM // 2)], stage)
         return dk, dv
 
     @gluon.jit
-    def _fused_consumer_partition(c, k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_bars,
-                                  do_bars, empty_bars, ds_bars, DK, DV, LSE2, DELTA, DQACC,
+    def _fused_consumer_partition(c, k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar,
+                                  q_bars, do_bars, empty_bars, ds_bars, DK, DV, LSE2, DELTA,
+                                  dqacc_desc,
                                   ALIBI, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
                                   stride_dvh, stride_dvn, b, hk, Hq, GROUP, Sq, Skv, start_n, lo,
                                   flo, fhi, hi, scale, qk_scale, lo_off, hi_off,
@@ -789,7 +807,6 @@ if HAVE_GLUON:
             bh = (b * Hq + h).to(gl.int64)
             LSE2h = LSE2 + bh * Sq
             DELTAh = DELTA + bh * Sq
-            DQACCh = DQACC + bh * Sq * HEAD_DIM
             slope_log2 = 0.0
             colb = cols.to(gl.float32)
             if HAS_ALIBI:
@@ -802,9 +819,10 @@ if HAVE_GLUON:
                     dk, dv = _fused_step(
                         k_s, v_s, k0_s, k1_s, q_smem, do_smem, ds_smem, q_bars, do_bars, empty_bars,
                         ds_bars, c, g * n + j - lo, j, dk, dv, cols, colb, LSE2h, DELTAh,
-                        DQACCh, Sq, qk_scale, slope_log2, start_n, lo_off, hi_off, seg != 1,
+                        dqacc_desc, dq_smem, b, h, Sq, qk_scale, slope_log2, start_n, lo_off, hi_off, seg != 1,
                         HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF, HEAD_DIM, STAGES,
                         s_layout, a_layout, dq_layout, DQ_MODE)
+        tma.store_wait(0)
         keys = start_n + c * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
         mask = (gl.expand_dims(keys, 1) < Skv) & (gl.expand_dims(offs_d, 0) < HEAD_DIM)
@@ -817,7 +835,8 @@ if HAVE_GLUON:
                  dv.to(DV.dtype.element_ty), mask=mask)
 
     @gluon.jit
-    def _attn_bwd_fused_sm90_kernel(q_desc, do_desc, k_desc, v_desc, DK, DV, LSE2, DELTA, DQACC,
+    def _attn_bwd_fused_sm90_kernel(q_desc, do_desc, k_desc, v_desc, DK, DV, LSE2, DELTA,
+                                    dqacc_desc,
                                     ALIBI, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
                                     stride_dvh, stride_dvn, Hq, GROUP, Sq, Skv, scale, qk_scale,
                                     lo_off, hi_off, HAS_LEFT: gl.constexpr,
@@ -844,6 +863,8 @@ if HAVE_GLUON:
                                             do_desc.layout)
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
         ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_DIM // 2],
+                                            dqacc_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -861,16 +882,16 @@ if HAVE_GLUON:
             (_bwd_load_partition, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem,
                                    v_smem, kv_bar, q_bars, do_bars, empty_bars, b, hk, GROUP,
                                    start_n, lo, hi, HALF, BLOCK_M, STAGES)),
-            (_fused_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar,
-                                         q_bars, do_bars, empty_bars, ds_bars, DK, DV, LSE2,
-                                         DELTA, DQACC, ALIBI, stride_dkb, stride_dkh,
+            (_fused_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem,
+                                         kv_bar, q_bars, do_bars, empty_bars, ds_bars, DK, DV,
+                                         LSE2, DELTA, dqacc_desc, ALIBI, stride_dkb, stride_dkh,
                                          stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk,
                                          Hq, GROUP, Sq, Skv, start_n, lo, flo, fhi, hi, scale,
                                          qk_scale, lo_off, hi_off, HAS_LEFT, HAS_RIGHT,
                                          HAS_ALIBI, BLOCK_M, HALF, HEAD_DIM, STAGES, DQ_MODE)),
-            (_fused_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar,
-                                         q_bars, do_bars, empty_bars, ds_bars, DK, DV, LSE2,
-                                         DELTA, DQACC, ALIBI, stride_dkb, stride_dkh,
+            (_fused_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem,
+                                         kv_bar, q_bars, do_bars, empty_bars, ds_bars, DK, DV,
+                                         LSE2, DELTA, dqacc_desc, ALIBI, stride_dkb, stride_dkh,
                                          stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk,
                                          Hq, GROUP, Sq, Skv, start_n, lo, flo, fhi, hi, scale,
                                          qk_scale, lo_off, hi_off, HAS_LEFT, HAS_RIGHT,
@@ -947,14 +968,18 @@ def _tma_ok(t: torch.Tensor) -> bool:
 _LAYOUTS = {}
 
 
-def _descriptor(t: torch.Tensor, rows: int):
-    key = (t.dtype, rows, t.shape[-1])
+_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def _descriptor(t: torch.Tensor, rows: int, cols: Optional[int] = None):
+    cols = t.shape[-1] if cols is None else cols
+    key = (t.dtype, rows, cols)
     layout = _LAYOUTS.get(key)
     if layout is None:
-        gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, t.shape[-1]], gdt)
+        gdt = getattr(gl, _GL_DTYPES[t.dtype])
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, cols], gdt)
         _LAYOUTS[key] = layout
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]], layout)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols], layout)
 
 
 def attention_forward_sm90(q, k, v, scale: float, has_left: bool, has_right: bool, lo_off: int,
@@ -1029,7 +1054,8 @@ def attention_backward_fused_sm90(q, k, v, do, lse2, delta, dq_acc, dk, dv, scal
     grid = (-(-Skv // (2 * _BWD_HALF)), Hkv, B)
     _attn_bwd_fused_sm90_kernel[grid](
         _descriptor(q, _BWD_BLOCK_M), _descriptor(do, _BWD_BLOCK_M), _descriptor(k, _BWD_HALF),
-        _descriptor(v, _BWD_HALF), dk, dv, lse2, delta, dq_acc, alibi,
+        _descriptor(v, _BWD_HALF), dk, dv, lse2, delta, _descriptor(dq_acc, _BWD_BLOCK_M, D // 2),
+        alibi,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         Hq, Hq // Hkv, Sq, Skv, scale, scale * _LOG2E, lo_off, hi_off,
         HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_ALIBI=alibi_slopes is not None,
