@@ -868,54 +868,6 @@ def _attn_bwd_dq_kernel(
              mask=(rows[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))
 
 
-
-# The one-pass backward (flash_attention_sm90's fused kernel) adds dQ into an fp32 accumulator:
-# this kernel prepares its inputs (delta and lse2 as the dQ kernel writes them, the accumulator
-# zeroed), and the next one turns the accumulator into dQ.
-@triton.jit
-def _attn_bwd_prep_kernel(O, DO, LSE, DLSE, LSE2, DELTA, DQACC,
-                          stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                          Hq, Sq, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr,
-                          BLOCK_M: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                   + rows[:, None] * stride_om + offs_d[None, :], rows, Sq, offs_d,
-                   True, HEAD_DIM, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                    + rows[:, None] * stride_dom + offs_d[None, :], rows, Sq, offs_d,
-                    True, HEAD_DIM, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row_offs = (b * Hq + h).to(tl.int64) * Sq + rows
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + row_offs, mask=rows < Sq, other=0.0)
-    lse = tl.load(LSE + row_offs, mask=rows < Sq, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
-    tl.store(DELTA + row_offs, delta, mask=rows < Sq)
-    tl.store(LSE2 + row_offs, lse2, mask=rows < Sq)
-    tl.store(DQACC + row_offs[:, None] * HEAD_DIM + offs_d[None, :],
-             tl.zeros((BLOCK_M, HEAD_DIM), tl.float32), mask=rows[:, None] < Sq)
-
-
-@triton.jit
-def _dq_from_acc_kernel(DQACC, DQ, stride_dqb, stride_dqh, stride_dqm, Hq, Sq, scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_offs = (b * Hq + h).to(tl.int64) * Sq + rows
-    acc = tl.load(DQACC + row_offs[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=rows[:, None] < Sq, other=0.0)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + rows[:, None] * stride_dqm + offs_d[None, :],
-             _cast(acc * scale, DQ.dtype.element_ty), mask=rows[:, None] < Sq)
-
-
 @triton.jit
 def _dropout_mask_kernel(SEED, OUT, Sq, Skv, dropout_p, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -1037,7 +989,7 @@ def _sm90_backward_choice(mode: str, head_dim: int, has_alibi: bool, has_left: b
     and so does what was not timed (non-causal ALiBi, fp16, Sq != Skv; the GPU tests cover
     those shapes for correctness, including key blocks that no query sees).
     """
-    if mode in ("gluon", "fused"):
+    if mode == "gluon":
         return True
     if mode != "auto":
         return False
@@ -1131,24 +1083,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out, lse
 
 
-def _fused_backward(q, k, v, out, do, lse, dlse, dq, dk, dv, lse2, delta, scale, meta, s, alibi):
-    """The one-pass backward: delta, lse2 and a zeroed fp32 dQ accumulator, the Gluon kernel
-    (dK, dV, dQ added in), then dQ from the accumulator."""
-    B, Hq, Sq, D = q.shape
-    dq_acc = torch.empty((B, Hq, Sq, D), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(Sq, 64), Hq, B)
-    _attn_bwd_prep_kernel[grid](
-        out, do, lse.contiguous(), dlse, lse2, delta, dq_acc,
-        out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        Hq, Sq, HEAD_DIM=D, HAS_DLSE=dlse is not None, BLOCK_M=64, num_warps=4)
-    _sm90.attention_backward_fused_sm90(q, k, v, do, lse2, delta, dq_acc, dk, dv, scale,
-                                        meta["HAS_LEFT"], meta["HAS_RIGHT"], s["lo_off"],
-                                        s["hi_off"], alibi_slopes=alibi)
-    _dq_from_acc_kernel[grid](dq_acc, dq, dq.stride(0), dq.stride(1), dq.stride(2), Hq, Sq,
-                              scale, HEAD_DIM=D, BLOCK_M=64, num_warps=4)
-    return dq, dk, dv
-
-
 def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
                        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, scale: float, causal: bool, causal_align: str,
@@ -1173,13 +1107,6 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
     pad_stride = 0 if pad is None else pad.stride(0)
     tail = (s["Hq"], s["GROUP"], Sq, Skv, s["SQ_KEY"], s["SKV_KEY"], scale, s["qk_scale"],
             s["cap_log2"], s["cap_inv_scale"], s["lo_off"], s["hi_off"], s["dropout_p"])
-    if (BACKWARD_KERNEL == "fused"
-            and _use_sm90_backward("dkdv", q, k, v, do, meta, alibi, softcap, pad, dropout_p)):
-        try:
-            return _fused_backward(q, k, v, out, do, lse, dlse, dq, dk, dv, lse2, delta, scale,
-                                   meta, s, alibi)
-        except Exception as exc:
-            _sm90.disable_backward(exc)
     # dQ first: it writes delta and lse2, which the dK/dV kernel reads.
     gluon_dq = _use_sm90_backward("dq", q, k, v, do, meta, alibi, softcap, pad, dropout_p)
     if gluon_dq:

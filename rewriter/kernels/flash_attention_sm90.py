@@ -40,7 +40,6 @@ try:  # Gluon ships with Triton >= 3.5; without it this module reports itself un
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -51,8 +50,7 @@ except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 __all__ = ["HAVE_GLUON", "supported", "attention_forward_sm90", "supported_backward",
-           "attention_backward_dkdv_sm90", "attention_backward_dq_sm90",
-           "attention_backward_fused_sm90", "disable",
+           "attention_backward_dkdv_sm90", "attention_backward_dq_sm90", "disable",
            "disable_backward", "disable_dq"]
 
 # Set when a launch failed: the caller then uses its Triton forward for the rest of the process.
@@ -62,19 +60,6 @@ _LOG2E = 1.4426950408889634
 _HALF = 64  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
 _BLOCK_N = 128
 _HEAD_DIMS = (64, 128)
-
-
-if HAVE_GLUON:
-    from triton._C.libtriton import ir as _ir
-    from triton.experimental.gluon.language._core import builtin as _builtin
-
-    @_builtin
-    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
-        """TMA reduce-add of the shared-memory tile ``src`` into ``tensor_desc`` at ``coord``
-        (cp.reduce.async.bulk.tensor ... .add); completion as for a TMA store (store_wait)."""
-        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD,
-                                                  tensor_desc.handle, coord, src.handle)
 
 
 if HAVE_GLUON:
@@ -689,216 +674,6 @@ if HAVE_GLUON:
         ], [4, 4], [MMA_REGS, MMA_REGS])
 
 
-
-if HAVE_GLUON:
-
-    # ----------------------------------------------------------------------------------------
-    # Backward in one pass: dK, dV and dQ. The dK/dV kernel's programs (128 keys, two consumers
-    # of 64 keys each, 64-query steps) also form dQ's share of every step: both consumers put
-    # their half of dS (keys x queries, bf16) into shared memory, and once both halves are there
-    # each computes dS^T K for its half of the head dim (64 queries x 64 columns) and adds it
-    # into an fp32 dQ accumulator in global memory. Five products per block pair instead of the
-    # seven of the two-kernel backward (the dQ kernel recomputes q k^T and dO v^T).
-    # ----------------------------------------------------------------------------------------
-
-    @gluon.jit
-    def _fused_step(k_s, v_s, k0_s, k1_s, q_smem, do_smem, ds_smem, q_bars, do_bars, empty_bars,
-                    ds_bars, c, i, j, dk, dv, cols, colb, LSE2h, DELTAh, dqacc_desc, dq_smem, b, h, Sq,
-                    qk_scale,
-                    slope_log2, start_n, lo_off, hi_off, MASKED: gl.constexpr,
-                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                    BLOCK_M: gl.constexpr, HALF: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    STAGES: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr,
-                    dq_layout: gl.constexpr, DQ_MODE: gl.constexpr):
-        # dS, dK and dV as in _bwd_step; then dQ's share (see above).
-        s = i % STAGES
-        phase = (i // STAGES) & 1
-        rows = j * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        lse2 = gl.load(LSE2h + rows, mask=rows < Sq, other=float("inf"))
-        sT, dpT, q_s, do_s = _score_products(k_s, q_smem, q_bars, v_s, do_smem, do_bars, s, phase,
-                                             HALF, BLOCK_M, HEAD_DIM, s_layout)
-        if HAS_ALIBI:
-            rowv = lse2 + slope_log2 * (rows - start_n).to(gl.float32)
-            pT = gl.exp2(sT * qk_scale + gl.expand_dims(colb, 1) - gl.expand_dims(rowv, 0))
-        else:
-            pT = gl.exp2(sT * qk_scale - gl.expand_dims(lse2, 0))
-        if MASKED:
-            if HAS_LEFT or HAS_RIGHT:
-                c2 = gl.expand_dims(cols, 1)
-                r2 = gl.expand_dims(rows, 0)
-                keep = c2 >= 0
-                if HAS_RIGHT:
-                    keep = keep & (c2 <= r2 + hi_off)
-                if HAS_LEFT:
-                    keep = keep & (c2 >= r2 + lo_off)
-                pT = gl.where(keep, pT, 0.0)
-        delta = gl.load(DELTAh + rows, mask=rows < Sq, other=0.0)
-        dpT, _, _ = warpgroup_mma_wait(0, deps=[dpT, k_s, v_s])
-        pT16 = gl.convert_layout(pT.to(q_s.dtype), a_layout)
-        dsT_lo = (pT * (dpT - gl.expand_dims(delta, 0))).to(q_s.dtype)
-        # This consumer's half of dS into the step's buffer (two buffers, alternating by step:
-        # a consumer reaches step i + 2 only after the other has arrived at step i + 1, that is
-        # after its step-i product from this buffer has completed).
-        buf = i % 2
-        ds_smem.index(buf).slice(c * HALF, HALF, dim=0).store(dsT_lo)
-        fence_async_shared()
-        mbarrier.arrive(ds_bars.index(buf))
-        dsT16 = gl.convert_layout(dsT_lo, a_layout)
-        dv = warpgroup_mma(pT16, do_s, dv, is_async=True)
-        dk = warpgroup_mma(dsT16, q_s, dk, is_async=True)
-        mbarrier.wait(ds_bars.index(buf), (i // 2) & 1)
-        ds_all = ds_smem.index(buf)
-        if DQ_MODE < 2:
-            dq = warpgroup_mma(ds_all.slice(0, HALF, dim=0).permute((1, 0)), k0_s,
-                               gl.zeros([BLOCK_M, HEAD_DIM // 2], gl.float32, dq_layout),
-                               use_acc=False, is_async=True)
-            dq = warpgroup_mma(ds_all.slice(HALF, HALF, dim=0).permute((1, 0)), k1_s, dq,
-                               is_async=True)
-            dv, dk, dq, _, _, _ = warpgroup_mma_wait(0, deps=[dv, dk, dq, q_s, do_s, ds_all])
-        else:
-            dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv, dk, q_s, do_s])
-        mbarrier.arrive(empty_bars.index(s))
-        if DQ_MODE == 0:
-            # dQ's share through this consumer's staging buffer: wait until the bulk reduction
-            # of the previous step has read it, fill it, then one TMA reduce-add into the fp32
-            # accumulator (rows past Sq are clipped by the copy engine).
-            tma.store_wait(0)
-            gl.thread_barrier()
-            stage = dq_smem.index(c)
-            stage.reshape([BLOCK_M, HEAD_DIM // 2]).store(dq)
-            fence_async_shared()
-            gl.thread_barrier()
-            _tma_reduce_add(dqacc_desc, [b, h, j * BLOCK_M, c * (HEAD_DIM // 2)], stage)
-        return dk, dv
-
-    @gluon.jit
-    def _fused_consumer_partition(c, k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar,
-                                  q_bars, do_bars, empty_bars, ds_bars, DK, DV, LSE2, DELTA,
-                                  dqacc_desc,
-                                  ALIBI, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                                  stride_dvh, stride_dvn, b, hk, Hq, GROUP, Sq, Skv, start_n, lo,
-                                  flo, fhi, hi, scale, qk_scale, lo_off, hi_off,
-                                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                                  HAS_ALIBI: gl.constexpr, BLOCK_M: gl.constexpr,
-                                  HALF: gl.constexpr, HEAD_DIM: gl.constexpr,
-                                  STAGES: gl.constexpr, DQ_MODE: gl.constexpr):
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
-        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM // 2, 16])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
-                                                     k_width=2)
-        cols = start_n + c * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
-        dk = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
-        dv = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
-        mbarrier.wait(kv_bar, 0)
-        k_s = k_smem.index(c).reshape([HALF, HEAD_DIM])
-        v_s = v_smem.index(c).reshape([HALF, HEAD_DIM])
-        # Both key halves, this consumer's half of the head dim: dQ's B operand.
-        k0_s = k_smem.index(0).reshape([HALF, HEAD_DIM]).slice(c * (HEAD_DIM // 2),
-                                                               HEAD_DIM // 2, dim=1)
-        k1_s = k_smem.index(1).reshape([HALF, HEAD_DIM]).slice(c * (HEAD_DIM // 2),
-                                                               HEAD_DIM // 2, dim=1)
-        n = hi - lo
-        for g in range(GROUP):
-            h = hk * GROUP + g
-            bh = (b * Hq + h).to(gl.int64)
-            LSE2h = LSE2 + bh * Sq
-            DELTAh = DELTA + bh * Sq
-            slope_log2 = 0.0
-            colb = cols.to(gl.float32)
-            if HAS_ALIBI:
-                slope_log2 = gl.load(ALIBI + h).to(gl.float32) * 1.4426950408889634
-                colb = slope_log2 * (cols - start_n).to(gl.float32)
-            for seg in gl.static_range(3):
-                start = lo if seg == 0 else (flo if seg == 1 else fhi)
-                stop = flo if seg == 0 else (fhi if seg == 1 else hi)
-                for j in range(start, stop):
-                    dk, dv = _fused_step(
-                        k_s, v_s, k0_s, k1_s, q_smem, do_smem, ds_smem, q_bars, do_bars, empty_bars,
-                        ds_bars, c, g * n + j - lo, j, dk, dv, cols, colb, LSE2h, DELTAh,
-                        dqacc_desc, dq_smem, b, h, Sq, qk_scale, slope_log2, start_n, lo_off, hi_off, seg != 1,
-                        HAS_LEFT, HAS_RIGHT, HAS_ALIBI, BLOCK_M, HALF, HEAD_DIM, STAGES,
-                        s_layout, a_layout, dq_layout, DQ_MODE)
-        tma.store_wait(0)
-        keys = start_n + c * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-        mask = (gl.expand_dims(keys, 1) < Skv) & (gl.expand_dims(offs_d, 0) < HEAD_DIM)
-        k64 = gl.expand_dims(keys.to(gl.int64), 1)
-        DKb = DK + b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
-        gl.store(DKb + k64 * stride_dkn + gl.expand_dims(offs_d, 0),
-                 (dk * scale).to(DK.dtype.element_ty), mask=mask)
-        DVb = DV + b.to(gl.int64) * stride_dvb + hk.to(gl.int64) * stride_dvh
-        gl.store(DVb + k64 * stride_dvn + gl.expand_dims(offs_d, 0),
-                 dv.to(DV.dtype.element_ty), mask=mask)
-
-    @gluon.jit
-    def _attn_bwd_fused_sm90_kernel(q_desc, do_desc, k_desc, v_desc, DK, DV, LSE2, DELTA,
-                                    dqacc_desc,
-                                    ALIBI, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                                    stride_dvh, stride_dvn, Hq, GROUP, Sq, Skv, scale, qk_scale,
-                                    lo_off, hi_off, HAS_LEFT: gl.constexpr,
-                                    HAS_RIGHT: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                                    STAGES: gl.constexpr, MMA_REGS: gl.constexpr,
-                                    DQ_MODE: gl.constexpr):
-        BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
-        HALF: gl.constexpr = k_desc.block_type.shape[2]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
-        BLOCK_N: gl.constexpr = 2 * HALF
-        dtype: gl.constexpr = q_desc.dtype
-
-        start_n = gl.program_id(0) * BLOCK_N
-        hk = gl.program_id(1)
-        b = gl.program_id(2)
-        lo, flo, fhi, hi = _q_blocks(start_n, Sq, Skv, lo_off, hi_off, BLOCK_M, BLOCK_N,
-                                     HAS_LEFT, HAS_RIGHT)
-
-        k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_DIM], v_desc.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM],
-                                           q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM],
-                                            do_desc.layout)
-        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
-        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_DIM // 2],
-                                            dqacc_desc.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        ds_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        for s in gl.static_range(STAGES):
-            mbarrier.init(q_bars.index(s), count=1)
-            mbarrier.init(do_bars.index(s), count=1)
-            mbarrier.init(empty_bars.index(s), count=2)
-        for s in gl.static_range(2):
-            mbarrier.init(ds_bars.index(s), count=2)
-
-        gl.warp_specialize([
-            (_bwd_load_partition, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem,
-                                   v_smem, kv_bar, q_bars, do_bars, empty_bars, b, hk, GROUP,
-                                   start_n, lo, hi, HALF, BLOCK_M, STAGES)),
-            (_fused_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem,
-                                         kv_bar, q_bars, do_bars, empty_bars, ds_bars, DK, DV,
-                                         LSE2, DELTA, dqacc_desc, ALIBI, stride_dkb, stride_dkh,
-                                         stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk,
-                                         Hq, GROUP, Sq, Skv, start_n, lo, flo, fhi, hi, scale,
-                                         qk_scale, lo_off, hi_off, HAS_LEFT, HAS_RIGHT,
-                                         HAS_ALIBI, BLOCK_M, HALF, HEAD_DIM, STAGES, DQ_MODE)),
-            (_fused_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem,
-                                         kv_bar, q_bars, do_bars, empty_bars, ds_bars, DK, DV,
-                                         LSE2, DELTA, dqacc_desc, ALIBI, stride_dkb, stride_dkh,
-                                         stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk,
-                                         Hq, GROUP, Sq, Skv, start_n, lo, flo, fhi, hi, scale,
-                                         qk_scale, lo_off, hi_off, HAS_LEFT, HAS_RIGHT,
-                                         HAS_ALIBI, BLOCK_M, HALF, HEAD_DIM, STAGES, DQ_MODE)),
-        ], [4, 4], [MMA_REGS, MMA_REGS])
-
-
 def _warn_once(current, exc: BaseException, what: str, fallback: str) -> BaseException:
     if current is None:
         warnings.warn(f"rewriter: the Gluon Hopper attention {what} failed "
@@ -968,18 +743,14 @@ def _tma_ok(t: torch.Tensor) -> bool:
 _LAYOUTS = {}
 
 
-_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-
-
-def _descriptor(t: torch.Tensor, rows: int, cols: Optional[int] = None):
-    cols = t.shape[-1] if cols is None else cols
-    key = (t.dtype, rows, cols)
+def _descriptor(t: torch.Tensor, rows: int):
+    key = (t.dtype, rows, t.shape[-1])
     layout = _LAYOUTS.get(key)
     if layout is None:
-        gdt = getattr(gl, _GL_DTYPES[t.dtype])
-        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, cols], gdt)
+        gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, t.shape[-1]], gdt)
         _LAYOUTS[key] = layout
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols], layout)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]], layout)
 
 
 def attention_forward_sm90(q, k, v, scale: float, has_left: bool, has_right: bool, lo_off: int,
@@ -1009,6 +780,8 @@ def attention_forward_sm90(q, k, v, scale: float, has_left: bool, has_right: boo
 _BWD_BLOCK_M = 64  # queries per step of the dK/dV kernel
 _BWD_HALF = 64     # keys per consumer warpgroup (a program owns 128 keys)
 # Ring stages of query and dO blocks in the dK/dV kernel, per head dim (32 KB a stage at 128).
+# At 128, 2, 3 and 4 stages time alike (ALiBi, S = 4096, H100: 940 / 939 / 961 us;
+# benchmarks/results/attention_bwd_stages_h100.txt), so the smallest is kept.
 _DKDV_STAGES = {64: 4, 128: 2}
 
 
@@ -1041,31 +814,7 @@ def attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, scale: float,
     return dk, dv
 
 
-
-def attention_backward_fused_sm90(q, k, v, do, lse2, delta, dq_acc, dk, dv, scale: float,
-                                  has_left: bool, has_right: bool, lo_off: int, hi_off: int,
-                                  alibi_slopes: Optional[torch.Tensor] = None):
-    """dK and dV into ``dk``, ``dv`` and dQ / scale added into ``dq_acc`` (fp32, contiguous
-    (B, Hq, Sq, D), zeroed by the caller), from ``lse2`` and ``delta`` as for
-    :func:`attention_backward_dkdv_sm90`."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
-    alibi = lse2 if alibi_slopes is None else alibi_slopes.contiguous()
-    grid = (-(-Skv // (2 * _BWD_HALF)), Hkv, B)
-    _attn_bwd_fused_sm90_kernel[grid](
-        _descriptor(q, _BWD_BLOCK_M), _descriptor(do, _BWD_BLOCK_M), _descriptor(k, _BWD_HALF),
-        _descriptor(v, _BWD_HALF), dk, dv, lse2, delta, _descriptor(dq_acc, _BWD_BLOCK_M, D // 2),
-        alibi,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Hq, Hq // Hkv, Sq, Skv, scale, scale * _LOG2E, lo_off, hi_off,
-        HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_ALIBI=alibi_slopes is not None,
-        STAGES=_DKDV_STAGES[D], MMA_REGS=240, DQ_MODE=_FUSED_DQ_MODE, num_warps=4)
-    return dk, dv
-
-
-_FUSED_DQ_MODE = 0
 _DQ_BLOCK_N = 64  # keys per step of the dQ kernel (query rows per consumer: _HALF)
-_DQ_STAGES = 4
 
 
 def attention_backward_dq_sm90(q, k, v, out, do, lse, grad_lse, dq, lse2, delta, scale: float,
@@ -1087,6 +836,6 @@ def attention_backward_dq_sm90(q, k, v, out, do, lse, grad_lse, dq, lse2, delta,
         dq, alibi, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1),
         do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), Hq, Hq // Hkv, Sq, Skv, scale,
         scale * _LOG2E, lo_off, hi_off, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-        HAS_ALIBI=alibi_slopes is not None, HAS_DLSE=grad_lse is not None, STAGES=_DQ_STAGES,
+        HAS_ALIBI=alibi_slopes is not None, HAS_DLSE=grad_lse is not None, STAGES=4,
         MMA_REGS=240, num_warps=4)
     return dq

@@ -761,22 +761,21 @@ def _bwd_case_inputs(case):
 
 @pytest.mark.gpu
 @needs_sm90
-@pytest.mark.parametrize("kind", ["dkdv", "dq", "fused"])
+@pytest.mark.parametrize("kind", ["dkdv", "dq"])
 @pytest.mark.parametrize("case", SM90_BWD_CASES, ids=[str(i) for i in range(len(SM90_BWD_CASES))])
 def test_gpu_sm90_backward_matches_reference(case, kind, monkeypatch):
     """The Gluon backward kernels against float64, next to the Triton kernels' error, with a
     gradient on the log-sum-exp too (it enters through delta). "dkdv": the Gluon dK/dV kernel
     after the Triton dQ kernel. "dq": both Gluon kernels, so dK and dV also check the delta and
-    lse2 that the Gluon dQ kernel wrote. "fused": the one-pass kernel (dQ added atomically)."""
+    lse2 that the Gluon dQ kernel wrote."""
     q, k, v, kw = _bwd_case_inputs(case)
     calls = []
-    launcher = {"dq": "attention_backward_dq_sm90", "dkdv": "attention_backward_dkdv_sm90",
-                "fused": "attention_backward_fused_sm90"}[kind]
+    launcher = "attention_backward_dq_sm90" if kind == "dq" else "attention_backward_dkdv_sm90"
     real = getattr(sm90, launcher)
     monkeypatch.setattr(sm90, launcher, lambda *a, **k_: calls.append(1) or real(*a, **k_))
     monkeypatch.setattr(sm90, "DQ_DISABLED", None)
     monkeypatch.setattr(sm90, "BACKWARD_DISABLED", None)
-    _, _, ours, go, gl = _grads_with("fused" if kind == "fused" else "gluon", q, k, v, kw,
+    _, _, ours, go, gl = _grads_with("gluon", q, k, v, kw,
                                      dq="gluon" if kind == "dq" else "triton")
     assert calls, f"the Gluon {kind} kernel did not run"
     assert sm90.DQ_DISABLED is None and sm90.BACKWARD_DISABLED is None, "a Gluon kernel fell back"
