@@ -4,12 +4,14 @@ B*S = 16k tokens, H = 16, D = 64 / 128 (rows chosen by --rows), all in one proce
 
     PYTHONPATH=. python benchmarks/attention_sm90.py [--out results/attention_sm90_<dev>.md]
         [--rows 128:4096:causal,...] [--bwd-rows 128:4096:alibi,...] [--skip-check]
+        [--combos auto,G/G,...] [--spaced]
 
 ``--bwd-rows`` adds forward+backward through the library op with each pair of dQ and dK/dV
 kernels (Gluon or Triton) and the library's own choice (FlexAttention and SDPA beside them).
 """
 import argparse
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,35 @@ def graph_ms(fn, reps=30):
     return triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median")
 
 
+def spaced_ms(fn, calls=10, reps=9, idle_s=0.03):
+    """GPU time per call of a CUDA graph of ``calls`` calls, each replay after ``idle_s`` of idle
+    GPU (median of ``reps``). Back-to-back replays (graph_ms) settle at the clock that the
+    board's power cap allows for these kernels; this measures them at the clock an idle GPU
+    starts from. Both are reported: a long run sees the first, a step with other work between
+    attention calls something in between."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the capture (autotuning, compilation)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        time.sleep(idle_s)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[reps // 2]
+
+
 VARIANTS = {"causal": (True, None, False), "plain": (False, None, False),
             "window512": (True, (511, 0), False), "alibi": (True, None, True)}
 DEFAULT_ROWS = ("128:4096:causal,128:4096:plain,128:4096:window512,128:4096:alibi,"
@@ -87,15 +118,16 @@ def parse_row(spec, dev, H=16, tokens=16384):
     return D, S, B, causal, window, slopes, 4 * B * H * D * vis
 
 
-def alternate_tflops(fns, flop):
-    """TFLOP/s of each callable: three alternating rounds of CUDA-graph medians, the median of
-    the three kept."""
+def alternate_tflops(fns, flop, timer=None):
+    """TFLOP/s of each callable: three alternating rounds of CUDA-graph medians (``timer``,
+    graph_ms by default), the median of the three kept."""
+    timer = timer or graph_ms
     for f in fns.values():
         f()
     res = {}
     for rnd in range(3):
         for n, f in fns.items():
-            res.setdefault(n, []).append(graph_ms(f))
+            res.setdefault(n, []).append(timer(f))
     return {n: flop / (sorted(t)[1] * 1e-3) / 1e12 for n, t in res.items()}
 
 
@@ -133,10 +165,11 @@ BWD_COMBOS = {"T/T": ("triton", "triton"), "T/G": ("triton", "gluon"),
               "G/T": ("gluon", "triton"), "G/G": ("gluon", "gluon"), "auto": ("auto", "auto")}
 
 
-def bench_backward(dev, lines, rows):
-    """Forward+backward through the library op with each pair of dQ and dK/dV kernels (Gluon or
-    Triton; the forward is the library's choice in all), FlexAttention and, where it has the
-    variant, SDPA; GPU time of CUDA-graph replays, same process."""
+def bench_backward(dev, lines, rows, combos=tuple(BWD_COMBOS), spaced=False):
+    """Forward+backward through the library op with each pair of dQ and dK/dV kernels in
+    ``combos`` (Gluon or Triton; the forward is the library's choice in all), FlexAttention and,
+    where it has the variant, SDPA; GPU time of CUDA-graph replays, same process. ``spaced``
+    adds the library's choice, Flex and SDPA timed by spaced_ms."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     torch._dynamo.config.recompile_limit = 1024
@@ -168,7 +201,7 @@ def bench_backward(dev, lines, rows):
         def call():
             return fa.flash_attention(q, k, v, **kw)
 
-        fns = {n: call for n in BWD_COMBOS}
+        fns = {n: call for n in combos}
         fns["flex"] = lambda: flex(q, k, v, score_mod=alibi_mod if alibi else None,
                                    block_mask=bm)
         if window is None and not alibi:
@@ -188,16 +221,25 @@ def bench_backward(dev, lines, rows):
                     fa.DQ_KERNEL, fa.BACKWARD_KERNEL = saved
             return run
 
-        grads = {n: step(n)() for n in ("T/T", "G/G")}
-        err = max(((a.double() - b.double()).norm() / b.double().norm()).item()
-                  for a, b in zip(grads["G/G"], grads["T/T"]))
-        del grads
+        err = float("nan")
+        if "T/T" in combos and "G/G" in combos:
+            grads = {n: step(n)() for n in ("T/T", "G/G")}
+            err = max(((a.double() - b.double()).norm() / b.double().norm()).item()
+                      for a, b in zip(grads["G/G"], grads["T/T"]))
+            del grads
 
         tf = alternate_tflops({n: step(n) for n in fns}, flop)
         row = (f"| {D} | {S} | {name} | " + " | ".join(
-            f"{tf.get(n, float('nan')):.0f}" for n in list(BWD_COMBOS) + ["flex", "sdpa"]) +
+            f"{tf.get(n, float('nan')):.0f}" for n in list(combos) + ["flex", "sdpa"]) +
             f" | {tf['auto'] / tf['flex']:.3f} | "
             f"{tf['auto'] / tf.get('sdpa', float('nan')):.3f} | {err:.1e} |")
+        if spaced:
+            sp = alternate_tflops({n: step(n) for n in ("auto", "flex", "sdpa") if n in fns},
+                                  flop, timer=spaced_ms)
+            row += (" " + " | ".join(f"{sp.get(n, float('nan')):.0f}"
+                                     for n in ("auto", "flex", "sdpa"))
+                    + f" | {sp['auto'] / sp['flex']:.3f} | "
+                    f"{sp['auto'] / sp.get('sdpa', float('nan')):.3f} |")
         print(row, flush=True)
         lines.append(row)
         del q, k, v, do
@@ -212,7 +254,14 @@ def main():
     ap.add_argument("--bwd-rows", default="",
                     help="also time forward+backward with each pair of dQ and dK/dV kernels, "
                     "same format")
+    ap.add_argument("--combos", default=",".join(BWD_COMBOS),
+                    help="which kernel pairs the forward+backward rows time (auto is needed)")
+    ap.add_argument("--spaced", action="store_true",
+                    help="add auto, Flex and SDPA timed after idle gaps (spaced_ms)")
     args = ap.parse_args()
+    combos = tuple(args.combos.split(","))
+    if "auto" not in combos or any(c not in BWD_COMBOS for c in combos):
+        ap.error(f"--combos: a comma-separated subset of {', '.join(BWD_COMBOS)} with auto")
     fa.FORWARD_KERNEL = "triton"  # the "triton" column and the check's baseline
     dev = "cuda"
     name = torch.cuda.get_device_name()
@@ -232,11 +281,15 @@ def main():
         lines += ["", "Forward+backward (3.5x the forward's FLOPs), library op, forward as the "
                   "library chooses it; X/Y: dQ kernel X, dK/dV kernel Y, T Triton, G Gluon; "
                   "auto: both as the library chooses them; err: largest relative difference of "
-                  "dQ, dK, dV between G/G and T/T.", "",
-                  "| D | S | variant | " + " | ".join(f"{n} TF/s" for n in BWD_COMBOS)
-                  + " | Flex TF/s | SDPA TF/s | auto/Flex | auto/SDPA | err |",
-                  "|---|---|---|" + "---|" * (len(BWD_COMBOS) + 5)]
-        bench_backward(dev, lines, args.bwd_rows)
+                  "dQ, dK, dV between G/G and T/T." + (
+                      " Columns marked 'spaced': each CUDA-graph replay after 30 ms of idle GPU "
+                      "(spaced_ms); the others back to back." if args.spaced else ""), "",
+                  "| D | S | variant | " + " | ".join(f"{n} TF/s" for n in combos)
+                  + " | Flex TF/s | SDPA TF/s | auto/Flex | auto/SDPA | err |" + (
+                      " auto spaced | Flex spaced | SDPA spaced | auto/Flex spaced | "
+                      "auto/SDPA spaced |" if args.spaced else ""),
+                  "|---|---|---|" + "---|" * (len(combos) + 5 + (5 if args.spaced else 0))]
+        bench_backward(dev, lines, args.bwd_rows, combos, args.spaced)
     if args.out:
         open(args.out, "w").write("\n".join(lines) + "\n")
 
