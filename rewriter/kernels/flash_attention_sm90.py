@@ -90,6 +90,22 @@ if HAVE_GLUON:
                 (hi + BLOCK_N - 1) // BLOCK_N)
 
     @gluon.jit
+    def _visible(r2, c2, Skv, lo_off, hi_off, CHECK_SKV: gl.constexpr, HAS_LEFT: gl.constexpr,
+                 HAS_RIGHT: gl.constexpr):
+        """Which keys ``c2`` the queries ``r2`` see (broadcastable index tensors): the rule of the
+        Triton kernel's _band_keep, lo_off <= c2 - r2 <= hi_off, and with ``CHECK_SKV`` also
+        c2 < Skv (a kernel whose keys past Skv never reach its output can leave that out)."""
+        if CHECK_SKV:
+            keep = c2 < Skv
+        else:
+            keep = c2 >= 0
+        if HAS_RIGHT:
+            keep = keep & (c2 <= r2 + hi_off)
+        if HAS_LEFT:
+            keep = keep & (c2 >= r2 + lo_off)
+        return keep
+
+    @gluon.jit
     def _load_partition(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bars,
                         k_bars, v_bars, empty_bars, b, h, hk, start_m, lo, hi,
                         HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -181,13 +197,8 @@ if HAVE_GLUON:
             else:
                 sc = qk * qk_scale
             if MASKED:
-                # The visibility rule of the Triton kernel's _band_keep (lo_off <= j - i <= hi_off).
-                r2 = gl.expand_dims(rows, 1)
-                keep = c2 < Skv
-                if HAS_RIGHT:
-                    keep = keep & (c2 <= r2 + hi_off)
-                if HAS_LEFT:
-                    keep = keep & (c2 >= r2 + lo_off)
+                keep = _visible(gl.expand_dims(rows, 1), c2, Skv, lo_off, hi_off, True, HAS_LEFT,
+                                HAS_RIGHT)
                 sc = gl.where(keep, sc, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(sc, 1))
             # A row that has seen no visible key keeps m = -inf; subtract 0 there, not -inf.
@@ -390,13 +401,9 @@ if HAVE_GLUON:
             pT = gl.exp2(sT * qk_scale - gl.expand_dims(lse2, 0))
         if MASKED:
             if HAS_LEFT or HAS_RIGHT:
-                c2 = gl.expand_dims(cols, 1)
-                r2 = gl.expand_dims(rows, 0)
-                keep = c2 >= 0
-                if HAS_RIGHT:
-                    keep = keep & (c2 <= r2 + hi_off)
-                if HAS_LEFT:
-                    keep = keep & (c2 >= r2 + lo_off)
+                # Keys past Skv need no mask here: their dK and dV rows are never stored.
+                keep = _visible(gl.expand_dims(rows, 0), gl.expand_dims(cols, 1), 0, lo_off,
+                                hi_off, False, HAS_LEFT, HAS_RIGHT)
                 pT = gl.where(keep, pT, 0.0)
         delta = gl.load(DELTAh + rows, mask=rows < Sq, other=0.0)
         dpT, _, _ = warpgroup_mma_wait(0, deps=[dpT, k_s, v_s])
@@ -551,13 +558,8 @@ if HAVE_GLUON:
         else:
             p = gl.exp2(qk * qk_scale - gl.expand_dims(rowv, 1))
         if MASKED:
-            c2 = gl.expand_dims(cols, 0)
-            r2 = gl.expand_dims(rows, 1)
-            keep = c2 < Skv
-            if HAS_RIGHT:
-                keep = keep & (c2 <= r2 + hi_off)
-            if HAS_LEFT:
-                keep = keep & (c2 >= r2 + lo_off)
+            keep = _visible(gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), Skv, lo_off,
+                            hi_off, True, HAS_LEFT, HAS_RIGHT)
             p = gl.where(keep, p, 0.0)
         dp, _, _ = warpgroup_mma_wait(0, deps=[dp, q_s, do_s])
         ds = p * (dp - gl.expand_dims(delta, 1))
