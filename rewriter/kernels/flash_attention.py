@@ -1020,23 +1020,27 @@ def _sm90_dq_choice(mode: str, head_dim: int, has_alibi: bool, has_left: bool, h
             and sq == skv and sq >= 2048)
 
 
-def _use_sm90_backward(kind, q, k, v, do, meta, alibi, softcap, pad, dropout_p) -> bool:
-    """Whether the Gluon ``kind`` ("dkdv" or "dq") kernel runs this backward."""
-    dq = kind == "dq"
-    mode = DQ_KERNEL if dq else BACKWARD_KERNEL
-    failed = _sm90.DQ_DISABLED if dq else _sm90.BACKWARD_DISABLED
-    if mode == "triton" or _INTERPRET or not q.is_cuda or failed is not None:
-        return False
+def _sm90_backward_plan(q, k, v, do, meta, alibi, softcap, pad, dropout_p):
+    """``(dq, dkdv)``: whether the Gluon dQ and the Gluon dK/dV kernel run this backward. The
+    support check runs once, and only when a kernel's mode and past launches leave it a
+    candidate."""
+    wanted = {kind: mode for kind, mode, failed in (
+        ("dq", DQ_KERNEL, _sm90.DQ_DISABLED), ("dkdv", BACKWARD_KERNEL, _sm90.BACKWARD_DISABLED))
+        if mode != "triton" and failed is None}
+    if not wanted or _INTERPRET or not q.is_cuda:
+        return False, False
     try:
         if not _sm90.supported_backward(q, k, v, do, alibi_slopes=alibi, softcap=softcap,
                                         key_padding_mask=pad, dropout_p=dropout_p):
-            return False
+            return False, False
     except Exception as exc:  # never let the check itself break the call
-        (_sm90.disable_dq if dq else _sm90.disable_backward)(exc)
-        return False
-    choice = _sm90_dq_choice if dq else _sm90_backward_choice
-    return choice(mode, q.shape[-1], alibi is not None, meta["HAS_LEFT"], meta["HAS_RIGHT"],
-                  q.dtype == torch.bfloat16, q.shape[2], k.shape[2])
+        for kind in wanted:
+            (_sm90.disable_dq if kind == "dq" else _sm90.disable_backward)(exc)
+        return False, False
+    shape = (q.shape[-1], alibi is not None, meta["HAS_LEFT"], meta["HAS_RIGHT"],
+             q.dtype == torch.bfloat16, q.shape[2], k.shape[2])
+    return ("dq" in wanted and _sm90_dq_choice(wanted["dq"], *shape),
+            "dkdv" in wanted and _sm90_backward_choice(wanted["dkdv"], *shape))
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -1107,8 +1111,9 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
     pad_stride = 0 if pad is None else pad.stride(0)
     tail = (s["Hq"], s["GROUP"], Sq, Skv, s["SQ_KEY"], s["SKV_KEY"], scale, s["qk_scale"],
             s["cap_log2"], s["cap_inv_scale"], s["lo_off"], s["hi_off"], s["dropout_p"])
+    gluon_dq, gluon_dkdv = _sm90_backward_plan(q, k, v, do, meta, alibi, softcap, pad,
+                                               dropout_p)
     # dQ first: it writes delta and lse2, which the dK/dV kernel reads.
-    gluon_dq = _use_sm90_backward("dq", q, k, v, do, meta, alibi, softcap, pad, dropout_p)
     if gluon_dq:
         try:
             _sm90.attention_backward_dq_sm90(q, k, v, out, do, lse, dlse, dq, lse2, delta,
@@ -1128,7 +1133,7 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
             dq.stride(0), dq.stride(1), dq.stride(2),
             pad_stride, *tail, HAS_DLSE=dlse is not None, **meta,
         )
-    if _use_sm90_backward("dkdv", q, k, v, do, meta, alibi, softcap, pad, dropout_p):
+    if gluon_dkdv:
         try:
             _sm90.attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, scale,
                                                meta["HAS_LEFT"], meta["HAS_RIGHT"], s["lo_off"],

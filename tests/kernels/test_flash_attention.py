@@ -816,8 +816,9 @@ def test_sm90_backward_failure_falls_back_to_triton(monkeypatch, kind, launcher,
 
     monkeypatch.setattr(sm90, flag, None)
     monkeypatch.setattr(sm90, launcher, broken)
-    monkeypatch.setattr(fa_mod, "_use_sm90_backward",
-                        lambda k_, *a: k_ == kind and getattr(sm90, flag) is None)
+    monkeypatch.setattr(fa_mod, "_sm90_backward_plan",
+                        lambda *a: tuple(k_ == kind and getattr(sm90, flag) is None
+                                         for k_ in ("dq", "dkdv")))
     q, k, v = _inputs(1, 2, 2, 40, 40, 32)
     out, lse = _op(q, k, v, scale=0.2, causal=True)
     with pytest.warns(RuntimeWarning, match=f"simulated Gluon {kind} failure"):
@@ -859,3 +860,35 @@ def test_sm90_backward_choice_rule():
                     (128, True, False, True, True, 512, 512),
                     (128, True, False, True, True, 1100, 4096)):
         assert not choice("auto", *untimed)
+
+
+def test_sm90_backward_plan_checks_support_once(monkeypatch):
+    """One support check serves both Gluon backward kernels; a check that raises turns off
+    every kernel that was a candidate, and a kernel in mode "triton" is never one."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(fa_mod, "_INTERPRET", False)
+    monkeypatch.setattr(sm90, "DQ_DISABLED", None)
+    monkeypatch.setattr(sm90, "BACKWARD_DISABLED", None)
+    checks = []
+    monkeypatch.setattr(sm90, "supported_backward", lambda *a, **kw: checks.append(1) or True)
+    q = SimpleNamespace(is_cuda=True, shape=(1, 16, 4096, 128), dtype=torch.bfloat16)
+    meta = {"HAS_LEFT": False, "HAS_RIGHT": True}
+    slopes = torch.ones(16)
+    plan = lambda alibi=slopes: fa_mod._sm90_backward_plan(q, q, q, q, meta, alibi, None, None,
+                                                           0.0)
+    monkeypatch.setattr(fa_mod, "DQ_KERNEL", "auto")
+    monkeypatch.setattr(fa_mod, "BACKWARD_KERNEL", "auto")
+    assert plan() == (True, True) and len(checks) == 1       # causal ALiBi: both rules say yes
+    assert plan(None) == (True, False) and len(checks) == 2  # causal alone: the dQ kernel only
+    monkeypatch.setattr(fa_mod, "DQ_KERNEL", "triton")
+    monkeypatch.setattr(fa_mod, "BACKWARD_KERNEL", "triton")
+    assert plan() == (False, False) and len(checks) == 2     # no candidate: no check
+
+    def broken(*a, **kw):
+        raise RuntimeError("simulated support-check failure")
+
+    monkeypatch.setattr(sm90, "supported_backward", broken)
+    monkeypatch.setattr(fa_mod, "BACKWARD_KERNEL", "gluon")
+    with pytest.warns(RuntimeWarning, match="simulated support-check failure"):
+        assert plan() == (False, False)
+    assert sm90.DQ_DISABLED is None and isinstance(sm90.BACKWARD_DISABLED, RuntimeError)
