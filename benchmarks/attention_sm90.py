@@ -11,7 +11,6 @@ kernels (Gluon or Triton) and the library's own choice (FlexAttention and SDPA b
 """
 import argparse
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ import triton
 
 from rewriter.kernels import flash_attention as fa
 from rewriter.kernels import flash_attention_sm90 as g
+from rewriter.kernels.nvfp4 import back_to_back_ms
 
 
 def band(sq, skv, causal, align, window):
@@ -68,31 +68,16 @@ def graph_ms(fn, reps=30):
 
 def spaced_ms(fn, calls=10, reps=9, idle_s=0.03):
     """GPU time per call of a CUDA graph of ``calls`` calls, each replay after ``idle_s`` of idle
-    GPU (median of ``reps``). Back-to-back replays (graph_ms) settle at the clock that the
-    board's power cap allows for these kernels; this measures them at the clock an idle GPU
-    starts from. Both are reported: a long run sees the first, a step with other work between
-    attention calls something in between."""
+    GPU (median of ``reps``; nvfp4.back_to_back_ms). Back-to-back replays (graph_ms) settle at
+    the clock that the board's power cap allows for these kernels; this measures them at the
+    clock an idle GPU starts from. Both are reported: a long run sees the first, a step with
+    other work between attention calls something in between."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()  # warm-up outside the capture (autotuning, compilation)
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        time.sleep(idle_s)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[reps // 2]
+    return back_to_back_ms([fn] * calls, reps=reps, idle_s=idle_s)
 
 
 VARIANTS = {"causal": (True, None, False), "plain": (False, None, False),

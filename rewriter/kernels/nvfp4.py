@@ -39,6 +39,7 @@ and always in memory (0.28x the bytes of bf16).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -1691,11 +1692,12 @@ def copies_for(nbytes: int, device: Optional[torch.device] = None) -> int:
     return max(2, min(64, -(-3 * l2 // max(1, nbytes))))
 
 
-def back_to_back_ms(fns, reps: int = 10) -> float:
+def back_to_back_ms(fns, reps: int = 10, idle_s: float = 0.0) -> float:
     """GPU time per call in ms as a decode step sees it: ``fns`` (one closure per weight copy, the
     copies together several times L2) run back to back from one CUDA graph, timed with events;
     median of ``reps`` replays. Every call reads its weight from memory and nothing else disturbs
-    the cache.
+    the cache. ``idle_s`` > 0 leaves the GPU idle that long before each replay (the clock an
+    idle GPU starts from, rather than the one a busy one settles at).
 
     Two other methods rank NVFP4 configurations wrongly on the H200: do_bench's memset flush
     leaves dirty lines that the timed call pays to write back (about 10 us per call, cuBLAS's and
@@ -1712,6 +1714,8 @@ def back_to_back_ms(fns, reps: int = 10) -> float:
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
+        if idle_s > 0:
+            time.sleep(idle_s)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
