@@ -92,6 +92,8 @@ def parse_row(spec, dev, H=16, tokens=16384):
     D:S:variant row."""
     D, S, name = spec.split(":")
     D, S = int(D), int(S)
+    if name.startswith("window") and name not in VARIANTS:  # windowN: N keys, causal
+        VARIANTS[name] = (True, (int(name[len("window"):]) - 1, 0), False)
     causal, window, alibi = VARIANTS[name]
     slopes = (torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device=dev)
               if alibi else None)
@@ -145,9 +147,12 @@ def bench(dev, lines, rows):
         del q, k, v
 
 
-# Backward kernel pairs timed against each other: (dQ kernel, dK/dV kernel).
-BWD_COMBOS = {"T/T": ("triton", "triton"), "T/G": ("triton", "gluon"),
-              "G/T": ("gluon", "triton"), "G/G": ("gluon", "gluon"), "auto": ("auto", "auto")}
+# Backward kernel pairs timed against each other: (dQ kernel, dK/dV kernel, stored-dS mode).
+# DS: the Triton dK/dV kernel storing dS and the dQ kernel that reads it (bands only; elsewhere
+# the same as T/T).
+BWD_COMBOS = {"T/T": ("triton", "triton", "off"), "T/G": ("triton", "gluon", "off"),
+              "G/T": ("gluon", "triton", "off"), "G/G": ("gluon", "gluon", "off"),
+              "DS": ("triton", "triton", "on"), "auto": ("auto", "auto", "auto")}
 
 
 def bench_backward(dev, lines, rows, combos=tuple(BWD_COMBOS), spaced=False):
@@ -197,20 +202,21 @@ def bench_backward(dev, lines, rows, combos=tuple(BWD_COMBOS), spaced=False):
 
             def run():
                 # The kernels are chosen when the backward runs, so the switch spans both.
-                saved = fa.DQ_KERNEL, fa.BACKWARD_KERNEL
+                saved = fa.DQ_KERNEL, fa.BACKWARD_KERNEL, fa.DS_BACKWARD
                 if n in BWD_COMBOS:
-                    fa.DQ_KERNEL, fa.BACKWARD_KERNEL = BWD_COMBOS[n]
+                    fa.DQ_KERNEL, fa.BACKWARD_KERNEL, fa.DS_BACKWARD = BWD_COMBOS[n]
                 try:
                     return torch.autograd.grad(f(), (q, k, v), do)
                 finally:
-                    fa.DQ_KERNEL, fa.BACKWARD_KERNEL = saved
+                    fa.DQ_KERNEL, fa.BACKWARD_KERNEL, fa.DS_BACKWARD = saved
             return run
 
         err = float("nan")
-        if "T/T" in combos and "G/G" in combos:
-            grads = {n: step(n)() for n in ("T/T", "G/G")}
+        other = "G/G" if "G/G" in combos else "DS" if "DS" in combos else None
+        if "T/T" in combos and other:
+            grads = {n: step(n)() for n in ("T/T", other)}
             err = max(((a.double() - b.double()).norm() / b.double().norm()).item()
-                      for a, b in zip(grads["G/G"], grads["T/T"]))
+                      for a, b in zip(grads[other], grads["T/T"]))
             del grads
 
         tf = alternate_tflops({n: step(n) for n in fns}, flop)
@@ -265,8 +271,9 @@ def main():
     if args.bwd_rows:
         lines += ["", "Forward+backward (3.5x the forward's FLOPs), library op, forward as the "
                   "library chooses it; X/Y: dQ kernel X, dK/dV kernel Y, T Triton, G Gluon; "
-                  "auto: both as the library chooses them; err: largest relative difference of "
-                  "dQ, dK, dV between G/G and T/T." + (
+                  "DS: T/T with the stored-dS backward (bands); auto: both as the library "
+                  "chooses them; err: largest relative difference of dQ, dK, dV between G/G (or "
+                  "DS where G/G is not timed) and T/T." + (
                       " Columns marked 'spaced': each CUDA-graph replay after 30 ms of idle GPU "
                       "(spaced_ms); the others back to back." if args.spaced else ""), "",
                   "| D | S | variant | " + " | ".join(f"{n} TF/s" for n in combos)

@@ -401,6 +401,9 @@ _DQ_CONFIGS = {
 # Under the interpreter one small fixed shape per kernel keeps the CPU tests fast; BLOCK_M !=
 # BLOCK_N so the tests exercise the range arithmetic that the GPU shapes rely on.
 _INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+# (queries, keys) of the dS tiles the dK/dV kernel stores for the stored-dS backward (see
+# _ds_layout): the dK/dV shape the window 512 picks (32x64), so storing dS pins no worse shape.
+_DS_BLOCK = _INTERPRET_CONFIGS["dkdv"][:2] if _INTERPRET else (32, 64)
 
 
 # Autotuning is keyed on the sequence lengths rounded up to a power of two (capped at 16k, so a
@@ -421,12 +424,14 @@ def _pruner(table):
         if _INTERPRET:
             return configs
         wanted = table[128 if kwargs["BLOCK_D"] <= 128 else 256]
+        if kwargs.get("STORE_DS"):  # the stored dS tiles have the shape of _DS_BLOCK
+            wanted = [w for w in wanted if (w[0], w[1]) == _DS_BLOCK]
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                        c.num_stages) in wanted]
     return prune
 
 
-def _tuned(kernel, table):
+def _tuned(kernel, table, extra_key=()):
     """Autotuning over ``table``'s block shapes (see above) and the EVEN_M / EVEN_N heuristics,
     the decorators every kernel of this module carries."""
     def wrap(fn):
@@ -434,7 +439,7 @@ def _tuned(kernel, table):
             "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
             "EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0,
         })(fn)
-        return triton.autotune(configs=_configs(kernel, table), key=_TUNE_KEY,
+        return triton.autotune(configs=_configs(kernel, table), key=_TUNE_KEY + list(extra_key),
                                prune_configs_by={"early_config_prune": _pruner(table)})(fn)
     return wrap
 
@@ -545,7 +550,7 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom,
+def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DSk, ds_lo, stride_qm, stride_dom,
                          seed, bh, cols, offs_d, start_m, Sq, Skv,
                          qk_scale, cap_log2, cap_inv_scale, slope_log2, pad_log2,
                          lo_off, hi_off, dropout_p,
@@ -553,9 +558,11 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_
                          EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                          HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
+                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
+                         STORE_DS: tl.constexpr):
     # Works on transposed tiles (keys x queries) so per-query vectors broadcast along axis 0 and
-    # dK, dV accumulate as plain (keys x D) products.
+    # dK, dV accumulate as plain (keys x D) products. With STORE_DS the tile's dS^T also goes to
+    # memory (see _ds_layout) for the dQ kernel that reads it instead of recomputing it.
     CHECK_ROWS: tl.constexpr = MASKED and not EVEN_M
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _load_tile(Qh + rows[:, None] * stride_qm + offs_d[None, :], rows, Sq, offs_d,
@@ -588,12 +595,20 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_
     dsT = pT * (dpT - delta[None, :])
     if HAS_SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
-    dk = _dot_acc(_cast(dsT, q.dtype), q, dk)
+    dsT = _cast(dsT, q.dtype)
+    if STORE_DS:
+        keys = tl.arange(0, dsT.shape[0])
+        ds_ptrs = DSk + (rows[None, :] - ds_lo) * dsT.shape[0] + keys[:, None]
+        if CHECK_ROWS:
+            tl.store(ds_ptrs, dsT, mask=rows[None, :] < Sq)
+        else:
+            tl.store(ds_ptrs, dsT)
+    dk = _dot_acc(dsT, q, dk)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DSk, ds_lo, stride_qm, stride_dom,
                          seed, bh, cols, offs_d, start, stop, Sq, Skv,
                          qk_scale, cap_log2, cap_inv_scale, slope_log2, pad_log2,
                          lo_off, hi_off, dropout_p,
@@ -601,31 +616,33 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride
                          EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr,
                          HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr):
+                         HAS_DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
+                         STORE_DS: tl.constexpr):
     if _IN_INTERPRETER:
         start_m = start
         while start_m < stop:
             dk, dv = _attn_bwd_dkdv_step(
-                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                offs_d, start_m, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
-                pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DSk, ds_lo, stride_qm, stride_dom, seed,
+                bh, cols, offs_d, start_m, Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
+                slope_log2, pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM, BLOCK_M,
+                EVEN_M, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD,
+                HAS_DROPOUT, FAST_TANH, STORE_DS)
             start_m += BLOCK_M
     else:
         for start_m in range(start, stop, BLOCK_M):
             dk, dv = _attn_bwd_dkdv_step(
-                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                offs_d, tl.multiple_of(start_m, BLOCK_M), Sq, Skv, qk_scale, cap_log2,
+                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DSk, ds_lo, stride_qm, stride_dom, seed,
+                bh, cols, offs_d, tl.multiple_of(start_m, BLOCK_M), Sq, Skv, qk_scale, cap_log2,
                 cap_inv_scale, slope_log2, pad_log2, lo_off, hi_off, dropout_p, MASKED, HEAD_DIM,
                 BLOCK_M, EVEN_M, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD,
-                HAS_DROPOUT, FAST_TANH)
+                HAS_DROPOUT, FAST_TANH, STORE_DS)
     return dk, dv
 
 
-@_tuned("dkdv", _DKDV_CONFIGS)
+@_tuned("dkdv", _DKDV_CONFIGS, extra_key=("STORE_DS",))
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE2, DELTA, ALIBI, PAD, SEED,
+    Q, K, V, DO, DK, DV, LSE2, DELTA, ALIBI, PAD, SEED, DS, ds_span,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -638,7 +655,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FAST_TANH: tl.constexpr,
+    FAST_TANH: tl.constexpr, STORE_DS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -678,29 +695,37 @@ def _attn_bwd_dkdv_kernel(
         if HAS_ALIBI:
             slope_log2 = tl.load(ALIBI + h).to(tl.float32) * _LOG2E_C
         if HAS_LEFT and HAS_RIGHT:
+            DSk = DS
+            if STORE_DS:
+                DSk = DS + ((bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0))
+                            * ds_span * BLOCK_N)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                offs_d, lo, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
+                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DSk, lo, stride_qm, stride_dom, seed, bh,
+                cols, offs_d, lo, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
                 pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH,
+                STORE_DS)
         else:
             if HAS_RIGHT:
                 dk, dv = _attn_bwd_dkdv_inner(
-                    dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                    offs_d, lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
-                    pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+                    dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DS, lo, stride_qm, stride_dom, seed,
+                    bh, cols, offs_d, lo, full_lo, Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
+                    slope_log2, pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M,
+                    EVEN_M, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD,
+                    HAS_DROPOUT, FAST_TANH, False)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                offs_d, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
-                pad_log2, lo_off, hi_off, dropout_p, False, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+                dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DS, lo, stride_qm, stride_dom, seed, bh,
+                cols, offs_d, full_lo, full_hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
+                slope_log2, pad_log2, lo_off, hi_off, dropout_p, False, HEAD_DIM, BLOCK_M, EVEN_M,
+                EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT,
+                FAST_TANH, False)
             if HAS_LEFT or not EVEN_M:
                 dk, dv = _attn_bwd_dkdv_inner(
-                    dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, stride_qm, stride_dom, seed, bh, cols,
-                    offs_d, full_hi, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2,
-                    pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M, EVEN_M, EVEN_D,
-                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+                    dk, dv, k, v, Qh, DOh, LSE2h, DELTAh, DS, lo, stride_qm, stride_dom, seed,
+                    bh, cols, offs_d, full_hi, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale,
+                    slope_log2, pad_log2, lo_off, hi_off, dropout_p, True, HEAD_DIM, BLOCK_M,
+                    EVEN_M, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_PAD,
+                    HAS_DROPOUT, FAST_TANH, False)
         g += 1
     mask = (cols[:, None] < Skv) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
@@ -862,6 +887,117 @@ def _attn_bwd_dq_kernel(
                 full_hi, hi, Sq, Skv, qk_scale, cap_log2, cap_inv_scale, slope_log2, lo_off, hi_off,
                 dropout_p, True, HEAD_DIM, BLOCK_N, EVEN_N, EVEN_D, HAS_LEFT, HAS_RIGHT,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_PAD, HAS_DROPOUT, FAST_TANH)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + rows[:, None] * stride_dqm + offs_d[None, :],
+             _cast(dq * scale, DQ.dtype.element_ty),
+             mask=(rows[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))
+
+
+# --------------------------------------------------------------------------------------------
+# Stored-dS backward, for bands (windows bounded on both sides). The dQ kernel above recomputes
+# q k^T, p, dO v^T and dS, which the dK/dV kernel has also computed: 3 of the backward's 7 products
+# per block pair. Within a band of width w a key block's dS^T has about w + BLOCK_N rows, so it
+# can be kept: the dK/dV kernel stores every dS^T tile it makes (in the input dtype, the values it
+# feeds its own dS^T q product), and dQ becomes one product per tile, dq = dS k, read back from
+# memory. Order: a light kernel for delta and the log2 log-sum-exp (the dQ kernel's prologue),
+# dK/dV with STORE_DS, then _attn_bwd_dq_ds_kernel.
+#
+# _ds_layout: per (b, h, key block kb) a dense (span, BLOCK_N) row-major slab, row r - lo(kb) for
+# query r, where [lo(kb), hi(kb)) is the query range _q_range gives the dK/dV kernel for kb with
+# _DS_BLOCK's shape; span (host side, _ds_span) is the longest range rounded up to whole query
+# steps. Rows outside [lo, hi) of a slab are never read: their dS is zero by the band.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_prep_kernel(O, DO, LSE, DLSE, LSE2, DELTA,
+                          stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                          Hq, Sq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) (+inf for rows with no key), as the
+    dQ kernel computes them before its loop."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * Hq + h
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                   + rows[:, None] * stride_om + offs_d[None, :], rows, Sq, offs_d,
+                   True, HEAD_DIM, EVEN_D)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                    + rows[:, None] * stride_dom + offs_d[None, :], rows, Sq, offs_d,
+                    True, HEAD_DIM, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row_offs = bh.to(tl.int64) * Sq + rows
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row_offs, mask=rows < Sq, other=0.0)
+    lse = tl.load(LSE + row_offs, mask=rows < Sq, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
+    tl.store(DELTA + row_offs, delta, mask=rows < Sq)
+    tl.store(LSE2 + row_offs, lse2, mask=rows < Sq)
+
+
+@triton.jit
+def _attn_bwd_dq_ds_step(dq, DSh, Kb, stride_kn, rows, keys, offs_d, start_n, Sq, Skv,
+                         lo_off, hi_off, ds_span, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                         DS_BM: tl.constexpr, DS_BN: tl.constexpr):
+    q_lo, _, _, q_hi = _q_range(start_n, Sq, Skv, lo_off, hi_off, DS_BM, DS_BN, HAS_LEFT,
+                                HAS_RIGHT, True)
+    cols = start_n + keys
+    slab = DSh + (start_n // DS_BN).to(tl.int64) * ds_span * DS_BN
+    valid = (rows >= q_lo) & (rows < q_hi)
+    ds = tl.load(slab + (rows - q_lo)[:, None] * DS_BN + keys[None, :],
+                 mask=valid[:, None] & (cols[None, :] < Skv), other=0.0)
+    k = _load_tile(Kb + cols[:, None] * stride_kn + offs_d[None, :], cols, Skv, offs_d, True,
+                   HEAD_DIM, EVEN_D)
+    return _dot_acc(ds, k, dq)
+
+
+@triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st)
+             for m, w, st in ([(16, 4, 1)] if _INTERPRET else
+                              [(128, 8, 3), (128, 4, 3), (64, 4, 4)])],
+    key=["SQ_KEY", "SKV_KEY", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT"])
+@triton.jit
+def _attn_bwd_dq_ds_kernel(
+    DS, K, DQ,
+    stride_kb, stride_kh, stride_kn, stride_dqb, stride_dqh, stride_dqm,
+    Hq, GROUP, Sq, Skv, SQ_KEY, SKV_KEY, scale, lo_off, hi_off, ds_span,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DS_BM: tl.constexpr, DS_BN: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dq = scale * sum over the band's key blocks of dS k, dS read from _ds_layout."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * Hq + h
+    hk = h // GROUP
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    rows = start_m + tl.arange(0, BLOCK_M)
+    keys = tl.arange(0, DS_BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    DSh = DS + bh.to(tl.int64) * tl.cdiv(Skv, DS_BN) * ds_span * DS_BN
+    Kb = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    lo, _, _, hi = _kv_range(start_m, Sq, Skv, lo_off, hi_off, BLOCK_M, DS_BN, HAS_LEFT,
+                             HAS_RIGHT, True)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    if _IN_INTERPRETER:
+        start_n = lo
+        while start_n < hi:
+            dq = _attn_bwd_dq_ds_step(dq, DSh, Kb, stride_kn, rows, keys, offs_d, start_n, Sq,
+                                      Skv, lo_off, hi_off, ds_span, HEAD_DIM, EVEN_D, HAS_LEFT,
+                                      HAS_RIGHT, DS_BM, DS_BN)
+            start_n += DS_BN
+    else:
+        for start_n in range(lo, hi, DS_BN):
+            dq = _attn_bwd_dq_ds_step(dq, DSh, Kb, stride_kn, rows, keys, offs_d,
+                                      tl.multiple_of(start_n, DS_BN), Sq, Skv, lo_off, hi_off,
+                                      ds_span, HEAD_DIM, EVEN_D, HAS_LEFT, HAS_RIGHT, DS_BM,
+                                      DS_BN)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + rows[:, None] * stride_dqm + offs_d[None, :],
              _cast(dq * scale, DQ.dtype.element_ty),
@@ -1043,6 +1179,44 @@ def _sm90_backward_plan(q, k, v, do, meta, alibi, softcap, pad, dropout_p):
             "dkdv" in wanted and _sm90_backward_choice(wanted["dkdv"], *shape))
 
 
+# Whether a band's backward stores dS for its dQ (the stored-dS backward above): "auto" (the rule
+# in _ds_plan), "on" (every band, whatever the memory) or "off"; env REWRITER_ATTENTION_DS.
+DS_BACKWARD = os.environ.get("REWRITER_ATTENTION_DS", "auto")
+# "auto" keeps the stored dS to at most this many times the bytes of q (a 512-key window at head
+# dim 128 needs about 4.8x; the buffer lives only during the backward).
+DS_MAX_Q_RATIO = 8
+
+
+def _ds_span(sq: int, skv: int, lo_off: int, hi_off: int, block_m: int, block_n: int) -> int:
+    """Rows per key block of _ds_layout: the longest query range the dK/dV kernel walks for a
+    band (both sides bounded), in whole query steps; mirrors _q_range."""
+    start_n = torch.arange(0, skv, block_n, dtype=torch.int64)
+    last_col = torch.clamp(start_n + block_n, max=skv) - 1
+    lo = torch.clamp(start_n - hi_off, min=0) // block_m * block_m
+    hi = torch.clamp(torch.clamp(last_col - lo_off + 1, min=0), max=sq)
+    steps = torch.clamp(hi - lo, min=0).add(block_m - 1) // block_m
+    return int(steps.max().item()) * block_m if len(steps) else 0
+
+
+def _ds_plan(mode: str, q: torch.Tensor, skv: int, meta: dict, lo_off: int, hi_off: int) -> int:
+    """The stored-dS backward's slab rows (_ds_span) if this backward takes it, else 0: only a
+    band (a window bounded on both sides) at padded head dim <= 128, and under "auto" only when
+    the buffer stays within DS_MAX_Q_RATIO x the bytes of q."""
+    if mode not in ("auto", "on") or not (meta["HAS_LEFT"] and meta["HAS_RIGHT"]):
+        return 0
+    if meta["BLOCK_D"] > 128:
+        return 0
+    B, Hq, Sq, _ = q.shape
+    bm, bn = _DS_BLOCK
+    span = _ds_span(Sq, skv, lo_off, hi_off, bm, bn)
+    if span == 0:
+        return 0
+    ds_elems = B * Hq * triton.cdiv(skv, bn) * span * bn
+    if mode == "auto" and ds_elems > DS_MAX_Q_RATIO * q.numel():
+        return 0
+    return span
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       causal: bool, causal_align: str, window_left: Optional[int],
                       window_right: Optional[int], alibi_slopes: Optional[torch.Tensor],
@@ -1113,7 +1287,36 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
             s["cap_log2"], s["cap_inv_scale"], s["lo_off"], s["hi_off"], s["dropout_p"])
     gluon_dq, gluon_dkdv = _sm90_backward_plan(q, k, v, do, meta, alibi, softcap, pad,
                                                dropout_p)
-    # dQ first: it writes delta and lse2, which the dK/dV kernel reads.
+    dkdv_args = (
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        pad_stride, *tail)
+    ds_span = 0 if gluon_dq or gluon_dkdv else _ds_plan(DS_BACKWARD, q, Skv, meta, s["lo_off"],
+                                                        s["hi_off"])
+    if ds_span:
+        ds_bm, ds_bn = _DS_BLOCK
+        ds = torch.empty(B * Hq * triton.cdiv(Skv, ds_bn) * ds_span * ds_bn, device=q.device,
+                         dtype=q.dtype)
+        _attn_bwd_prep_kernel[(triton.cdiv(Sq, 64), Hq, B)](
+            out, do, lse.contiguous(), dlse, lse2, delta,
+            out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            Hq, Sq, HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=64,
+            num_warps=4)
+        _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B)](
+            q, k, v, do, dk, dv, lse2, delta, alibi, pad, seed, ds, ds_span, *dkdv_args,
+            STORE_DS=True, **meta)
+        _attn_bwd_dq_ds_kernel[lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)](
+            ds, k, dq, k.stride(0), k.stride(1), k.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            Hq, s["GROUP"], Sq, Skv, s["SQ_KEY"], s["SKV_KEY"], scale, s["lo_off"], s["hi_off"],
+            ds_span, HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], HAS_LEFT=True, HAS_RIGHT=True,
+            DS_BM=ds_bm, DS_BN=ds_bn)
+        return dq, dk, dv
+    # Otherwise dQ first: it writes delta and lse2, which the dK/dV kernel reads.
     if gluon_dq:
         try:
             _sm90.attention_backward_dq_sm90(q, k, v, out, do, lse, dlse, dq, lse2, delta,
@@ -1142,15 +1345,8 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
         except Exception as exc:  # e.g. a Triton build whose Gluon cannot compile the kernel
             _sm90.disable_backward(exc)
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B)](
-        q, k, v, do, dk, dv, lse2, delta, alibi, pad, seed,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        pad_stride, *tail, **meta,
-    )
+        q, k, v, do, dk, dv, lse2, delta, alibi, pad, seed, None, 0, *dkdv_args,
+        STORE_DS=False, **meta)
     return dq, dk, dv
 
 

@@ -892,3 +892,128 @@ def test_sm90_backward_plan_checks_support_once(monkeypatch):
     with pytest.warns(RuntimeWarning, match="simulated support-check failure"):
         assert plan() == (False, False)
     assert sm90.DQ_DISABLED is None and isinstance(sm90.BACKWARD_DISABLED, RuntimeError)
+
+
+# ------------------------------------------------------------------------------------------
+# The stored-dS backward (bands): the dK/dV kernel stores dS, a light dQ kernel reads it.
+# ------------------------------------------------------------------------------------------
+
+DS_CASES = [
+    (1, 2, 2, 100, 100, 32, dict(causal=True, window=(20, 0))),
+    (1, 4, 1, 64, 64, 32, dict(causal=True, window=(16, 0))),
+    (1, 2, 1, 150, 190, 32, dict(window=(60, 50), causal_align="bottom_right")),
+    (1, 2, 2, 70, 50, 32, dict(window=(12, 7), causal_align="bottom_right")),
+    (2, 4, 2, 30, 47, 32, dict(causal=True, causal_align="bottom_right", window=(9, 0),
+                               alibi_slopes="alibi", softcap=4.0, key_padding_mask="pad")),
+    (1, 2, 2, 1000, 300, 16, dict(window=(40, 30))),  # key blocks no query sees
+    (1, 2, 2, 45, 45, 80, dict(causal=True, window=(10, 0))),  # head dim padded to 128
+]
+
+
+def _count_ds_launches(monkeypatch):
+    launches = []
+    run = fa_mod._attn_bwd_dq_ds_kernel.run
+    monkeypatch.setattr(fa_mod._attn_bwd_dq_ds_kernel, "run",
+                        lambda *a, **kw: launches.append(1) or run(*a, **kw))
+    return launches
+
+
+@pytest.mark.parametrize("case", DS_CASES, ids=[_case_id(c) for c in DS_CASES])
+def test_stored_ds_backward_matches_reference(case, monkeypatch):
+    """Forced on, the stored-dS path runs (its dQ kernel launches once), and its gradients match
+    the float64 reference and the recomputing backward (dK, dV bit for bit: same kernel)."""
+    B, Hq, Hkv, Sq, Skv, D, kw = case
+    kw = _materialize(kw, B, Hq, Skv)
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D)
+    launches = _count_ds_launches(monkeypatch)
+    grads = {}
+    for mode in ("on", "off"):
+        monkeypatch.setattr(fa_mod, "DS_BACKWARD", mode)
+        out, lse = _op(q, k, v, **kw)
+        grads[mode], g, gl = _grads(out, lse, (q, k, v), lse_grad=False)
+        assert len(launches) == 1, mode
+    _, _, ref = _reference_with_grads(q, k, v, g, None, **kw)
+    for name, x, y, r in zip(("dq", "dk", "dv"), grads["on"], grads["off"], ref):
+        assert _rel(x, r) < FP32_TOL, name
+        assert _rel(x, y) < 1e-6, name
+    assert torch.equal(grads["on"][1], grads["off"][1])
+    assert torch.equal(grads["on"][2], grads["off"][2])
+
+
+def test_stored_ds_backward_is_chosen_for_bands_only(monkeypatch):
+    """"auto" takes the stored-dS path for a band; a one-sided window, a causal mask alone, a
+    head dim over 128, or a band whose dS would exceed DS_MAX_Q_RATIO x q keep the recomputing
+    dQ kernel; "off" turns it off."""
+    launches = _count_ds_launches(monkeypatch)
+    monkeypatch.setattr(fa_mod, "DS_BACKWARD", "auto")
+
+    def run(Sq, D, **kw):
+        q, k, v = _inputs(1, 2, 2, Sq, Sq, D)
+        out = flash_attention(q, k, v, **kw)
+        before = len(launches)
+        torch.autograd.grad(out.sum(), (q, k, v))
+        return len(launches) - before
+
+    assert run(64, 32, causal=True, window=(16, 0)) == 1
+    assert run(64, 32, window=(16, 16)) == 1
+    assert run(64, 32, window=(16, None)) == 0    # no right edge
+    assert run(64, 32, causal=True) == 0          # no left edge
+    assert run(40, 160, causal=True, window=(8, 0)) == 0  # head dim 160 (pads to 256)
+    monkeypatch.setattr(fa_mod, "DS_MAX_Q_RATIO", 0.5)
+    assert run(64, 32, causal=True, window=(16, 0)) == 0  # over the memory budget
+    monkeypatch.setattr(fa_mod, "DS_BACKWARD", "on")
+    assert run(64, 32, causal=True, window=(16, 0)) == 1  # "on" ignores the budget
+    monkeypatch.setattr(fa_mod, "DS_BACKWARD", "off")
+    assert run(64, 32, causal=True, window=(16, 0)) == 0
+
+
+@pytest.mark.parametrize("sq,skv,lo_off,hi_off", [
+    (4096, 4096, -511, 0), (100, 100, -20, 0), (70, 50, -32, -13), (1000, 300, -40, 30),
+    (300, 1000, 660, 760), (17, 17, -3, 2)])
+def test_ds_span_is_the_longest_walked_query_range(sq, skv, lo_off, hi_off):
+    """_ds_span against a brute force over key blocks: the rows a key block's visible queries
+    occupy, from its first query step, rounded up to whole steps."""
+    bm, bn = 32, 64
+    want = 0
+    for start_n in range(0, skv, bn):
+        cols = range(start_n, min(start_n + bn, skv))
+        rows = [i for i in range(sq) if any(lo_off <= j - i <= hi_off for j in cols)]
+        if rows:
+            lo = max(start_n - hi_off, 0) // bm * bm
+            assert lo <= rows[0]
+            want = max(want, -(-(rows[-1] + 1 - lo) // bm) * bm)
+    assert fa_mod._ds_span(sq, skv, lo_off, hi_off, bm, bn) == want
+
+
+DS_GPU_CASES = [
+    (1, 16, 16, 4096, 4096, 128, dict(causal=True, window=(511, 0))),
+    (2, 8, 2, 3000, 3000, 128, dict(window=(300, 200))),
+    (1, 8, 8, 2000, 2100, 64, dict(causal=True, causal_align="bottom_right", window=(255, 0),
+                                   alibi_slopes="alibi", softcap=30.0)),
+    (2, 4, 4, 1500, 1500, 96, dict(causal=True, window=(127, 0), key_padding_mask="pad")),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", DS_GPU_CASES, ids=[_case_id(c) for c in DS_GPU_CASES])
+def test_gpu_stored_ds_backward_bf16(case, monkeypatch):
+    """Real sizes, bf16, the stored-dS path forced on: within 2x eager's error of the float64
+    reference, and its dQ within 2x the recomputing backward's error."""
+    B, Hq, Hkv, Sq, Skv, D, kw = case
+    kw = _materialize(kw, B, Hq, Skv)
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D, dtype=torch.bfloat16)
+    launches = _count_ds_launches(monkeypatch)
+    g = None
+    grads = {}
+    for mode in ("on", "off"):
+        monkeypatch.setattr(fa_mod, "DS_BACKWARD", mode)
+        out = flash_attention(q, k, v, **kw)
+        g = torch.randn_like(out) if g is None else g
+        grads[mode] = torch.autograd.grad(out, (q, k, v), g)
+    assert len(launches) == 1
+    _, _, ref = _reference_with_grads(q, k, v, g, None, **kw)
+    qe, ke, ve = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    eager = torch.autograd.grad(_eager_lowp(qe, ke, ve, **kw), (qe, ke, ve), g)
+    for name, x, y, e, r in zip(("dq", "dk", "dv"), grads["on"], grads["off"], eager, ref):
+        assert _rel(x, r) <= 2 * _rel(e, r), name
+        assert _rel(x, r) <= 2 * _rel(y, r), name
