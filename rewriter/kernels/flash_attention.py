@@ -44,7 +44,8 @@ Speed, measured on one H200 (bf16, D=128, S=4096, 16k tokens; see
 benchmarks/results/attention_nvidia-h200_quick.md): causal forward 0.82-0.85x of SDPA's
 ``is_causal`` kernel and forward+backward 0.82x; with ALiBi, a 512-key sliding window or
 soft-capping, 1.1-2.1x FlexAttention in GPU time and 2.5-6.7x SDPA given the materialized bias.
-Forward launches one kernel and backward two; a call whose GPU time is well under a
+Forward launches one kernel and backward two (three for a band, whose backward stores dS once
+and reads it back for dQ: see "Stored-dS backward" below); a call whose GPU time is well under a
 millisecond is bound by host launch overhead on a slow host (CUDA graphs remove it). On Hopper
 (sm_90) the forward and the two backward kernels (dQ, dK/dV) of the common variants (plain,
 causal, windows, ALiBi; bf16/fp16; head dims 64 and 128) can run warp-specialized Gluon kernels
@@ -801,6 +802,24 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, PAD, 
     return dq
 
 
+@triton.jit
+def _delta_and_lse2(o, do, LSE, DLSE, LSE2, DELTA, row_offs, rows, Sq, HAS_DLSE: tl.constexpr):
+    """Stores and returns delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) of ``rows``, the
+    per-row terms of the backward (the dQ kernel's prologue)."""
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    # d lse_i / d s_ij = p_ij, so a gradient on the log-sum-exp folds into delta:
+    # ds = p * (dp - delta) + p * dlse = p * (dp - (delta - dlse)).
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row_offs, mask=rows < Sq, other=0.0)
+    # Rows with no visible key (lse = -inf) and rows past Sq get +inf, which makes every
+    # recomputed p = exp2(s - lse2) exactly 0 there.
+    lse = tl.load(LSE + row_offs, mask=rows < Sq, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
+    tl.store(DELTA + row_offs, delta, mask=rows < Sq)
+    tl.store(LSE2 + row_offs, lse2, mask=rows < Sq)
+    return delta, lse2
+
+
 @_tuned("dq", _DQ_CONFIGS)
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -837,18 +856,8 @@ def _attn_bwd_dq_kernel(
     o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                    + rows[:, None] * stride_om + offs_d[None, :], rows, Sq, offs_d,
                    not EVEN_M, HEAD_DIM, EVEN_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row_offs = bh.to(tl.int64) * Sq + rows
-    # d lse_i / d s_ij = p_ij, so a gradient on the log-sum-exp folds into delta:
-    # ds = p * (dp - delta) + p * dlse = p * (dp - (delta - dlse)).
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + row_offs, mask=rows < Sq, other=0.0)
-    # Rows with no visible key (lse = -inf) and rows past Sq get +inf, which makes every
-    # recomputed p = exp2(s - lse2) exactly 0 there.
-    lse = tl.load(LSE + row_offs, mask=rows < Sq, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
-    tl.store(DELTA + row_offs, delta, mask=rows < Sq)
-    tl.store(LSE2 + row_offs, lse2, mask=rows < Sq)
+    delta, lse2 = _delta_and_lse2(o, do, LSE, DLSE, LSE2, DELTA, bh.to(tl.int64) * Sq + rows,
+                                  rows, Sq, HAS_DLSE)
     Kb = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     Vb = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     slope_log2 = 0.0
@@ -914,8 +923,8 @@ def _attn_bwd_prep_kernel(O, DO, LSE, DLSE, LSE2, DELTA,
                           stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
                           Hq, Sq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) (+inf for rows with no key), as the
-    dQ kernel computes them before its loop."""
+    """delta and lse2 (_delta_and_lse2) for the stored-dS backward, whose dK/dV kernel runs
+    first."""
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -929,14 +938,8 @@ def _attn_bwd_prep_kernel(O, DO, LSE, DLSE, LSE2, DELTA,
     do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                     + rows[:, None] * stride_dom + offs_d[None, :], rows, Sq, offs_d,
                     True, HEAD_DIM, EVEN_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row_offs = bh.to(tl.int64) * Sq + rows
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + row_offs, mask=rows < Sq, other=0.0)
-    lse = tl.load(LSE + row_offs, mask=rows < Sq, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
-    tl.store(DELTA + row_offs, delta, mask=rows < Sq)
-    tl.store(LSE2 + row_offs, lse2, mask=rows < Sq)
+    _delta_and_lse2(o, do, LSE, DLSE, LSE2, DELTA, bh.to(tl.int64) * Sq + rows, rows, Sq,
+                    HAS_DLSE)
 
 
 @triton.jit
