@@ -1226,6 +1226,15 @@ def _ds_plan(mode: str, q: torch.Tensor, skv: int, meta: dict, lo_off: int, hi_o
     return span
 
 
+def _alloc_ds(numel: int, q: torch.Tensor) -> Optional[torch.Tensor]:
+    """The stored-dS buffer, or None when the device cannot hold it now (the backward then
+    recomputes dS in its dQ kernel, as without the stored-dS path)."""
+    try:
+        return torch.empty(numel, device=q.device, dtype=q.dtype)
+    except torch.OutOfMemoryError:
+        return None
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       causal: bool, causal_align: str, window_left: Optional[int],
                       window_right: Optional[int], alibi_slopes: Optional[torch.Tensor],
@@ -1306,10 +1315,9 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
         pad_stride, *tail)
     ds_span = 0 if gluon_dq or gluon_dkdv else _ds_plan(DS_BACKWARD, q, Skv, meta, s["lo_off"],
                                                         s["hi_off"])
-    if ds_span:
-        ds_bm, ds_bn = _DS_BLOCK
-        ds = torch.empty(B * Hq * triton.cdiv(Skv, ds_bn) * ds_span * ds_bn, device=q.device,
-                         dtype=q.dtype)
+    ds_bm, ds_bn = _DS_BLOCK
+    ds = _alloc_ds(B * Hq * triton.cdiv(Skv, ds_bn) * ds_span * ds_bn, q) if ds_span else None
+    if ds is not None:
         _attn_bwd_prep_kernel[(triton.cdiv(Sq, 64), Hq, B)](
             out, do, lse.contiguous(), dlse, lse2, delta,
             out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),

@@ -967,6 +967,31 @@ def test_stored_ds_backward_is_chosen_for_bands_only(monkeypatch):
     assert run(64, 32, causal=True, window=(16, 0)) == 0
 
 
+def test_stored_ds_backward_falls_back_when_memory_is_short(monkeypatch):
+    """A dS buffer the device cannot allocate sends the backward down the recomputing path, with
+    the same gradients, instead of failing the user's step."""
+    launches = _count_ds_launches(monkeypatch)
+    monkeypatch.setattr(fa_mod, "DS_BACKWARD", "on")
+    q, k, v = _inputs(1, 2, 2, 64, 64, 32)
+    out = flash_attention(q, k, v, causal=True, window=(16, 0))
+    g = torch.randn_like(out)
+    want = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+    assert len(launches) == 1
+
+    real_empty = torch.empty
+
+    def empty(*size, **kw):  # refuses only a buffer the size of the stored dS (one flat dim)
+        if len(size) == 1 and isinstance(size[0], int) and size[0] >= 4096:
+            raise torch.OutOfMemoryError("simulated: no room for dS")
+        return real_empty(*size, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    assert len(launches) == 1  # the stored-dS dQ kernel did not run again
+    for x, y in zip(got, want):
+        assert _rel(x, y) < 1e-6
+
+
 @pytest.mark.parametrize("sq,skv,lo_off,hi_off", [
     (4096, 4096, -511, 0), (100, 100, -20, 0), (70, 50, -32, -13), (1000, 300, -40, 30),
     (300, 1000, 660, 760), (17, 17, -3, 2)])
