@@ -280,6 +280,21 @@ def _q_range(start_n, Sq, Skv, lo_off, hi_off, BLOCK_M: tl.constexpr, BLOCK_N: t
     return lo, full_lo, full_hi, hi
 
 
+@triton.jit
+def _query_program(BLOCK_M: tl.constexpr, Hq, GROUP, LAST_FIRST: tl.constexpr):
+    """``(start_m, h, b, bh, hk, rows)`` of a program over (query blocks, query heads, batch):
+    its first query row, query head, batch index, flat head index b * Hq + h, kv head and rows.
+    ``LAST_FIRST`` runs the query blocks last-to-first: under a causal mask the last block has
+    the most keys, and launching the longest programs first shortens the tail of the grid."""
+    if LAST_FIRST:
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    return start_m, h, b, b * Hq + h, h // GROUP, start_m + tl.arange(0, BLOCK_M)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward.
 # --------------------------------------------------------------------------------------------
@@ -462,16 +477,8 @@ def _attn_fwd_kernel(
     FAST_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    # Query blocks run last-to-first: under a causal mask the last block has the most keys, and
-    # launching the longest programs first shortens the tail of the grid.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * Hq + h
-    hk = h // GROUP
+    start_m, h, b, bh, hk, rows = _query_program(BLOCK_M, Hq, GROUP, True)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-
-    rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     Qb = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     Kb = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -839,13 +846,8 @@ def _attn_bwd_dq_kernel(
     FAST_TANH: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * Hq + h
-    hk = h // GROUP
+    start_m, h, b, bh, hk, rows = _query_program(BLOCK_M, Hq, GROUP, True)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                    + rows[:, None] * stride_qm + offs_d[None, :], rows, Sq, offs_d,
@@ -925,11 +927,7 @@ def _attn_bwd_prep_kernel(O, DO, LSE, DLSE, LSE2, DELTA,
                           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta and lse2 (_delta_and_lse2) for the stored-dS backward, whose dK/dV kernel runs
     first."""
-    start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * Hq + h
-    rows = start_m + tl.arange(0, BLOCK_M)
+    start_m, h, b, bh, _, rows = _query_program(BLOCK_M, Hq, 1, False)
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -974,13 +972,8 @@ def _attn_bwd_dq_ds_kernel(
     DS_BM: tl.constexpr, DS_BN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dq = scale * sum over the band's key blocks of dS k, dS read from _ds_layout."""
-    start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * Hq + h
-    hk = h // GROUP
+    start_m, h, b, bh, hk, rows = _query_program(BLOCK_M, Hq, GROUP, False)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    rows = start_m + tl.arange(0, BLOCK_M)
     keys = tl.arange(0, DS_BN)
     offs_d = tl.arange(0, BLOCK_D)
     DSh = DS + bh.to(tl.int64) * tl.cdiv(Skv, DS_BN) * ds_span * DS_BN
