@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from rewriter.kernels import _launch
 from rewriter.kernels import nvfp4 as nv
 
 
@@ -71,11 +72,11 @@ def main():
             out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
             cfg = nv._select_config(x, w, None, out)
             def slow_launch():
-                nv._FAST_LAUNCH = False
+                _launch.ENABLED = False
                 try:
                     return mod(x)
                 finally:
-                    nv._FAST_LAUNCH = True
+                    _launch.ENABLED = True
 
             c_lin = torch.compile(lambda t: F.linear(t, lin.weight))
             c_mod = torch.compile(mod)
@@ -98,7 +99,7 @@ def main():
                 h = per_call_us(fn)
                 g = graph_us(fn) if name in ("F.linear bf16", "NVFP4Linear") else float("nan")
                 if name == "NVFP4Linear":
-                    assert nv._FAST_LAUNCH, "the short launch path turned itself off"
+                    assert _launch.ENABLED, "the short launch path turned itself off"
                 lines.append(f"| {name} | {h:.1f} | {g:.1f} |")
                 print(lines[-1], flush=True)
             # The pieces of one launch, each timed alone (host time per call).

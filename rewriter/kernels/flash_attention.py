@@ -76,6 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from . import flash_attention_sm90 as _sm90
 
 __all__ = [
@@ -1260,7 +1261,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     def grid(m):
         return (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)
 
-    _attn_fwd_kernel[grid](
+    _launch.launch(
+        _attn_fwd_kernel, grid,
         q, k, v, out, lse, alibi, pad, seed,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1314,15 +1316,18 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
     ds_bm, ds_bn = _DS_BLOCK
     ds = _alloc_ds(B * Hq * triton.cdiv(Skv, ds_bn) * ds_span * ds_bn, q) if ds_span else None
     if ds is not None:
-        _attn_bwd_prep_kernel[(triton.cdiv(Sq, 64), Hq, B)](
+        _launch.launch(
+            _attn_bwd_prep_kernel, (triton.cdiv(Sq, 64), Hq, B),
             out, do, lse.contiguous(), dlse, lse2, delta,
             out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
             Hq, Sq, HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=64,
             num_warps=4)
-        _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B)](
+        _launch.launch(
+            _attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B),
             q, k, v, do, dk, dv, lse2, delta, alibi, pad, seed, ds, ds_span, *dkdv_args,
             STORE_DS=True, **meta)
-        _attn_bwd_dq_ds_kernel[lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)](
+        _launch.launch(
+            _attn_bwd_dq_ds_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B),
             ds, k, dq, k.stride(0), k.stride(1), k.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             Hq, s["GROUP"], Sq, Skv, s["SQ_KEY"], s["SKV_KEY"], scale, s["lo_off"], s["hi_off"],
@@ -1339,7 +1344,8 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
             _sm90.disable_dq(exc)
             gluon_dq = False
     if not gluon_dq:
-        _attn_bwd_dq_kernel[lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)](
+        _launch.launch(
+            _attn_bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B),
             q, k, v, out, do, dq, lse.contiguous(), dlse, lse2, delta, alibi, pad, seed,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -1357,7 +1363,8 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
             return dq, dk, dv
         except Exception as exc:  # e.g. a Triton build whose Gluon cannot compile the kernel
             _sm90.disable_backward(exc)
-    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B)](
+    _launch.launch(
+        _attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B),
         q, k, v, do, dk, dv, lse2, delta, alibi, pad, seed, None, 0, *dkdv_args,
         STORE_DS=False, **meta)
     return dq, dk, dv
@@ -1371,10 +1378,12 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
 # Defined with torch.library.Library and an autograd.Function as the Autograd kernel rather than
 # torch.library.custom_op + register_autograd: the two behave the same under torch.compile and
 # torch.export (tested), but custom_op's autograd wrapper re-binds all 13 arguments against the
-# schema on every call. With the kernel launches stubbed out, a forward+backward call (one op
-# forward, autograd, one op backward) took 272 us of Python through custom_op on the development
-# machine and 178 us through this path (median of 7 x 300 calls, the two alternated); on a GPU host
-# that cost shows in every eager call shorter than about a millisecond. Not re-measured on a GPU.
+# schema on every call (272 against 178 us of Python per forward+backward on the development
+# machine, launches stubbed out). Even so, a call through the dispatcher into these Python
+# implementations costs host time: on the H100 host, causal, S = 1024, D = 128, the forward op
+# 142 us against 61 us for its implementation called directly, the backward op 307 against 147
+# (results/attention_host_split_h100.txt). So an eager call on plain tensors skips the ops
+# (flash_attention below); tracing and tensor subclasses still go through them.
 _LIB = torch.library.Library("rewriter", "FRAGMENT")
 _VARIANT_SCHEMA = ("float scale, bool causal, str causal_align, int? window_left, int? window_right, "
                    "Tensor? alibi_slopes, float? softcap, Tensor? key_padding_mask, float dropout_p, "
@@ -1399,18 +1408,29 @@ def _flash_attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, *args)
 
 
 class _FlashAttentionFunction(torch.autograd.Function):
-    """Autograd of ``rewriter::flash_attention``: the forward op below the Autograd key, the
-    backward op for the gradients (no double backward)."""
+    """Autograd of ``rewriter::flash_attention`` (no double backward).
+
+    ``direct`` False: the Autograd kernel of the op; the forward and the backward go through the
+    ops (what tracing records). ``direct`` True: an eager call on plain tensors
+    (:func:`flash_attention`), which runs the implementations without the dispatcher: each op
+    call through it costs 80-160 us of host time (H100 host, results/attention_host_*.txt)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, causal_align, window_left, window_right, alibi_slopes,
-                softcap, key_padding_mask, dropout_p, seed):
-        with torch._C._AutoDispatchBelowAutograd():
-            out, lse = torch.ops.rewriter.flash_attention(
-                q, k, v, scale, causal, causal_align, window_left, window_right, alibi_slopes,
+    def forward(ctx, direct, q, k, v, scale, causal, causal_align, window_left, window_right,
+                alibi_slopes, softcap, key_padding_mask, dropout_p, seed):
+        args = (q, k, v, scale, causal, causal_align, window_left, window_right, alibi_slopes,
                 softcap, key_padding_mask, dropout_p, seed)
+        if direct:
+            out, lse = attention_forward(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                out, lse = torch.ops.rewriter.flash_attention(*args)
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, key_padding_mask, seed)
         ctx.variant = (scale, causal, causal_align, window_left, window_right, softcap, dropout_p)
+        ctx.direct = direct
+        # Gradients of unused outputs stay None (most callers use ``out`` alone): the backward
+        # then skips the lse term instead of reading a tensor of zeros made for it.
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
@@ -1419,10 +1439,14 @@ class _FlashAttentionFunction(torch.autograd.Function):
         scale, causal, causal_align, window_left, window_right, softcap, dropout_p = ctx.variant
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.rewriter.flash_attention_backward(
-            grad_out, grad_lse, q, k, v, out, lse, scale, causal, causal_align, window_left,
-            window_right, alibi_slopes, softcap, key_padding_mask, dropout_p, seed)
-        return (dq, dk, dv) + (None,) * 10
+        args = (grad_out, grad_lse, q, k, v, out, lse, scale, causal, causal_align, window_left,
+                window_right, alibi_slopes, softcap, key_padding_mask, dropout_p, seed)
+        # Under create_graph the op runs (its autograd refuses a double backward clearly).
+        if ctx.direct and not torch.is_grad_enabled():
+            dq, dk, dv = attention_backward(*args)
+        else:
+            dq, dk, dv = torch.ops.rewriter.flash_attention_backward(*args)
+        return (None, dq, dk, dv) + (None,) * 10
 
 
 class _FlashAttentionBackwardFunction(torch.autograd.Function):
@@ -1452,7 +1476,7 @@ _LIB.impl("flash_attention_backward", _flash_attention_backward_autograd, "Autog
 
 def _flash_attention_autograd(q, k, v, *variant):
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _FlashAttentionFunction.apply(q, k, v, *variant)
+        return _FlashAttentionFunction.apply(False, q, k, v, *variant)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.rewriter.flash_attention(q, k, v, *variant)
 
@@ -1559,9 +1583,14 @@ def flash_attention(q, k, v, *, scale=None, causal=False, causal_align="top_left
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64)
-    out, _ = torch.ops.rewriter.flash_attention(
-        q, k, v, float(scale), bool(causal), causal_align, left, right, alibi_slopes,
-        None if softcap is None else float(softcap), pad, float(dropout_p), seed)
+    args = (q, k, v, float(scale), bool(causal), causal_align, left, right, alibi_slopes,
+            None if softcap is None else float(softcap), pad, float(dropout_p), seed)
+    if not _launch.plain_eager(q, k, v, alibi_slopes, pad):
+        out, _ = torch.ops.rewriter.flash_attention(*args)  # traced, or a tensor subclass
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, _ = _FlashAttentionFunction.apply(True, *args)
+    else:
+        out, _ = attention_forward(*args)
     return out
 
 

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from . import _launch
 from ._device import capability as _capability
 
 try:  # Gluon ships with Triton >= 3.5; without it this module reports itself unavailable.
@@ -770,7 +771,8 @@ def attention_forward_sm90(q, k, v, scale: float, has_left: bool, has_right: boo
         lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     alibi = lse if alibi_slopes is None else alibi_slopes.contiguous()  # any pointer if unused
     grid = (-(-Sq // (2 * _HALF)), Hq, B)
-    _attn_fwd_sm90_kernel[grid](
+    _launch.launch(
+        _attn_fwd_sm90_kernel, grid,
         _descriptor(q, _HALF), _descriptor(k, _BLOCK_N), _descriptor(v, _BLOCK_N), out, lse,
         alibi, out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv, Sq, Skv,
         scale * _LOG2E, lo_off, hi_off, HAS_LEFT=has_left, HAS_RIGHT=has_right,
@@ -806,7 +808,8 @@ def attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, scale: float,
     Hkv, Skv = k.shape[1], k.shape[2]
     alibi = lse2 if alibi_slopes is None else alibi_slopes.contiguous()
     grid = (-(-Skv // (2 * _BWD_HALF)), Hkv, B)
-    _attn_bwd_dkdv_sm90_kernel[grid](
+    _launch.launch(
+        _attn_bwd_dkdv_sm90_kernel, grid,
         _descriptor(q, _BWD_BLOCK_M), _descriptor(do, _BWD_BLOCK_M), _descriptor(k, _BWD_HALF),
         _descriptor(v, _BWD_HALF), dk, dv, lse2, delta, alibi,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -832,7 +835,8 @@ def attention_backward_dq_sm90(q, k, v, out, do, lse, grad_lse, dq, lse2, delta,
     grid = (-(-Sq // (2 * _HALF)), Hq, B)
     # Shared memory: query and dO halves (32 KB each at D = 128) and per stage a 64-key block of
     # K and of V (32 KB): four stages fit at D = 128.
-    _attn_bwd_dq_sm90_kernel[grid](
+    _launch.launch(
+        _attn_bwd_dq_sm90_kernel, grid,
         _descriptor(q, _HALF), _descriptor(do, _HALF), _descriptor(k, _DQ_BLOCK_N),
         _descriptor(v, _DQ_BLOCK_N), out, do, lse.contiguous(), dlse.contiguous(), lse2, delta,
         dq, alibi, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1),

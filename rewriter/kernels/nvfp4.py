@@ -48,16 +48,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor, nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import _launch as _launcher
 from ._device import capability as _capability
 
-try:  # Triton's launch internals, for the short launch path (_launch_kernel); absent -> the normal path
-    from triton import knobs as _knobs
-    from triton.runtime import driver as _driver
-    from triton.runtime.jit import compute_cache_key as _compute_cache_key
-except ImportError:  # pragma: no cover - another Triton version
-    _knobs = _driver = _compute_cache_key = None
 
 __all__ = [
     "NVFP4Weight",
@@ -1516,44 +1510,11 @@ _TUNED: dict[tuple, NVFP4GemmConfig] = {}
 _COUNTERS: dict[tuple, Tensor] = {}
 
 
-# Launches. Triton's ``JITFunction.run`` re-checks on every launch that each global the kernel read
-# when it was compiled still has its value (the PTX strings and constants of this module: they never
-# change), through Python-level constexpr comparisons; with the argument binding that is most of a
-# launch's host time. In a decode step without CUDA graphs the host time is the layer's time (on the
-# H100 host: ~50-90 us per launch against ~4 us of GPU time for a 2048 x 2048 weight,
-# benchmarks/results/nvfp4_host_*.md). The short path below binds the arguments with Triton's own
-# binder (so the same specialization selects the same compiled kernel) and calls that kernel's
-# launcher directly; a launch it cannot make (first launch of a specialization, which compiles, or
-# anything unexpected) goes through ``fn[grid]``, and an unexpected error turns the short path off.
-_FAST_LAUNCH = True
-FAST_LAUNCHES = 0  # launches made by the short path (for tests)
-
-
-def _launch_kernel(fn, grid: tuple, *args, **kwargs) -> None:
-    """``fn[grid](*args, **kwargs)``, by the short path once ``fn`` is compiled for these arguments."""
-    global _FAST_LAUNCH, FAST_LAUNCHES
-    if _FAST_LAUNCH and _knobs is not None and not _interpreting():
-        try:
-            device = _driver.active.get_current_device()
-            caches = fn.device_caches.get(device)
-            if caches is not None:
-                kernel_cache, key_cache, _, _, binder = caches
-                opts = dict(kwargs, debug=kwargs.get("debug", fn.debug) or _knobs.runtime.debug,
-                            instrumentation_mode=_knobs.compilation.instrumentation_mode)
-                bound, specialization, options = binder(*args, **opts)
-                kernel = kernel_cache.get(_compute_cache_key(key_cache, specialization, options))
-                if kernel is not None and not hasattr(kernel, "result"):
-                    stream = _driver.active.get_current_stream(device)
-                    values = bound.values()
-                    g = tuple(grid) + (1, 1)
-                    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
-                               kernel.launch_metadata(grid, stream, *values), _knobs.runtime.launch_enter_hook,
-                               _knobs.runtime.launch_exit_hook, *values)
-                    FAST_LAUNCHES += 1
-                    return
-        except Exception:  # noqa: BLE001 - another Triton version: use its own path from now on
-            _FAST_LAUNCH = False
-    fn[grid](*args, **kwargs)
+# Launches go through the short path of ``_launch.py`` (shared with the attention kernels): in a
+# decode step without CUDA graphs the host time is the layer's time (on the H100 host: ~50-90 us
+# per launch through ``fn[grid]`` against ~4 us of GPU time for a 2048 x 2048 weight,
+# benchmarks/results/nvfp4_host_*.md).
+_launch_kernel = _launcher.launch
 
 
 def _split_counters(device: torch.device, blocks: int) -> Tensor:
@@ -1855,11 +1816,7 @@ torch.library.register_fake("rewriter::nvfp4_linear", _nvfp4_linear_fake, lib=_L
 torch.library.register_autograd("rewriter::nvfp4_linear", _nvfp4_linear_backward, lib=_LIB)
 
 
-def _plain_eager(x: Tensor) -> bool:
-    """True when ``x`` is an ordinary tensor in eager execution: nothing traces or transforms the
-    call, so the op's implementation can run without the dispatcher."""
-    return (type(x) is Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+_plain_eager = _launcher.plain_eager
 
 
 _KERNEL_DEVICES: set = set()  # CUDA device indices supports() has accepted

@@ -467,6 +467,59 @@ def test_double_backward_is_refused_clearly():
         torch.autograd.grad(gq.sum(), (q,))
 
 
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_keep_the_op(monkeypatch):
+    """An eager call on plain tensors runs the implementations directly (the op's dispatch costs
+    host time); a call under a dispatch mode (as under tracing) goes through the op, with the same
+    results. The backward gets no zeros for the unused lse gradient either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    # The ops were registered with the original functions; the direct path looks the module's
+    # names up at call time, so spies there see the direct calls only.
+    direct_calls = []
+    real_fwd, real_bwd = fa_mod.attention_forward, fa_mod.attention_backward
+
+    def spy_fwd(*args):
+        direct_calls.append("forward")
+        return real_fwd(*args)
+
+    def spy_bwd(grad_out, grad_lse, *args):
+        direct_calls.append(("backward", grad_lse))
+        return real_bwd(grad_out, grad_lse, *args)
+
+    monkeypatch.setattr(fa_mod, "attention_forward", spy_fwd)
+    monkeypatch.setattr(fa_mod, "attention_backward", spy_bwd)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = _inputs(1, 4, 2, 20, 20, 16)
+    do = torch.randn_like(q)
+    direct = flash_attention(q, k, v, causal=True, softcap=6.0)
+    g_direct = torch.autograd.grad(direct, (q, k, v), do)
+    assert direct_calls == ["forward", ("backward", None)]
+    with torch.no_grad():
+        assert torch.equal(flash_attention(q, k, v, causal=True, softcap=6.0), direct)
+    assert direct_calls[-1] == "forward"
+    del direct_calls[:]
+    mode = Ops()
+    with mode:
+        traced = flash_attention(q, k, v, causal=True, softcap=6.0)
+        g_traced = torch.autograd.grad(traced, (q, k, v), do)
+    assert direct_calls == []
+    assert "rewriter.flash_attention.default" in mode.ops
+    assert "rewriter.flash_attention_backward.default" in mode.ops
+    assert not any("zeros" in o or "fill" in o for o in mode.ops), mode.ops
+    assert torch.equal(direct, traced)
+    for a, b in zip(g_direct, g_traced):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------------
 # Real sizes on the GPU.
 # ------------------------------------------------------------------------------------------
@@ -1042,3 +1095,47 @@ def test_gpu_stored_ds_backward_bf16(case, monkeypatch):
     for name, x, y, e, r in zip(("dq", "dk", "dv"), grads["on"], grads["off"], eager, ref):
         assert _rel(x, r) <= 2 * _rel(e, r), name
         assert _rel(x, r) <= 2 * _rel(y, r), name
+
+
+# --------------------------------------------------------------------------------------------
+# The short launch path (rewriter/kernels/_launch.py) on the real kernels.
+# --------------------------------------------------------------------------------------------
+
+from rewriter.kernels import _launch  # noqa: E402
+
+LAUNCH_GPU_VARIANTS = {
+    "causal": dict(causal=True),                    # Gluon kernels on sm_90 (TMA descriptors)
+    "window": dict(causal=True, window=(255, 0)),    # the stored-dS band backward
+    "softcap": dict(causal=True, softcap=30.0),      # the Triton forward, dQ and dK/dV kernels
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(LAUNCH_GPU_VARIANTS))
+def test_gpu_short_launch_path_same_result(monkeypatch, variant):
+    """Forward and gradients through the short path equal Triton's own launches bit for bit,
+    also when only the batch changes (same launch signature, a different grid)."""
+    kw = LAUNCH_GPU_VARIANTS[variant]
+    for batch in (2, 3):
+        g = torch.Generator(device="cuda").manual_seed(batch)
+        q, k, v = [torch.randn(batch, 4, 1000, 128, device="cuda", dtype=torch.bfloat16,
+                               generator=g).requires_grad_() for _ in range(3)]
+        do = torch.randn(batch, 4, 1000, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+
+        def step():
+            out = flash_attention(q, k, v, **kw)
+            return (out,) + torch.autograd.grad(out, (q, k, v), do)
+
+        monkeypatch.setattr(_launch, "ENABLED", False)
+        ref = step()
+        monkeypatch.setattr(_launch, "ENABLED", True)
+        before = _launch.LAUNCHES
+        first, again = step(), step()
+        torch.cuda.synchronize()
+        assert _launch.ENABLED and _launch.LAUNCHES > before
+        for a, b, c in zip(ref, first, again):
+            assert torch.equal(a, b) and torch.equal(a, c)
+        lo = attention_reference(q.detach()[:, :1].double(), k.detach()[:, :1].double(),
+                                 v.detach()[:, :1].double(), **kw)[0]
+        err = (again[0][:, :1].double() - lo).abs().max().item()
+        assert err < 2e-2, err

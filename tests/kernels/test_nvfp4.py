@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rewriter.kernels import _launch
 from rewriter.kernels import nvfp4 as nv
 from rewriter.kernels.nvfp4 import (
     NVFP4GemmConfig,
@@ -866,22 +867,6 @@ def test_eager_call_runs_the_implementation_and_tracing_sees_the_op(monkeypatch)
     assert torch.equal(traced, direct)
 
 
-def test_launch_falls_back_and_turns_the_short_path_off(monkeypatch):
-    launched = []
-
-    class Odd:
-        device_caches = None  # not what the short path expects
-
-        def __getitem__(self, grid):
-            return lambda *a, **k: launched.append((grid, a, k))
-
-    monkeypatch.setattr(nv, "_FAST_LAUNCH", True)
-    monkeypatch.setattr(nv, "_interpreting", lambda: False)
-    nv._launch_kernel(Odd(), (3, 1), 1, 2, FLAG=True)
-    assert launched == [((3, 1), (1, 2), {"FLAG": True})]
-    assert nv._FAST_LAUNCH is False
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 64])
 def test_gpu_short_launch_path_same_result(monkeypatch, m):
@@ -890,13 +875,13 @@ def test_gpu_short_launch_path_same_result(monkeypatch, m):
     q = NVFP4Linear.from_linear(lin)
     x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        monkeypatch.setattr(nv, "_FAST_LAUNCH", False)
+        monkeypatch.setattr(_launch, "ENABLED", False)
         ref = q(x)
-        monkeypatch.setattr(nv, "_FAST_LAUNCH", True)
-        before = nv.FAST_LAUNCHES
+        monkeypatch.setattr(_launch, "ENABLED", True)
+        before = _launch.LAUNCHES
         first = q(x)
         again = q(x)
         torch.cuda.synchronize()
-    assert nv.FAST_LAUNCHES > before and nv._FAST_LAUNCH
+    assert _launch.LAUNCHES > before and _launch.ENABLED
     assert torch.equal(first, ref) and torch.equal(again, ref)
     assert sqnr_db(lin(x).float(), ref.float()) > 15

@@ -1,0 +1,200 @@
+"""A short launch path for this package's Triton kernels (``launch(fn, grid, *args, **kwargs)``).
+
+``fn[grid](*args, **kwargs)`` does a lot of Python on every call. The autotuner rebuilds its key
+from every argument (a list-membership test per argument, then a ``hasattr`` per argument). The
+heuristics evaluate their lambdas over a fresh dict of every argument. Triton's binder then
+specializes each argument, and ``JITFunction.run`` re-checks every global the kernel read when it
+was compiled. For the attention kernels (40-odd arguments, autotuned, with heuristics) this path
+saves 250-400 us of the 1.1-1.4 ms of host time an eager forward+backward (three or four
+launches) took on the H100 host, where SDPA's whole forward+backward takes 0.15-0.2 ms
+(``benchmarks/results/attention_host_launch_h100.txt``). An eager call that runs for less than
+that on the GPU waits on the host.
+
+Everything those steps compute is fixed by the launch's *signature*: the device; the type and
+value of every non-tensor argument; the dtype and 16-byte alignment of every tensor argument
+(all that Triton specializes a tensor on); the dtype, shape, strides, block shape and layout
+of every tensor descriptor; and the keyword arguments. So after one launch through
+Triton's own path, this module remembers, per signature, the compiled kernel and the values of
+every parameter the call did not pass (the autotuner's chosen config, the heuristics' values,
+the defaults). A later launch with the same signature calls that kernel's launcher directly. The
+grid is evaluated on every launch, since it can depend on things outside the signature (a batch
+size seen only through a pointer, say).
+
+Launches take Triton's own path when:
+
+- the signature is new: the first launch, which compiles or autotunes;
+- an argument is of a kind this module does not know;
+- a config has a pre-hook, or the kernel has pre-run hooks;
+- Triton runs in interpreter mode;
+- the kernel is still compiling in the background.
+
+An unexpected error turns the short path off for the process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+try:  # Triton's launch internals; absent (another Triton version): always Triton's own path
+    from triton import knobs as _knobs
+    from triton.runtime import driver as _driver
+    from triton.runtime.autotuner import Autotuner as _Autotuner
+    from triton.runtime.autotuner import Heuristics as _Heuristics
+    from triton.runtime.jit import JITFunction as _JITFunction
+    from triton.runtime.jit import compute_cache_key as _compute_cache_key
+except ImportError:  # pragma: no cover - another Triton version
+    _knobs = _driver = _Autotuner = _Heuristics = _JITFunction = _compute_cache_key = None
+
+__all__ = ["launch", "plain_eager"]
+
+ENABLED = True  # turned off for the process by an unexpected error in the short path
+LAUNCHES = 0  # launches made by the short path (for tests and benchmarks)
+_MEMO: dict = {}
+_MEMO_MAX = 4096  # signatures remembered; the memo is emptied when full (dynamic shapes)
+_SIMPLE = (int, float, bool, str, type(None))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _value_key(v: Any):
+    """What Triton's specialization can depend on for one argument, or ``...`` if unknown.
+
+    The type is part of the key: ``1``, ``True`` and ``1.0`` are equal in Python but specialize
+    differently (i32, i1, fp32)."""
+    if isinstance(v, torch.Tensor):
+        return (v.dtype, v.data_ptr() % 16 == 0)
+    if isinstance(v, _SIMPLE):
+        return (v.__class__, v)
+    if v.__class__.__name__ == "TensorDescriptor":  # host TMA descriptors (Triton's and Gluon's)
+        try:
+            return (v.__class__, v.base.dtype, v.base.data_ptr() % 16 == 0, tuple(v.shape),
+                    tuple(v.strides), tuple(v.block_shape), v.layout, v.padding)
+        except (AttributeError, TypeError):
+            return ...
+    return ...
+
+
+def _simple_key(v):
+    return (v.__class__, v)
+
+
+def _tensor_key(v):
+    return (v.dtype, v.data_ptr() % 16 == 0)
+
+
+_KEYS = {torch.Tensor: _tensor_key, int: _simple_key, float: _simple_key, bool: _simple_key,
+         str: _simple_key, type(None): _simple_key}
+
+
+def signature(args: tuple, kwargs: dict) -> Optional[tuple]:
+    """The launch signature of ``args`` and ``kwargs`` (see the module docstring), or None if an
+    argument is of a kind this module does not know."""
+    try:  # the common kinds, by exact type
+        return (tuple([_KEYS[v.__class__](v) for v in args]),
+                tuple([(n, _KEYS[v.__class__](v)) for n, v in kwargs.items()]))
+    except KeyError:  # a subclass or another kind: one at a time
+        pass
+    keys = [_value_key(v) for v in args]
+    named = [(n, _value_key(v)) for n, v in kwargs.items()]
+    if any(k is ... for k in keys) or any(k is ... for _, k in named):
+        return None
+    return (tuple(keys), tuple(named))
+
+
+def plain_eager(*tensors) -> bool:
+    """True when every tensor given (None skipped) is an ordinary tensor in eager execution:
+    nothing traces or transforms the call (no Dynamo, no dispatch mode such as a fake-tensor or
+    functionalization mode, no functorch wrapper), so an op's implementation can run without the
+    dispatcher."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return all(t is None or (type(t) is torch.Tensor
+                             and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+               for t in tensors)
+
+
+def resolve(fn, args: tuple, kwargs: dict):
+    """``(jit_fn, kwargs)``: the JIT function under ``fn``'s autotuner and heuristics, and every
+    keyword argument its last launch through ``fn`` with these arguments received (the call's,
+    the autotuner's config for them, the heuristics' values). None where the short path cannot
+    stand in for the decorators (a config pre-hook, pre-run hooks, a wrapper it does not know)."""
+    full = dict(kwargs)
+    if isinstance(fn, _Autotuner):
+        config = fn.best_config
+        if config is None or config.pre_hook is not None:
+            return None
+        full.update(config.all_kwargs())
+        fn = fn.fn
+    while isinstance(fn, _Heuristics):
+        named = dict(zip(fn.arg_names, args))
+        for name, heur in fn.values.items():
+            full[name] = heur({**named, **full})
+        fn = fn.fn
+    if not isinstance(fn, _JITFunction) or fn.pre_run_hooks:
+        return None
+    return fn, full
+
+
+def _remember(fn, key, args: tuple, kwargs: dict) -> None:
+    """After a launch through Triton's own path: remember what the short path needs for ``key``."""
+    resolved = resolve(fn, args, kwargs)
+    if resolved is None:
+        return
+    jit_fn, full = resolved
+    device = key[1]
+    caches = jit_fn.device_caches.get(device)
+    if caches is None:
+        return
+    kernel_cache, key_cache, _, _, binder = caches
+    full["debug"] = full.get("debug", jit_fn.debug) or _knobs.runtime.debug
+    full["instrumentation_mode"] = _knobs.compilation.instrumentation_mode
+    bound, specialization, options = binder(*args, **full)
+    kernel = kernel_cache.get(_compute_cache_key(key_cache, specialization, options))
+    if kernel is None or hasattr(kernel, "result"):  # not compiled, or compiling in the background
+        return
+    values = list(bound.values())
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.clear()
+    _MEMO[key] = (kernel, tuple(bound.keys()), tuple(values[len(args):]))
+
+
+def launch(fn, grid, *args, **kwargs) -> None:
+    """``fn[grid](*args, **kwargs)``, by the short path once a launch with the same signature has
+    gone through Triton's own path (see the module docstring)."""
+    global ENABLED, LAUNCHES
+    key = None
+    if ENABLED and _knobs is not None and not _interpreting():
+        try:
+            sig = signature(args, kwargs)
+            if sig is not None:
+                device = _driver.active.get_current_device()
+                key = (id(fn), device, _knobs.runtime.debug,
+                       _knobs.compilation.instrumentation_mode, sig)
+                hit = _MEMO.get(key)
+                if hit is not None:
+                    kernel, names, tail = hit
+                    values = (*args, *tail)
+                    g = grid(dict(zip(names, values))) if callable(grid) else grid
+                    g3 = tuple(g) + (1, 1)
+                    stream = _driver.active.get_current_stream(device)
+                    kernel.run(g3[0], g3[1], g3[2], stream, kernel.function,
+                               kernel.packed_metadata, kernel.launch_metadata(g, stream, *values),
+                               _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook,
+                               *values)
+                    LAUNCHES += 1
+                    return
+        except Exception:  # noqa: BLE001 - another Triton version: its own path from now on
+            ENABLED = False
+            key = None
+    fn[grid](*args, **kwargs)
+    if key is not None and ENABLED:
+        try:
+            _remember(fn, key, args, kwargs)
+        except Exception:  # noqa: BLE001 - as above
+            ENABLED = False
