@@ -12,13 +12,14 @@ that on the GPU waits on the host.
 
 Everything those steps compute is fixed by the launch's *signature*: the device; the type and
 value of every non-tensor argument; the dtype and 16-byte alignment of every tensor argument
-(all that Triton specializes a tensor on); the dtype, shape, strides, block shape and layout
-of every tensor descriptor; and the keyword arguments. So after one launch through
+(all that Triton specializes a tensor on), and its shape and strides (which heuristics might
+read); the dtype, shape, strides, block shape and layout of every tensor descriptor; and the
+keyword arguments. So after one launch through
 Triton's own path, this module remembers, per signature, the compiled kernel and the values of
 every parameter the call did not pass (the autotuner's chosen config, the heuristics' values,
 the defaults). A later launch with the same signature calls that kernel's launcher directly. The
-grid is evaluated on every launch, since it can depend on things outside the signature (a batch
-size seen only through a pointer, say).
+grid is evaluated on every launch, since it can depend on things outside the signature (a value
+captured by the grid function, say).
 
 Launches take Triton's own path when:
 
@@ -62,30 +63,34 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _simple_key(v):
+    return (v.__class__, v)
+
+
+def _tensor_key(v):
+    # Triton specializes a tensor on its dtype and alignment alone; the shape and strides are
+    # here for heuristics and autotuning keys that might read them (none of this package's do).
+    return (v.dtype, v.data_ptr() % 16 == 0, v.shape, v.stride())
+
+
 def _value_key(v: Any):
     """What Triton's specialization can depend on for one argument, or ``...`` if unknown.
 
     The type is part of the key: ``1``, ``True`` and ``1.0`` are equal in Python but specialize
     differently (i32, i1, fp32)."""
     if isinstance(v, torch.Tensor):
-        return (v.dtype, v.data_ptr() % 16 == 0)
+        return _tensor_key(v)
     if isinstance(v, _SIMPLE):
-        return (v.__class__, v)
+        return _simple_key(v)
     if v.__class__.__name__ == "TensorDescriptor":  # host TMA descriptors (Triton's and Gluon's)
         try:
-            return (v.__class__, v.base.dtype, v.base.data_ptr() % 16 == 0, tuple(v.shape),
-                    tuple(v.strides), tuple(v.block_shape), v.layout, v.padding)
+            key = (v.__class__, v.base.dtype, v.base.data_ptr() % 16 == 0, tuple(v.shape),
+                   tuple(v.strides), tuple(v.block_shape), v.layout, v.padding)
+            hash(key)  # an unhashable layout: Triton's own path
+            return key
         except (AttributeError, TypeError):
             return ...
     return ...
-
-
-def _simple_key(v):
-    return (v.__class__, v)
-
-
-def _tensor_key(v):
-    return (v.dtype, v.data_ptr() % 16 == 0)
 
 
 _KEYS = {torch.Tensor: _tensor_key, int: _simple_key, float: _simple_key, bool: _simple_key,

@@ -143,6 +143,7 @@ def test_signature_keeps_types_apart():
     t = torch.zeros(16, dtype=torch.float16)
     assert _launch.signature((t,), {}) != _launch.signature((t.float(),), {})
     assert _launch.signature((t,), {}) != _launch.signature((t[1:],), {})
+    assert _launch.signature((t.view(4, 4),), {}) != _launch.signature((t,), {})
     assert _launch.signature((t,), {"A": 1}) != _launch.signature((t,), {"B": 1})
     assert _launch.signature((object(),), {}) is None
 
@@ -205,3 +206,18 @@ def test_off_in_interpreter_mode(monkeypatch):
     monkeypatch.setattr(_launch, "_MEMO", {})
     _launch.launch(Plain(), (3,), 1, FLAG=True)
     assert launched == [((3,), (1,), {"FLAG": True})] and not _launch._MEMO
+
+
+def test_tensor_descriptors_are_keyed_by_their_layout():
+    class TensorDescriptor:  # the fields Triton's and Gluon's host descriptors carry
+        def __init__(self, base, block, layout):
+            self.base, self.shape, self.strides = base, list(base.shape), list(base.stride())
+            self.block_shape, self.layout, self.padding = block, layout, "zero"
+
+    t = torch.zeros(64, 32, dtype=torch.bfloat16)
+    a = _launch.signature((TensorDescriptor(t, [16, 32], ("swizzle", 64)),), {})
+    b = _launch.signature((TensorDescriptor(t, [16, 32], ("swizzle", 128)),), {})
+    c = _launch.signature((TensorDescriptor(t, [32, 32], ("swizzle", 64)),), {})
+    assert a is not None and len({a, b, c}) == 3
+    assert a == _launch.signature((TensorDescriptor(t, [16, 32], ("swizzle", 64)),), {})
+    assert _launch.signature((TensorDescriptor(t, [16, 32], ["unhashable"]),), {}) is None
