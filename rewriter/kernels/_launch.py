@@ -14,16 +14,19 @@ Everything those steps compute is fixed by the launch's *signature*: the device;
 value of every non-tensor argument; the dtype and 16-byte alignment of every tensor argument
 (all that Triton specializes a tensor on), and its shape and strides (which heuristics might
 read); the dtype, shape, strides, block shape and layout of every tensor descriptor; and the
-keyword arguments. So after one launch through
-Triton's own path, this module remembers, per signature, the compiled kernel and the values of
-every parameter the call did not pass (the autotuner's chosen config, the heuristics' values,
-the defaults). A later launch with the same signature calls that kernel's launcher directly. The
+keyword arguments. So when a signature comes
+back (its second launch, through Triton's own path), this module remembers the compiled kernel
+and the values of every parameter the call did not pass (the autotuner's chosen config, the
+heuristics' values, the defaults); from the third launch on, that kernel's launcher is called
+directly. (Remembering on first sight would cost every call whose signature never returns, such
+as a decode step's with a growing cache, the extra binding.) The
 grid is evaluated on every launch, since it can depend on things outside the signature (a value
 captured by the grid function, say).
 
 Launches take Triton's own path when:
 
-- the signature is new: the first launch, which compiles or autotunes;
+- the signature is new, or seen once: the first launch, which compiles or autotunes, and the
+  second, after which the signature is remembered;
 - an argument is of a kind this module does not know;
 - a config has a pre-hook, or the kernel has pre-run hooks;
 - Triton runs in interpreter mode;
@@ -54,8 +57,19 @@ __all__ = ["launch", "plain_eager"]
 
 ENABLED = True  # turned off for the process by an unexpected error in the short path
 LAUNCHES = 0  # launches made by the short path (for tests and benchmarks)
-_MEMO: dict = {}
+_MEMO: dict = {}  # signature -> what the short path needs, or None once seen
 _MEMO_MAX = 4096  # signatures remembered; the memo is emptied when full (dynamic shapes)
+
+
+class _Mark:
+    """A memo entry that is not a launch plan (false in a test, like None)."""
+
+    def __bool__(self):
+        return False
+
+
+_UNSEEN = _Mark()  # a signature not in the memo
+_NEVER = _Mark()  # a signature the short path cannot stand in for (see resolve)
 _SIMPLE = (int, float, bool, str, type(None))
 
 
@@ -150,6 +164,7 @@ def _remember(fn, key, args: tuple, kwargs: dict) -> None:
     """After a launch through Triton's own path: remember what the short path needs for ``key``."""
     resolved = resolve(fn, args, kwargs)
     if resolved is None:
+        _store(key, _NEVER)
         return
     jit_fn, full = resolved
     device = key[1]
@@ -164,16 +179,20 @@ def _remember(fn, key, args: tuple, kwargs: dict) -> None:
     if kernel is None or hasattr(kernel, "result"):  # not compiled, or compiling in the background
         return
     values = list(bound.values())
+    _store(key, (kernel, tuple(bound.keys()), tuple(values[len(args):])))
+
+
+def _store(key, value) -> None:
     if len(_MEMO) >= _MEMO_MAX:
         _MEMO.clear()
-    _MEMO[key] = (kernel, tuple(bound.keys()), tuple(values[len(args):]))
+    _MEMO[key] = value
 
 
 def launch(fn, grid, *args, **kwargs) -> None:
-    """``fn[grid](*args, **kwargs)``, by the short path once a launch with the same signature has
-    gone through Triton's own path (see the module docstring)."""
+    """``fn[grid](*args, **kwargs)``, by the short path once two launches with the same
+    signature have gone through Triton's own path (see the module docstring)."""
     global ENABLED, LAUNCHES
-    key = None
+    key, hit = None, _UNSEEN
     if ENABLED and _knobs is not None and not _interpreting():
         try:
             sig = signature(args, kwargs)
@@ -181,8 +200,8 @@ def launch(fn, grid, *args, **kwargs) -> None:
                 device = _driver.active.get_current_device()
                 key = (id(fn), device, _knobs.runtime.debug,
                        _knobs.compilation.instrumentation_mode, sig)
-                hit = _MEMO.get(key)
-                if hit is not None:
+                hit = _MEMO.get(key, _UNSEEN)
+                if hit:  # (kernel, names, tail); None (seen once), _NEVER and _UNSEEN are false
                     kernel, names, tail = hit
                     values = (*args, *tail)
                     g = grid(dict(zip(names, values))) if callable(grid) else grid
@@ -198,7 +217,10 @@ def launch(fn, grid, *args, **kwargs) -> None:
             ENABLED = False
             key = None
     fn[grid](*args, **kwargs)
-    if key is not None and ENABLED:
+    if key is not None and ENABLED and hit is not _NEVER:
+        if hit is _UNSEEN:  # first sighting: only noted (a signature seen once, such as a
+            _store(key, None)  # growing decode cache's, would pay for remembering every call)
+            return
         try:
             _remember(fn, key, args, kwargs)
         except Exception:  # noqa: BLE001 - as above

@@ -92,15 +92,18 @@ def test_short_path_launches_what_triton_launches(kernel):
     x = torch.zeros(2048, dtype=torch.bfloat16)
     y = torch.zeros(2048, dtype=torch.bfloat16)
     before = _launch.LAUNCHES
+    _launch.launch(fn, _grid(3), x, y, 1000, 0.5, FLAG=True)      # Triton's path: noted
+    assert _launch.LAUNCHES == before and _launch._MEMO and not any(_launch._MEMO.values())
     _launch.launch(fn, _grid(3), x, y, 1000, 0.5, FLAG=True)      # Triton's path: remembered
+    assert _launch.LAUNCHES == before
     _launch.launch(fn, _grid(3), x, y, 1000, 0.5, FLAG=True)      # short path
     assert _launch.LAUNCHES == before + 1
-    (k1, g1, s1, v1), (k2, g2, s2, v2) = calls
-    assert k1 is k2 and s1 == s2 == 1234
-    assert g1 == g2 == (16, 3, 1)  # the autotuner's 64-wide config for n = 1000
+    (k1, g1, s1, v1), (k2, g2, s2, v2), (k3, g3, s3, v3) = calls
+    assert k1 is k2 is k3 and s1 == s2 == s3 == 1234
+    assert g1 == g2 == g3 == (16, 3, 1)  # the autotuner's 64-wide config for n = 1000
     # Every parameter, positional, config and heuristic (1000 % 64 != 0), in the same order.
-    assert v1 == v2 and v1[2:] == (1000, 0.5, True, 64, False)
-    assert v2[0] is x and v2[1] is y
+    assert v1 == v2 == v3 and v1[2:] == (1000, 0.5, True, 64, False)
+    assert v3[0] is x and v3[1] is y
 
 
 def test_grid_is_evaluated_on_every_launch(kernel):
@@ -108,10 +111,13 @@ def test_grid_is_evaluated_on_every_launch(kernel):
     # the grid must be recomputed from the call, never remembered.
     fn, calls = kernel
     x = torch.zeros(64, dtype=torch.float32)
+    before = _launch.LAUNCHES
+    _launch.launch(fn, _grid(2), x, x, 96, 1.0, FLAG=False)
     _launch.launch(fn, _grid(2), x, x, 96, 1.0, FLAG=False)
     _launch.launch(fn, _grid(5), x, x, 96, 1.0, FLAG=False)
-    assert [c[1] for c in calls] == [(3, 2, 1), (3, 5, 1)]
-    assert calls[1][3][-3:] == (False, 32, True)  # 96 % 32 == 0
+    assert _launch.LAUNCHES == before + 1  # the last by the short path
+    assert [c[1] for c in calls] == [(3, 2, 1), (3, 2, 1), (3, 5, 1)]
+    assert calls[2][3][-3:] == (False, 32, True)  # 96 % 32 == 0
 
 
 def test_signature_changes_take_tritons_path(kernel, monkeypatch):
@@ -126,15 +132,18 @@ def test_signature_changes_take_tritons_path(kernel, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fn, "run", counting_run)
-    _launch.launch(fn, _grid(1), aligned, aligned, 1000, 0.5, FLAG=True)
-    _launch.launch(fn, _grid(1), shifted, aligned, 1000, 0.5, FLAG=True)  # alignment differs
-    _launch.launch(fn, _grid(1), aligned, aligned, 7, 0.5, FLAG=True)     # an int differs
-    _launch.launch(fn, _grid(1), aligned, aligned, 1000, 0.5, FLAG=False)  # a keyword differs
-    assert len(seen) == 4  # each a new signature: Triton's own path every time
+    for _ in range(2):  # twice each: every signature remembered
+        _launch.launch(fn, _grid(1), aligned, aligned, 1000, 0.5, FLAG=True)
+        _launch.launch(fn, _grid(1), shifted, aligned, 1000, 0.5, FLAG=True)  # alignment differs
+        _launch.launch(fn, _grid(1), aligned, aligned, 7, 0.5, FLAG=True)     # an int differs
+        _launch.launch(fn, _grid(1), aligned, aligned, 1000, 0.5, FLAG=False)  # a keyword differs
+    assert len(seen) == 8  # Triton's own path every time
     _launch.launch(fn, _grid(1), shifted, aligned, 1000, 0.5, FLAG=True)
-    assert len(seen) == 4  # remembered
+    _launch.launch(fn, _grid(1), aligned, aligned, 7, 0.5, FLAG=True)
+    assert len(seen) == 8  # the short path
     # The shifted pointer's launches used their own compiled kernel (another specialization).
-    assert calls[4][0] is calls[1][0] and calls[1][0] is not calls[0][0]
+    assert calls[8][0] is calls[1][0] and calls[1][0] is not calls[0][0]
+    assert calls[9][0] is calls[2][0] and calls[9][3][2] == 7
 
 
 def test_signature_keeps_types_apart():
@@ -171,16 +180,19 @@ def test_pre_run_hooks_keep_tritons_path(kernel):
     hooked = []
     fn.fn.fn.add_pre_run_hook(lambda *a, **k: hooked.append(1))
     x = torch.zeros(64, dtype=torch.float32)
-    for _ in range(3):
+    before = _launch.LAUNCHES
+    for _ in range(4):
         _launch.launch(fn, _grid(1), x, x, 96, 1.0, FLAG=False)
-    assert len(hooked) == 3 and len(calls) == 3 and not _launch._MEMO
+    assert len(hooked) == 4 and len(calls) == 4 and _launch.LAUNCHES == before
+    assert list(_launch._MEMO.values()) == [_launch._NEVER]  # not retried on every launch
 
 
 def test_an_unexpected_error_turns_the_short_path_off(kernel, monkeypatch):
     fn, calls = kernel
     x = torch.zeros(64, dtype=torch.float32)
     _launch.launch(fn, _grid(1), x, x, 96, 1.0, FLAG=False)
-    assert len(_launch._MEMO) == 1
+    _launch.launch(fn, _grid(1), x, x, 96, 1.0, FLAG=False)
+    assert len(_launch._MEMO) == 1 and all(_launch._MEMO.values())
 
     class Changed(_Active):
         def get_current_stream(self, device):
@@ -192,7 +204,7 @@ def test_an_unexpected_error_turns_the_short_path_off(kernel, monkeypatch):
     monkeypatch.setattr(_launch, "_driver", Driver())
     _launch.launch(fn, _grid(1), x, x, 96, 1.0, FLAG=False)
     assert _launch.ENABLED is False
-    assert len(calls) == 2  # the launch still happened, through Triton's own path
+    assert len(calls) == 3  # the launch still happened, through Triton's own path
 
 
 def test_off_in_interpreter_mode(monkeypatch):
@@ -221,3 +233,17 @@ def test_tensor_descriptors_are_keyed_by_their_layout():
     assert a is not None and len({a, b, c}) == 3
     assert a == _launch.signature((TensorDescriptor(t, [16, 32], ("swizzle", 64)),), {})
     assert _launch.signature((TensorDescriptor(t, [16, 32], ["unhashable"]),), {}) is None
+
+
+def test_signatures_seen_once_are_not_remembered(kernel, monkeypatch):
+    # A decode step with a growing cache brings a new signature every call: each is only noted,
+    # never bound a second time for the memo.
+    fn, calls = kernel
+    remembered = []
+    monkeypatch.setattr(_launch, "_remember", lambda *a: remembered.append(a))
+    x = torch.zeros(64, dtype=torch.float32)
+    for n in (1000, 96, 7):
+        _launch.launch(fn, _grid(1), x, x, n, 1.0, FLAG=False)
+    assert len(calls) == 3 and remembered == []
+    _launch.launch(fn, _grid(1), x, x, 96, 1.0, FLAG=False)
+    assert len(remembered) == 1
