@@ -2,12 +2,21 @@
 as its A operand, with x^T in shared memory as B (the next lead for M = 9..16 in NOTES_nvfp4.md)?
 
 Compiles a deliberately simple Gluon kernel for sm_90 on the CPU and prints its register count,
-spills and the SASS instruction mix of the whole kernel: per K step, row-major packed bytes are
-loaded in the A operand's distribution (pairs of K elements per byte), decoded to bf16 (E2M1 bits
-placed in bf16 and the 2^126 left to the scale), scaled by the E4M3 block scale, joined and
-reshaped into the A operand layout, and multiplied with x^T (16 columns) from shared memory by
-``HGMMA.64x16x16``. Not a working kernel: its numerics were never run, and it loads bytes one at a
-time (the library's tile order would give 16-byte loads).
+spills and the SASS instruction mix of the whole kernel. Per 64-row block and K step of BK:
+
+- the packed bytes are stored thread-major: thread (warp w, lane 4 lr + q) reads its BK/4 bytes
+  with 16-byte loads, byte (c, h, g) holding the K pair c*8 + g*4 + q of row w*16 + h*8 + lr
+  (the pairs a thread holds in the A operand of the MMA); the scales likewise (one per row and
+  16 K elements, BK/8 bytes per thread);
+- reshapes and a permute carry the bytes into the operand's distribution for pairs
+  (``DotOperandLayout(0, parent, k_width=1)``) without data movement;
+- each nibble becomes bf16 by placing its bits (the 2^126 this leaves is meant for the scale),
+  times the E4M3 scale; a join and a reshape give the A operand (``k_width=2``);
+- ``HGMMA.64x16x16`` multiplies it with x^T (16 columns) from shared memory.
+
+Not a working kernel: its numerics were never run, the decode is the naive one (byte permutes
+and conversions through f16, about three times the current MMA kernel's instructions per weight),
+x goes through a plain store instead of a TMA ring, and no tiles are kept in flight.
 
     python benchmarks/experiments/nvfp4_wgmma_probe.py [BK ...]
 """
@@ -34,16 +43,34 @@ def probe(W, S, X, Y, K, stride_w, stride_s, stride_x, stride_y,
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=1)
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M16, BK], gl.bfloat16)
-    rows = pid * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, p_layout))
-    pairs = gl.arange(0, BK // 2, layout=gl.SliceLayout(0, p_layout))
+    # The packed bytes of this 64-row block and K step: 128 threads x BK/4 bytes, thread-major;
+    # thread (r' = w*8 + lr, q) holds byte (c, h, g) = K pair c*8 + g*4 + q of row w*16 + h*8 + lr.
+    u_layout: gl.constexpr = gl.BlockedLayout([1, 1, BK // 4], [8, 4, 1], [4, 1, 1], [2, 1, 0])
+    tr = gl.arange(0, 32, layout=gl.SliceLayout(1, gl.SliceLayout(2, u_layout)))
+    tq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, u_layout)))
+    tb = gl.arange(0, BK // 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, u_layout)))
+    toff = (gl.expand_dims(gl.expand_dims(tr, 1), 2) * 4 + gl.expand_dims(gl.expand_dims(tq, 0), 2)) * (BK // 4) \
+        + gl.expand_dims(gl.expand_dims(tb, 0), 1)
+    s_layout3: gl.constexpr = gl.BlockedLayout([1, 1, BK // 8], [8, 4, 1], [4, 1, 1], [2, 1, 0])
+    sr = gl.arange(0, 32, layout=gl.SliceLayout(1, gl.SliceLayout(2, s_layout3)))
+    sq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, s_layout3)))
+    sb = gl.arange(0, BK // 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, s_layout3)))
+    soff = gl.expand_dims(gl.expand_dims(sr, 1), 2) * (BK // 8) \
+        + gl.expand_dims(gl.expand_dims(sq, 0), 2) * 0 + gl.expand_dims(gl.expand_dims(sb, 0), 1)
     xr = gl.arange(0, M16, layout=gl.SliceLayout(1, x_layout))
     xc = gl.arange(0, BK, layout=gl.SliceLayout(0, x_layout))
     acc = gl.zeros([64, M16], gl.float32, acc_layout)
     x_s = gl.allocate_shared_memory(gl.bfloat16, [M16, BK], x_smem_layout)
     for k0 in range(0, K, BK):
-        w = gl.load(W + gl.expand_dims(rows, 1) * stride_w + gl.expand_dims(k0 // 2 + pairs, 0)).to(gl.int16)
-        sc = gl.load(S + gl.expand_dims(rows, 1) * stride_s + gl.expand_dims(k0 // 16 + pairs // 8, 0))
-        scale = sc.to(gl.float8e4nv, bitcast=True).to(gl.bfloat16)
+        u = gl.load(W + (pid * (K // BK) + k0 // BK) * (64 * BK // 2) + toff)
+        u = u.reshape([4, 8, 4, BK // 16, 2, 2]).permute((0, 4, 1, 3, 5, 2)).reshape([64, BK // 2])
+        w = gl.convert_layout(u, p_layout).to(gl.int16)
+        # Scales in the same order: thread row r' holds (c, h) for the step contiguously; the four
+        # lanes of a quad read the same bytes, and each scale covers both pair halves g.
+        sc = gl.load(S + (pid * (K // BK) + k0 // BK) * (64 * BK // 16) + soff)
+        sc = sc.to(gl.float8e4nv, bitcast=True).to(gl.bfloat16)
+        sc = gl.join(sc, sc).reshape([4, 8, 4, BK // 16, 2, 2]).permute((0, 4, 1, 3, 5, 2))
+        scale = gl.convert_layout(sc.reshape([64, BK // 2]), p_layout)
         lo = _e2m1(w) * scale
         hi = _e2m1(w >> 4) * scale
         a = gl.join(lo, hi).reshape([64, BK])
@@ -64,7 +91,7 @@ def compile_probe(BK):
     sig = {"W": "*u8", "S": "*u8", "X": "*bf16", "Y": "*bf16", "K": "i32", "stride_w": "i32",
            "stride_s": "i32", "stride_x": "i32", "stride_y": "i32", "BK": "constexpr", "M16": "constexpr"}
     src = GluonASTSource(probe, sig, constexprs={"BK": BK, "M16": 16},
-                         attrs={k: [["tt.divisibility", 16]] for k in ("W", "S", "X", "Y", "K", "stride_w", "stride_s", "stride_x", "stride_y")})
+                         attrs={(i,): [["tt.divisibility", 16]] for i in range(9)})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
@@ -88,6 +115,9 @@ def report(BK):
     print(f"BK = {BK}: " + " ".join(w for w in usage.split() if w.startswith(("REG", "LOCAL", "STACK"))))
     print("  MMA:", ", ".join(gmma), "| shared-memory ops (LDS/STS):", ops["LDS"] + ops["STS"])
     print("  SASS mix:", ", ".join(f"{n} {c}" for n, c in ops.most_common(12)))
+    mem = collections.Counter(line.split()[0] for line in k.asm["ptx"].splitlines()
+                              if re.match(r"\s*(ld|st)\.(global|shared)", line))
+    print("  PTX memory instructions:", ", ".join(f"{n} {c}" for n, c in sorted(mem.items())))
 
 
 if __name__ == "__main__":
