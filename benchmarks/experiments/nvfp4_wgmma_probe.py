@@ -14,11 +14,16 @@ instruction mix and the PTX memory instructions. Per 64-row block and K step of 
   x needs no permutation);
 - ``HGMMA.64x16x16`` multiplies them with x^T (16 columns) from shared memory.
 
-Not a working kernel: its numerics were never run (the packing for this order is not written),
-x goes through a plain store instead of a TMA ring, no tiles are kept in flight, and there is no
-split of K over warps or programs.
+``pack`` writes a weight in this order, and ``--check`` verifies on the CPU that the decode's
+shifts and masks, emulated in PyTorch (``emulate``, a hand copy of DECODE), give back the
+dequantized weight exactly at the positions the kernel's reshapes assign.
+
+Not a working kernel: it never ran on a GPU (nor did the assumption that the asm's packed outputs
+hold elements 0-7 in register order, low half first), x goes through a plain store instead of a
+TMA ring, no tiles are kept in flight, and there is no split of K over warps or programs.
 
     python benchmarks/experiments/nvfp4_wgmma_probe.py [BK ...]
+    python benchmarks/experiments/nvfp4_wgmma_probe.py --check
 """
 import collections
 import os
@@ -154,6 +159,60 @@ def report(BK):
     return sass
 
 
+def pack(w, BK):
+    """(words, scales) of an NVFP4Weight in row order, in the order the probe kernel reads:
+    int32 words [N/64, K/BK, 32 r', 4 q, BK/16 c] (bytes (h, g) of word c: the K pair
+    c*8 + g*4 + q of row w*16 + h*8 + lr, r' = w*8 + lr, bits placed by _TILE_BITS) and int16
+    scale pairs [N/64, K/BK, 32 r', BK/16 c] (low byte row h = 0, high byte h = 1)."""
+    import torch
+    from rewriter.kernels import nvfp4 as nv
+    n, k = w.shape
+    b = w.packed.reshape(n // 64, 4, 2, 8, k // BK, BK // 16, 2, 4)  # b, w, h, lr, s, c, g, q
+    b = b.permute(0, 4, 1, 3, 7, 5, 2, 6).contiguous()  # b, s, w, lr, q, c, h, g
+    words = nv._permute_words(b.reshape(-1, 4), nv._TO_TILE_TABLES).view(torch.int32)
+    sc = w.scales.view(torch.uint8).reshape(n // 64, 4, 2, 8, k // BK, BK // 16)  # b, w, h, lr, s, c
+    sc = sc.permute(0, 4, 1, 3, 5, 2).contiguous()  # b, s, w, lr, c, h
+    return words.reshape(-1), sc.view(torch.int16).reshape(-1)
+
+
+def emulate(words, scales, n, k, BK):
+    """The (N, K) matrix of A operands the probe kernel multiplies, from ``pack``'s output, with
+    its decode (the shifts and masks of DECODE) done here in int64 and the bf16 patterns read as
+    floats; scaled by 2^126 (the bit placement's offset) and by the E4M3 scales."""
+    import torch
+    wd = words.to(torch.int64) & 0xFFFFFFFF
+    m = 0x81C081C0
+    pairs = [wd & m, (wd << 3) & m, (wd << 6) & m,
+             ((wd << 1) & 0x80008000) | ((wd >> 3) & 0x01800180) | ((wd >> 7) & 0x00400040)]
+    halves = [(a >> sh) & 0xFFFF for a in pairs for sh in (0, 16)]  # elements 0..7 of each word
+    vals = torch.stack([(h << 16).to(torch.int32).view(torch.float32) for h in halves], -1)
+    vals = vals * 2.0 ** 126
+    sb = scales.view(torch.uint8).reshape(-1, 2)  # per word: rows h = 0, 1
+    sv = sb.view(torch.float8_e4m3fn).to(torch.float32)
+    vals = vals.reshape(n // 64, k // BK, 4, 8, 4, BK // 16, 2, 2, 2)  # b, s, w, lr, q, c, h, g, e
+    sv = sv.reshape(n // 64, k // BK, 4, 8, BK // 16, 2)  # b, s, w, lr, c, h
+    vals = vals * sv[:, :, :, :, None, :, :, None, None]
+    return vals.permute(0, 2, 6, 3, 1, 5, 7, 4, 8).reshape(n, k)  # b, w, h, lr | s, c, g, q, e
+
+
+def check(n=128, k=512, BK=128):
+    """On the CPU: pack a random weight for the probe's order and check that the emulated decode
+    gives back the dequantized weight exactly (the global scale applied the same way)."""
+    import torch
+    from rewriter.kernels import nvfp4 as nv
+    torch.manual_seed(0)
+    w = nv.pack_nvfp4(torch.randn(n, k) * torch.logspace(-3, 3, k)[None, :])
+    words, scales = pack(w, BK)
+    got = emulate(words, scales, n, k, BK) * w.global_scale.to(torch.float32)
+    want = nv.unpack_nvfp4(w)
+    ok = torch.equal(got, want)
+    print(f"packing check N={n} K={k} BK={BK}: {'exact' if ok else 'MISMATCH'}"
+          f" (max abs diff {(got - want).abs().max().item():.3g})")
+    return ok
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--check"]:
+        sys.exit(0 if all(check(BK=bk) for bk in (64, 128)) else 1)
     for bk in [int(a) for a in sys.argv[1:]] or [64, 128]:
         report(bk)
