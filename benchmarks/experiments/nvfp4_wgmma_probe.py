@@ -24,6 +24,7 @@ TMA ring, no tiles are kept in flight, and there is no split of K over warps or 
 
     python benchmarks/experiments/nvfp4_wgmma_probe.py [BK ...]
     python benchmarks/experiments/nvfp4_wgmma_probe.py --check
+    PYTHONPATH=. python benchmarks/experiments/nvfp4_wgmma_probe.py --gpu   # error and timing
 """
 import collections
 import os
@@ -64,7 +65,7 @@ def _rep8(t, BK: gl.constexpr):
 
 
 @gluon.jit
-def probe(W, S, X, Y, K, stride_x, stride_y, BK: gl.constexpr, M16: gl.constexpr,
+def probe(W, S, X, Y, GS, M, K, stride_x, stride_y, BK: gl.constexpr, M16: gl.constexpr,
           ASM: gl.constexpr, SCALES: gl.constexpr):
     pid = gl.program_id(0)
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M16, 16])
@@ -108,7 +109,8 @@ def probe(W, S, X, Y, K, stride_x, stride_y, BK: gl.constexpr, M16: gl.constexpr
                                       dtype=gl.bfloat16, is_pure=True, pack=8)
         d = d.reshape([4, 8, 4, BK // 16, 2, 2, 2]).permute((0, 4, 1, 3, 5, 2, 6))
         a = gl.convert_layout(d.reshape([64, BK]), a_layout)
-        xt = gl.load(X + gl.expand_dims(xr, 1) * stride_x + gl.expand_dims(k0 + xc, 0))
+        xt = gl.load(X + gl.expand_dims(xr, 1) * stride_x + gl.expand_dims(k0 + xc, 0),
+                     mask=gl.expand_dims(xr < M, 1), other=0.0)
         gl.thread_barrier()
         x_s.store(xt)
         fence_async_shared()
@@ -117,14 +119,18 @@ def probe(W, S, X, Y, K, stride_x, stride_y, BK: gl.constexpr, M16: gl.constexpr
         acc, _ = warpgroup_mma_wait(0, deps=[acc, x_s])
     yr = pid * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
     yc = gl.arange(0, M16, layout=gl.SliceLayout(0, acc_layout))
-    gl.store(Y + gl.expand_dims(yc, 0) * stride_y + gl.expand_dims(yr, 1), acc.to(gl.bfloat16))
+    # The decode leaves every product 2^-26 small (bit placement 2^-126, scales 2^100).
+    out = acc * (gl.load(GS) * 67108864.0)
+    gl.store(Y + gl.expand_dims(yc, 0) * stride_y + gl.expand_dims(yr, 1), out.to(gl.bfloat16),
+             mask=gl.expand_dims(yc < M, 0))
 
 
 def compile_probe(BK):
-    sig = {"W": "*i32", "S": "*i16", "X": "*bf16", "Y": "*bf16", "K": "i32", "stride_x": "i32",
-           "stride_y": "i32", "BK": "constexpr", "M16": "constexpr", "ASM": "constexpr", "SCALES": "constexpr"}
+    sig = {"W": "*i32", "S": "*i16", "X": "*bf16", "Y": "*bf16", "GS": "*fp32", "M": "i32",
+           "K": "i32", "stride_x": "i32", "stride_y": "i32", "BK": "constexpr", "M16": "constexpr",
+           "ASM": "constexpr", "SCALES": "constexpr"}
     src = GluonASTSource(probe, sig, constexprs={"BK": BK, "M16": 16, "ASM": DECODE, "SCALES": _SCALES},
-                         attrs={(i,): [["tt.divisibility", 16]] for i in range(7)})
+                         attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8)})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
@@ -211,7 +217,79 @@ def check(n=128, k=512, BK=128):
     return ok
 
 
+def linear(x, words, scales, global_scale, n, BK=128):
+    """``x @ W^T`` (x: (M <= 16, K) bf16) with the probe kernel, W packed by ``pack``."""
+    import torch
+    m, k = x.shape
+    assert m <= 16 and n % 64 == 0 and k % BK == 0 and x.stride(1) == 1
+    y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    probe[(n // 64,)](words, scales, x, y, global_scale, m, k, x.stride(0), y.stride(0),
+                      BK=BK, M16=16, ASM=DECODE, SCALES=_SCALES, num_warps=4)
+    return y
+
+
+def run_gpu(shapes=((4096, 14336), (14336, 4096), (4096, 4096)), ms=(1, 4, 16), BK=128):
+    """On a GPU: the probe against the float64 reference, then GPU time back to back (one CUDA
+    graph with one call per weight copy, copies >= 3x L2, median of 10 replays) against bf16
+    F.linear and the library's NVFP4Linear, all in this process."""
+    import statistics
+    import torch
+    import torch.nn.functional as F
+    from rewriter.kernels import nvfp4 as nv
+
+    def per_call_us(fn, copies):
+        g = torch.cuda.CUDAGraph()
+        fn(0)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g):
+            for i in range(copies):
+                fn(i)
+        times = []
+        for _ in range(10):
+            a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3 / copies)
+        return statistics.median(times)
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    print(torch.cuda.get_device_name(), "L2", l2 >> 20, "MB")
+    for k, n in shapes:
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        w = nv.pack_nvfp4(lin.weight.float())
+        words, scales = pack(nv.NVFP4Weight(w.packed.cpu(), w.scales.cpu(), w.global_scale.cpu(),
+                                            w.shape), BK)
+        words, scales = words.cuda(), scales.cuda()
+        ref_w = nv.unpack_nvfp4(w).double()
+        lib = nv.NVFP4Linear.from_linear(lin)
+        nb = words.numel() * 4 + scales.numel() * 2
+        c4 = max(2, -(-3 * l2 // nb))
+        cbf = max(2, -(-3 * l2 // (n * k * 2)))
+        wc = [(words.clone(), scales.clone()) for _ in range(c4)]
+        bc = [lin.weight.detach().clone() for _ in range(cbf)]
+        lc = [nv.NVFP4Linear.from_linear(lin) for _ in range(c4)]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            y = linear(x, words, scales, w.global_scale, n, BK)
+            ref = x.double() @ ref_w.T
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            lib_err = ((lib(x).double() - ref).norm() / ref.norm()).item()
+            with torch.no_grad():
+                t_bf = per_call_us(lambda i: F.linear(x, bc[i]), cbf)
+                t_lib = per_call_us(lambda i: lc[i](x), c4)
+                t_pr = per_call_us(lambda i: linear(x, wc[i][0], wc[i][1], w.global_scale, n, BK), c4)
+            print(f"K={k} N={n} M={m}: rel. error probe {err:.2e} (library {lib_err:.2e}); "
+                  f"us bf16 {t_bf:.1f}, library NVFP4 {t_lib:.1f} ({t_bf / t_lib:.2f}x), "
+                  f"probe {t_pr:.1f} ({t_bf / t_pr:.2f}x)", flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--gpu"]:
+        run_gpu()
+        sys.exit(0)
     if sys.argv[1:2] == ["--check"]:
         sys.exit(0 if all(check(BK=bk) for bk in (64, 128)) else 1)
     for bk in [int(a) for a in sys.argv[1:]] or [64, 128]:
