@@ -65,9 +65,26 @@ def _rep8(t, BK: gl.constexpr):
 
 
 @gluon.jit
-def probe(W, S, X, Y, GS, M, K, stride_x, stride_y, BK: gl.constexpr, M16: gl.constexpr,
-          ASM: gl.constexpr, SCALES: gl.constexpr):
+def _operand(wd, sbytes, BK: gl.constexpr, ASM: gl.constexpr, SCALES: gl.constexpr,
+             a_layout: gl.constexpr):
+    """The A operand [64, BK] of one step from its words and scale pairs."""
+    s0, s1 = gl.inline_asm_elementwise(SCALES, "=&r,=&r,r", [sbytes.to(gl.int32)],
+                                       dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+    d = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r," + "r," * 23 + "r",
+                                  [_rep8(wd, BK), _rep8(s0, BK), _rep8(s1, BK)],
+                                  dtype=gl.bfloat16, is_pure=True, pack=8)
+    d = d.reshape([4, 8, 4, BK // 16, 2, 2, 2]).permute((0, 4, 1, 3, 5, 2, 6))
+    return gl.convert_layout(d.reshape([64, BK]), a_layout)
+
+
+@gluon.jit
+def probe(W, S, X, Y, GS, M, N, K, stride_x, BK: gl.constexpr, M16: gl.constexpr,
+          SPLIT: gl.constexpr, PREFETCH: gl.constexpr, ASM: gl.constexpr, SCALES: gl.constexpr):
+    """One warpgroup per 64 rows of W and 1/SPLIT of K. SPLIT == 1: Y is the bf16 (M, N) output;
+    else the fp32 (SPLIT, M, N) partial sums. PREFETCH: the next step's words and scales are
+    loaded before this step's decode."""
     pid = gl.program_id(0)
+    pk = gl.program_id(1)
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M16, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -82,33 +99,28 @@ def probe(W, S, X, Y, GS, M, K, stride_x, stride_y, BK: gl.constexpr, M16: gl.co
     q3 = gl.expand_dims(gl.expand_dims(wq, 0), 2)
     c3 = gl.expand_dims(gl.expand_dims(wc, 0), 1)
     woff = (r3 * 4 + q3) * (BK // 16) + c3
-    # Scales: per (r', c, h) one int32 holding the row's bf16x2 scale pair (s, s), prepared on the
-    # host; the four lanes of a quad read the same words.
     # Scales: per (r', c) one int16 holding the E4M3 scale bytes of rows h = 0, 1; the four
     # lanes of a quad read the same bytes.
-    s_layout: gl.constexpr = gl.BlockedLayout([1, 1, BK // 16], [8, 4, 1], [4, 1, 1], [2, 1, 0])
-    sr = gl.arange(0, 32, layout=gl.SliceLayout(1, gl.SliceLayout(2, s_layout)))
-    sq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, s_layout)))
-    sb = gl.arange(0, BK // 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, s_layout)))
-    soff = gl.expand_dims(gl.expand_dims(sr, 1), 2) * (BK // 16) \
-        + gl.expand_dims(gl.expand_dims(sq, 0), 2) * 0 + gl.expand_dims(gl.expand_dims(sb, 0), 1)
+    soff = r3 * (BK // 16) + q3 * 0 + c3
     xr = gl.arange(0, M16, layout=gl.SliceLayout(1, x_layout))
     xc = gl.arange(0, BK, layout=gl.SliceLayout(0, x_layout))
     acc = gl.zeros([64, M16], gl.float32, acc_layout)
     x_s = gl.allocate_shared_memory(gl.bfloat16, [M16, BK], x_smem_layout)
-    for k0 in range(0, K, BK):
-        step = pid * (K // BK) + k0 // BK
-        wd = gl.load(W + step * (64 * BK // 8) + woff)
-        sbytes = gl.load(S + step * (32 * BK // 16) + soff).to(gl.int32)
-        s0, s1 = gl.inline_asm_elementwise(SCALES, "=&r,=&r,r", [sbytes],
-                                           dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
-        w8 = _rep8(wd, BK)
-        s08 = _rep8(s0, BK)
-        s18 = _rep8(s1, BK)
-        d = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r," + "r," * 23 + "r", [w8, s08, s18],
-                                      dtype=gl.bfloat16, is_pure=True, pack=8)
-        d = d.reshape([4, 8, 4, BK // 16, 2, 2, 2]).permute((0, 4, 1, 3, 5, 2, 6))
-        a = gl.convert_layout(d.reshape([64, BK]), a_layout)
+    steps = K // BK // SPLIT
+    first = pid * (K // BK) + pk * steps  # this program's first step in the packed order
+    wd = gl.load(W + first * (64 * BK // 8) + woff)
+    sb = gl.load(S + first * (32 * BK // 16) + soff)
+    for i in range(steps):
+        if PREFETCH:
+            nxt = first + gl.minimum(i + 1, steps - 1)
+            wd_next = gl.load(W + nxt * (64 * BK // 8) + woff)
+            sb_next = gl.load(S + nxt * (32 * BK // 16) + soff)
+        else:
+            cur = first + i
+            wd = gl.load(W + cur * (64 * BK // 8) + woff)
+            sb = gl.load(S + cur * (32 * BK // 16) + soff)
+        a = _operand(wd, sb, BK, ASM, SCALES, a_layout)
+        k0 = (pk * steps + i) * BK
         xt = gl.load(X + gl.expand_dims(xr, 1) * stride_x + gl.expand_dims(k0 + xc, 0),
                      mask=gl.expand_dims(xr < M, 1), other=0.0)
         gl.thread_barrier()
@@ -117,25 +129,35 @@ def probe(W, S, X, Y, GS, M, K, stride_x, stride_y, BK: gl.constexpr, M16: gl.co
         gl.thread_barrier()
         acc = warpgroup_mma(a, x_s.permute((1, 0)), acc, is_async=True)
         acc, _ = warpgroup_mma_wait(0, deps=[acc, x_s])
+        if PREFETCH:
+            wd = wd_next
+            sb = sb_next
     yr = pid * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
     yc = gl.arange(0, M16, layout=gl.SliceLayout(0, acc_layout))
     # The decode leaves every product 2^-26 small (bit placement 2^-126, scales 2^100).
     out = acc * (gl.load(GS) * 67108864.0)
-    gl.store(Y + gl.expand_dims(yc, 0) * stride_y + gl.expand_dims(yr, 1), out.to(gl.bfloat16),
-             mask=gl.expand_dims(yc < M, 0))
+    offs = gl.expand_dims(yc, 0) * N + gl.expand_dims(yr, 1)
+    mask = gl.expand_dims(yc < M, 0)
+    if SPLIT == 1:
+        gl.store(Y + offs, out.to(gl.bfloat16), mask=mask)
+    else:
+        gl.store(Y + pk * M * N + offs, out, mask=mask)
 
 
-def compile_probe(BK):
-    sig = {"W": "*i32", "S": "*i16", "X": "*bf16", "Y": "*bf16", "GS": "*fp32", "M": "i32",
-           "K": "i32", "stride_x": "i32", "stride_y": "i32", "BK": "constexpr", "M16": "constexpr",
+def compile_probe(BK, SPLIT=1, PREFETCH=0):
+    sig = {"W": "*i32", "S": "*i16", "X": "*bf16", "Y": "*bf16" if SPLIT == 1 else "*fp32",
+           "GS": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_x": "i32",
+           "BK": "constexpr", "M16": "constexpr", "SPLIT": "constexpr", "PREFETCH": "constexpr",
            "ASM": "constexpr", "SCALES": "constexpr"}
-    src = GluonASTSource(probe, sig, constexprs={"BK": BK, "M16": 16, "ASM": DECODE, "SCALES": _SCALES},
+    src = GluonASTSource(probe, sig, constexprs={"BK": BK, "M16": 16, "SPLIT": SPLIT,
+                                                 "PREFETCH": PREFETCH, "ASM": DECODE,
+                                                 "SCALES": _SCALES},
                          attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8)})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def report(BK):
-    k = compile_probe(BK)
+def report(BK, SPLIT=1, PREFETCH=0):
+    k = compile_probe(BK, SPLIT, PREFETCH)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -144,7 +166,7 @@ def report(BK):
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     instr = [line.split()[1] for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/\s+\S", line)]
     ops = collections.Counter(op.split(".")[0].rstrip(";") for op in instr)
-    print(f"BK = {BK}: " + " ".join(w for w in usage.split() if w.startswith(("REG", "LOCAL", "STACK"))),
+    print(f"BK = {BK}, SPLIT = {SPLIT}, PREFETCH = {PREFETCH}: " + " ".join(w for w in usage.split() if w.startswith(("REG", "LOCAL", "STACK"))),
           "| instructions", len(instr))
     print("  MMA:", sorted({op for op in instr if "GMMA." in op}))
     print("  SASS mix:", ", ".join(f"{n} {c}" for n, c in ops.most_common(14)))
@@ -217,18 +239,26 @@ def check(n=128, k=512, BK=128):
     return ok
 
 
-def linear(x, words, scales, global_scale, n, BK=128):
-    """``x @ W^T`` (x: (M <= 16, K) bf16) with the probe kernel, W packed by ``pack``."""
+def linear(x, words, scales, global_scale, n, BK=128, SPLIT=1, PREFETCH=0):
+    """``x @ W^T`` (x: (M <= 16, K) bf16) with the probe kernel, W packed by ``pack``; with
+    SPLIT > 1 the partial sums are added by a second kernel (torch's sum)."""
     import torch
     m, k = x.shape
-    assert m <= 16 and n % 64 == 0 and k % BK == 0 and x.stride(1) == 1
-    y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-    probe[(n // 64,)](words, scales, x, y, global_scale, m, k, x.stride(0), y.stride(0),
-                      BK=BK, M16=16, ASM=DECODE, SCALES=_SCALES, num_warps=4)
-    return y
+    assert m <= 16 and n % 64 == 0 and k % (BK * SPLIT) == 0 and x.stride(1) == 1
+    if SPLIT == 1:
+        y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    else:
+        y = torch.empty(SPLIT, m, n, device=x.device, dtype=torch.float32)
+    probe[(n // 64, SPLIT)](words, scales, x, y, global_scale, m, n, k, x.stride(0), BK=BK,
+                            M16=16, SPLIT=SPLIT, PREFETCH=PREFETCH, ASM=DECODE, SCALES=_SCALES,
+                            num_warps=4)
+    return y if SPLIT == 1 else y.sum(0).to(torch.bfloat16)
 
 
-def run_gpu(shapes=((4096, 14336), (14336, 4096), (4096, 4096)), ms=(1, 4, 16), BK=128):
+VARIANTS = [(bk, split, pre) for bk in (64, 128) for split in (1, 2, 4, 8) for pre in (0, 1)]
+
+
+def run_gpu(shapes=((4096, 14336), (14336, 4096), (4096, 4096)), ms=(1, 4, 16), variants=VARIANTS):
     """On a GPU: the probe against the float64 reference, then GPU time back to back (one CUDA
     graph with one call per weight copy, copies >= 3x L2, median of 10 replays) against bf16
     F.linear and the library's NVFP4Linear, all in this process."""
@@ -260,30 +290,38 @@ def run_gpu(shapes=((4096, 14336), (14336, 4096), (4096, 4096)), ms=(1, 4, 16), 
         torch.manual_seed(0)
         lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         w = nv.pack_nvfp4(lin.weight.float())
-        words, scales = pack(nv.NVFP4Weight(w.packed.cpu(), w.scales.cpu(), w.global_scale.cpu(),
-                                            w.shape), BK)
-        words, scales = words.cuda(), scales.cuda()
+        cpu_w = nv.NVFP4Weight(w.packed.cpu(), w.scales.cpu(), w.global_scale.cpu(), w.shape)
+        words_for = {bk: tuple(t.cuda() for t in pack(cpu_w, bk)) for bk in {v[0] for v in variants}}
+        words, scales = words_for[max(words_for)]
         ref_w = nv.unpack_nvfp4(w).double()
         lib = nv.NVFP4Linear.from_linear(lin)
         nb = words.numel() * 4 + scales.numel() * 2
         c4 = max(2, -(-3 * l2 // nb))
         cbf = max(2, -(-3 * l2 // (n * k * 2)))
-        wc = [(words.clone(), scales.clone()) for _ in range(c4)]
+        wc = {bk: [(a.clone(), b.clone()) for _ in range(c4)] for bk, (a, b) in words_for.items()}
         bc = [lin.weight.detach().clone() for _ in range(cbf)]
         lc = [nv.NVFP4Linear.from_linear(lin) for _ in range(c4)]
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            y = linear(x, words, scales, w.global_scale, n, BK)
             ref = x.double() @ ref_w.T
-            err = ((y.double() - ref).norm() / ref.norm()).item()
-            lib_err = ((lib(x).double() - ref).norm() / ref.norm()).item()
             with torch.no_grad():
+                lib_err = ((lib(x).double() - ref).norm() / ref.norm()).item()
                 t_bf = per_call_us(lambda i: F.linear(x, bc[i]), cbf)
                 t_lib = per_call_us(lambda i: lc[i](x), c4)
-                t_pr = per_call_us(lambda i: linear(x, wc[i][0], wc[i][1], w.global_scale, n, BK), c4)
-            print(f"K={k} N={n} M={m}: rel. error probe {err:.2e} (library {lib_err:.2e}); "
-                  f"us bf16 {t_bf:.1f}, library NVFP4 {t_lib:.1f} ({t_bf / t_lib:.2f}x), "
-                  f"probe {t_pr:.1f} ({t_bf / t_pr:.2f}x)", flush=True)
+            print(f"K={k} N={n} M={m}: us bf16 {t_bf:.1f}, library NVFP4 {t_lib:.1f} "
+                  f"({t_bf / t_lib:.2f}x, rel. error {lib_err:.2e})", flush=True)
+            for bk, split, pre in variants:
+                if k % (bk * split):
+                    continue
+                with torch.no_grad():
+                    y = linear(x, words_for[bk][0], words_for[bk][1], w.global_scale, n, bk,
+                               split, pre)
+                    err = ((y.double() - ref).norm() / ref.norm()).item()
+                    t = per_call_us(lambda i: linear(x, wc[bk][i][0], wc[bk][i][1],
+                                                     w.global_scale, n, bk, split, pre), c4)
+                print(f"    probe BK={bk} split={split} prefetch={pre}: {t:.1f} us "
+                      f"({t_bf / t:.2f}x bf16, {t_lib / t:.2f}x library), rel. error {err:.2e}",
+                      flush=True)
 
 
 if __name__ == "__main__":
@@ -293,4 +331,5 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--check"]:
         sys.exit(0 if all(check(BK=bk) for bk in (64, 128)) else 1)
     for bk in [int(a) for a in sys.argv[1:]] or [64, 128]:
-        report(bk)
+        for split, pre in ((1, 0), (4, 1)):
+            report(bk, split, pre)
