@@ -1027,6 +1027,12 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _row_strides(*tensors: torch.Tensor) -> tuple:
+    """The (batch, head, row) strides of each (B, H, S, D) tensor, one after another: the stride
+    arguments of the kernels (the head dim is unit-stride, _unit_last)."""
+    return tuple(st for t in tensors for st in t.stride()[:3])
+
+
 def _band(sq: int, skv: int, causal: bool, causal_align: str, window_left: Optional[int],
           window_right: Optional[int]):
     """(has_left, has_right, lo_off, hi_off): key j is visible to query i iff
@@ -1263,11 +1269,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
     _launch.launch(
         _attn_fwd_kernel, grid,
-        q, k, v, out, lse, alibi, pad, seed,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        q, k, v, out, lse, alibi, pad, seed, *_row_strides(q, k, v, out),
         0 if pad is None else pad.stride(0),
         scalars["Hq"], scalars["GROUP"], Sq, scalars["Skv"], scalars["SQ_KEY"],
         scalars["SKV_KEY"], scalars["qk_scale"], scalars["cap_log2"], scalars["cap_inv_scale"],
@@ -1303,14 +1305,7 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
             s["cap_log2"], s["cap_inv_scale"], s["lo_off"], s["hi_off"], s["dropout_p"])
     gluon_dq, gluon_dkdv = _sm90_backward_plan(q, k, v, do, meta, alibi, softcap, pad,
                                                dropout_p)
-    dkdv_args = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        pad_stride, *tail)
+    dkdv_args = (*_row_strides(q, k, v, do, dk, dv), pad_stride, *tail)
     ds_span = 0 if gluon_dq or gluon_dkdv else _ds_plan(DS_BACKWARD, q, Skv, meta, s["lo_off"],
                                                         s["hi_off"])
     ds_bm, ds_bn = _DS_BLOCK
@@ -1318,9 +1313,8 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
     if ds is not None:
         _launch.launch(
             _attn_bwd_prep_kernel, (triton.cdiv(Sq, 64), Hq, B),
-            out, do, lse.contiguous(), dlse, lse2, delta,
-            out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            Hq, Sq, HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=64,
+            out, do, lse.contiguous(), dlse, lse2, delta, *_row_strides(out, do), Hq, Sq,
+            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=64,
             num_warps=4)
         _launch.launch(
             _attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Skv, m["BLOCK_N"]), Hkv, B),
@@ -1328,11 +1322,9 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
             STORE_DS=True, **meta)
         _launch.launch(
             _attn_bwd_dq_ds_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B),
-            ds, k, dq, k.stride(0), k.stride(1), k.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            Hq, s["GROUP"], Sq, Skv, s["SQ_KEY"], s["SKV_KEY"], scale, s["lo_off"], s["hi_off"],
-            ds_span, HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], HAS_LEFT=True, HAS_RIGHT=True,
-            DS_BM=ds_bm, DS_BN=ds_bn)
+            ds, k, dq, *_row_strides(k, dq), Hq, s["GROUP"], Sq, Skv, s["SQ_KEY"], s["SKV_KEY"],
+            scale, s["lo_off"], s["hi_off"], ds_span, HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"],
+            HAS_LEFT=True, HAS_RIGHT=True, DS_BM=ds_bm, DS_BN=ds_bn)
         return dq, dk, dv
     # Otherwise dQ first: it writes delta and lse2, which the dK/dV kernel reads.
     if gluon_dq:
@@ -1347,13 +1339,8 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
         _launch.launch(
             _attn_bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B),
             q, k, v, out, do, dq, lse.contiguous(), dlse, lse2, delta, alibi, pad, seed,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            pad_stride, *tail, HAS_DLSE=dlse is not None, **meta,
+            *_row_strides(q, k, v, out, do, dq), pad_stride, *tail, HAS_DLSE=dlse is not None,
+            **meta,
         )
     if gluon_dkdv:
         try:
