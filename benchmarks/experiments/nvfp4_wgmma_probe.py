@@ -40,20 +40,17 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warp
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.backends.compiler import GPUTarget
 
-from rewriter.kernels.nvfp4 import _MMA_SCALE_BF16_PTX
+from rewriter.kernels.nvfp4 import _MMA_DECODE_TILE_BF16_PTX, _MMA_SCALE_BF16_PTX
 
 _SCALES = _MMA_SCALE_BF16_PTX.value  # two E4M3 scale bytes -> two bf16x2 pairs (s, s)
 
-DECODE = """
-{
-.reg .b32 a, b;
-and.b32 a, $4, 0x81C081C0; mul.rn.bf16x2 $0, a, $12;
-shl.b32 a, $4, 3; and.b32 a, a, 0x81C081C0; mul.rn.bf16x2 $1, a, $12;
-shl.b32 a, $4, 6; and.b32 a, a, 0x81C081C0; mul.rn.bf16x2 $2, a, $20;
-shl.b32 a, $4, 1; and.b32 a, a, 0x80008000; shr.b32 b, $4, 3; and.b32 b, b, 0x01800180; or.b32 a, a, b;
-shr.b32 b, $4, 7; and.b32 b, b, 0x00400040; or.b32 a, a, b; mul.rn.bf16x2 $3, a, $20;
-}
-"""
+# The library's tile-order decode (word $4, one scale pair $5 -> pairs $0-$3), with its scale
+# operand renamed for the probe's pack=8 operand numbering (arguments word, s0, s1 at $4, $12,
+# $20) and two scales per word: pairs 0 and 1 (row h = 0) take s0, pairs 2 and 3 (h = 1) s1.
+DECODE = re.sub(r"mul\.rn\.bf16x2 \$([0-3]), a, \$5;",
+                lambda m: f"mul.rn.bf16x2 ${m.group(1)}, a, {'$12' if m.group(1) in '01' else '$20'};",
+                _MMA_DECODE_TILE_BF16_PTX.value)
+assert DECODE.count("$12") == 2 and DECODE.count("$20") == 2 and "$5" not in DECODE
 
 
 @gluon.jit
