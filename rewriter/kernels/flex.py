@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._launch import plain_eager
+
 __all__ = ["FlexTables", "register", "tables", "flex_attention_static", "flex_reference"]
 
 
@@ -290,8 +292,20 @@ def _flex_autograd(q, k, v, key):
 _LIB.impl("flex_attention_static", _flex_autograd, "Autograd")
 
 
+def _direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.Tensor:
+    """What the op's eager dispatch runs (``_flex_autograd``, then ``_flex_forward``), called
+    without the dispatcher: its two trips into Python implementations cost host time on every call."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlexKeepGraph.apply(q, k, v, key)
+    return _flex_forward(q, k, v, key)
+
+
 def flex_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key: int) -> torch.Tensor:
-    """Attention of q (B, Hq, Sq, D) over k, v (B, Hkv, Skv, D) with the tables registered under ``key``."""
+    """Attention of q (B, Hq, Sq, D) over k, v (B, Hkv, Skv, D) with the tables registered under
+    ``key``. Eager calls on plain tensors run the op's implementation directly; traced calls
+    (Dynamo, export, dispatch modes, tensor subclasses) go through the op."""
+    if plain_eager(q, k, v):
+        return _direct(q, k, v, key)
     return torch.ops.rewriter.flex_attention_static(q, k, v, key)
 
 

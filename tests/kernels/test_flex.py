@@ -109,6 +109,52 @@ def test_eager_backward_does_not_recompute_the_forward(monkeypatch):
         assert flex_attention_static(q, k, v, key=key).grad_fn is None
 
 
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_keep_the_op(monkeypatch):
+    """An eager call on plain tensors runs the op's implementation without the dispatcher; under
+    a dispatch mode (as under tracing) the op runs; forward and gradients are the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import rewriter.kernels.flex as flex_mod
+
+    direct = []
+    real = flex_mod._direct
+    monkeypatch.setattr(flex_mod, "_direct", lambda *a: direct.append(1) or real(*a))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(8)
+    s = 20
+    keep = doc_keep(s, 2) & (torch.arange(s)[None, :] <= torch.arange(s)[:, None])
+    key = register(keep, torch.randn(s, s), 0.3, 4.0)
+    q, k, v = (torch.randn(1, 2, s, 8, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, 2, s, 8)
+    eager = flex_attention_static(q, k, v, key=key)
+    g_eager = torch.autograd.grad(eager, (q, k, v), do)
+    with torch.no_grad():
+        assert torch.equal(flex_attention_static(q, k, v, key=key), eager)
+    assert len(direct) == 2
+    mode = Ops()
+    with mode:
+        traced = flex_attention_static(q, k, v, key=key)
+        g_traced = torch.autograd.grad(traced, (q, k, v), do)
+        with torch.no_grad():
+            traced_no_grad = flex_attention_static(q, k, v, key=key)
+    assert len(direct) == 2
+    # (With gradients the op's autograd kernel keeps Flex's own graph, so only the no-grad call
+    # reaches the op below autograd, where the mode sees it.)
+    assert "rewriter.flex_attention_static.default" in mode.ops
+    assert torch.equal(eager, traced) and torch.equal(eager, traced_no_grad)
+    for a, b in zip(g_eager, g_traced):
+        assert torch.equal(a, b)
+
+
 def test_traced_forward_and_backward_match_eager():
     # Under torch.compile (aot_eager traces forward and backward through the fake kernel and the
     # recomputing backward) the gradients equal the eager ones.
