@@ -36,8 +36,9 @@ class DeviceSpec:
     fp8_tflops: float
     bandwidth_tbps: float  # device memory, measured copy bandwidth
     fused_attention_efficiency: float = 0.65
-    # Our Triton FlashAttention kernel: 0.82-0.85x of SDPA's throughput on H200 (D=128, S=4096,
-    # causal and plain, forward; benchmarks/results/attention_*.md), so 0.65 * 0.83.
+    # The defaults are the H200's. Our Triton FlashAttention kernel: 0.82-0.85x of SDPA's
+    # throughput on H200 (D=128, S=4096, causal and plain, forward; benchmarks/results/
+    # attention_nvidia-h200*.md, kernels of the first rounds), so 0.65 * 0.83.
     triton_attention_efficiency: float = 0.54
     # FlexAttention: 363-365 TFLOP/s against SDPA's 508-536 on causal D=128 S=4096 (H200, same runs):
     # 0.68 of SDPA, so 0.65 * 0.68.
@@ -55,7 +56,12 @@ class DeviceSpec:
 
 
 DEVICES: dict[str, DeviceSpec] = {
-    "H100": DeviceSpec("H100", 798.0, 400.0, 60.0, 1500.0, 3.0),
+    # H100 attention efficiencies from the H100 table (D = 128, S = 4096, causal and plain,
+    # forward, CUDA-graph times; benchmarks/results/attention_nvidia-h100-80gb-hbm3_full_d128a.md):
+    # SDPA 522 / 612 TFLOP/s (0.65 of the GEMM rate); ours 0.92x / 0.90x of SDPA, so 0.65 * 0.91;
+    # Flex 0.70x / 0.75x, so 0.65 * 0.73.
+    "H100": DeviceSpec("H100", 798.0, 400.0, 60.0, 1500.0, 3.0, fused_attention_efficiency=0.65,
+                       triton_attention_efficiency=0.59, flex_attention_efficiency=0.47),
     "H200": DeviceSpec("H200", 788.0, 400.0, 60.0, 1500.0, 4.3),
     "A100": DeviceSpec("A100", 250.0, 125.0, 15.6, 0.0, 1.6),
 }
