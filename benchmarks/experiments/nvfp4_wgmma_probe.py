@@ -1,8 +1,9 @@
-"""Compile-only probe (no GPU): can a warpgroup MMA take the NVFP4 weight, decoded in registers,
-as its A operand, with x^T in shared memory as B (the next lead for M = 9..16 in NOTES_nvfp4.md)?
+"""Probe of the next lead for M = 9..16 in NOTES_nvfp4.md (seventh and eighth rounds): can a
+warpgroup MMA take the NVFP4 weight, decoded in registers, as its A operand, with x^T in shared
+memory as B? Outcome (eighth round, H100): correct, but its best variant per shape and M took
+1.14-1.41x the library kernel's time; not integrated.
 
-Compiles a Gluon kernel for sm_90 on the CPU and prints its register count, spills, the SASS
-instruction mix and the PTX memory instructions. Per 64-row block and K step of BK, one warpgroup:
+Per 64-row block and K step of BK, one warpgroup:
 
 - the packed weight is stored thread-major: thread (warp w, lane 4 lr + q) reads BK/16
   consecutive 32-bit words (16-byte loads), word c holding four bf16 pairs (h, g) = the K pair
@@ -14,17 +15,21 @@ instruction mix and the PTX memory instructions. Per 64-row block and K step of 
   x needs no permutation);
 - ``HGMMA.64x16x16`` multiplies them with x^T (16 columns) from shared memory.
 
-``pack`` writes a weight in this order, and ``--check`` verifies on the CPU that the decode's
-shifts and masks, emulated in PyTorch (``emulate``, a hand copy of DECODE), give back the
-dequantized weight exactly at the positions the kernel's reshapes assign.
+Kernels: ``probe`` (x through registers and a plain store, split-K partials summed by torch,
+optionally two warpgroups sharing x), ``probe2`` (a loop-carried ring of AHEAD steps),
+``probe3`` (x by TMA into a ring of shared-memory slots, split-K summed in the kernel),
+``probe4`` (the program's whole slice of x loaded by TMA once). ``pack`` writes a weight in this
+order; ``--check`` verifies on the CPU that the decode's shifts and masks, emulated in PyTorch
+(``emulate``, a hand copy of DECODE), give back the dequantized weight exactly at the positions
+the kernel's reshapes assign.
 
-Not a working kernel: it never ran on a GPU (nor did the assumption that the asm's packed outputs
-hold elements 0-7 in register order, low half first), x goes through a plain store instead of a
-TMA ring, no tiles are kept in flight, and there is no split of K over warps or programs.
-
-    python benchmarks/experiments/nvfp4_wgmma_probe.py [BK ...]
-    python benchmarks/experiments/nvfp4_wgmma_probe.py --check
-    PYTHONPATH=. python benchmarks/experiments/nvfp4_wgmma_probe.py --gpu   # error and timing
+    python benchmarks/experiments/nvfp4_wgmma_probe.py [BK ...]      # compile for sm_90, report
+    python benchmarks/experiments/nvfp4_wgmma_probe.py --check       # CPU packing check
+    PYTHONPATH=. python benchmarks/experiments/nvfp4_wgmma_probe.py --gpu          # probe
+    PYTHONPATH=. python benchmarks/experiments/nvfp4_wgmma_probe.py --check-gpu    # probe2/3 errors
+    PYTHONPATH=. python benchmarks/experiments/nvfp4_wgmma_probe.py --gpu3 [quick] # probe3
+    PYTHONPATH=. python benchmarks/experiments/nvfp4_wgmma_probe.py --gpu4         # probe4
+    PYTHONPATH=. python benchmarks/experiments/nvfp4_wgmma_probe.py --profile      # for ncu
 """
 import collections
 import os
