@@ -13,29 +13,34 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-           torch.int32: "i32", torch.int64: "i64"}
+           torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8",
+           torch.int16: "i16"}
 
 
-def record(module, call):
-    """The ``(fn, args, kwargs)`` of every launch ``call()`` makes through ``module._launch``."""
+def record(module, call, name="_launch"):
+    """The ``(fn, args, kwargs)`` of every launch ``call()`` makes through ``module.<name>``:
+    the shared launch module (``launch(fn, grid, ...)``) or a launch function itself."""
     seen = []
 
-    class _Recorder:
-        @staticmethod
-        def launch(fn, grid, *args, **kwargs):
-            seen.append((fn, args, kwargs))
+    def launch(fn, grid, *args, **kwargs):
+        seen.append((fn, args, kwargs))
 
-    real = module._launch
-    module._launch = _Recorder
+    class _Recorder:
+        pass
+
+    _Recorder.launch = staticmethod(launch)
+    real = getattr(module, name)
+    setattr(module, name, _Recorder if name == "_launch" else launch)
     try:
         call()
     finally:
-        module._launch = real
+        setattr(module, name, real)
     return seen
 
 
 def compile_sm90(fn, args, kwargs):
     """The compiled kernel of one recorded launch."""
+    from triton.compiler import ASTSource
     from triton.experimental.gluon._runtime import GluonASTSource
 
     names = fn.arg_names
@@ -64,12 +69,32 @@ def compile_sm90(fn, args, kwargs):
             sig[name] = "fp32"
         else:
             raise TypeError(f"argument {name}: {type(v).__name__}")
-    src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    source = GluonASTSource if type(fn).__name__.startswith("Gluon") else ASTSource
+    src = source(fn, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def digest(kernel) -> str:
     return hashlib.sha256(kernel.asm["cubin"]).hexdigest()[:16]
+
+
+def resources(kernel) -> dict:
+    """Registers per thread and local-memory (spill) bytes of the kernel, from ``cuobjdump
+    -res-usage`` (the one Triton ships); empty if that tool is not there."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs, local = re.search(r"REG:(\d+)", text), re.search(r"LOCAL:(\d+)", text)
+    return {"regs": int(regs.group(1)), "local": int(local.group(1))} if regs and local else {}
 
 
 def launches(d: int, left: bool, alibi: bool) -> dict:
@@ -94,21 +119,69 @@ def launches(d: int, left: bool, alibi: bool) -> dict:
     return {name: record(sm90, call) for name, call in calls.items()}
 
 
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA, to get past host checks that only record a launch."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def nvfp4_launches(m: int, dtype=torch.bfloat16) -> dict:
+    """The recorded launches of the NVFP4 kernels with inline PTX, for ``m`` rows of x: the MMA
+    kernel on a weight in tile order with the first three of its tuning candidates and in row
+    order with the first, and the GEMV
+    kernel with its ``cvt.rn.f16x2.e4m3x2`` decode (K = 512, N = 256; CPU tensors, the device
+    taken to be sm_90)."""
+    from rewriter.kernels import nvfp4 as nv
+
+    k, n = 512, 256
+    w = nv.pack_nvfp4(torch.randn(n, k))
+    x = torch.randn(m, k).to(dtype).as_subclass(_OnCuda)
+    out = torch.empty(m, n, dtype=dtype)
+    real = nv._capability, nv._interpreting
+    nv._capability, nv._interpreting = (lambda device: (9, 0)), (lambda: False)
+    try:
+        found = {}
+        mma = [c for c in nv._candidates(m, k, mma=True) if c.mode == "mma"][:3]
+        for i, cfg in enumerate(mma):
+            found[f"mma {i}"] = record(nv, lambda: nv._launch(x, nv.to_tiled(w), None, out, cfg),
+                                       "_launch_kernel")
+        # The weight in row order (as stored off Hopper, or by a caller), first candidate.
+        found["mma rows"] = record(nv, lambda: nv._launch(x, w, None, out, mma[0]),
+                                   "_launch_kernel")
+        if m <= 4:
+            gemv = nv.NVFP4GemmConfig(m, 64, 256, 1, 4, 1, mode="gemv")
+            found["gemv"] = record(nv, lambda: nv._launch(x, w, None, out, gemv), "_launch_kernel")
+    finally:
+        nv._capability, nv._interpreting = real
+    return found
+
+
 def main(argv) -> None:
-    """``python _sm90_compile.py D:LEFT:ALIBI ...`` (run with TRITON_INTERPRET unset, since the
-    kernels must be decorated for compilation): one JSON line per kernel and case."""
+    """``python _sm90_compile.py D:LEFT:ALIBI ... nvfp4:M:DTYPE ...`` (run with TRITON_INTERPRET
+    unset, since the kernels must be decorated for compilation): one JSON line per kernel and
+    case."""
     import json
 
     triton.knobs.compilation.disable_line_info = True  # digests independent of line numbers
     for case in argv:
-        d, left, alibi = (int(x) for x in case.split(":"))
-        for name, recorded in launches(d, bool(left), bool(alibi)).items():
+        if case.startswith("nvfp4:"):  # nvfp4:M:dtype
+            _, m, dt = case.split(":")
+            found = nvfp4_launches(int(m), getattr(torch, dt))
+        else:  # D:LEFT:ALIBI, the Gluon attention kernels
+            d, left, alibi = (int(x) for x in case.split(":"))
+            found = launches(d, bool(left), bool(alibi))
+        for name, recorded in found.items():
             row = {"case": case, "kernel": name, "launches": len(recorded)}
             if len(recorded) == 1:
                 compiled = compile_sm90(*recorded[0])
                 ptx = compiled.asm["ptx"]
                 row.update(wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
-                           shared=compiled.metadata.shared, digest=digest(compiled))
+                           mma_sync="mma.sync.aligned.m16n8k16" in ptx,
+                           cvt_e4m3="cvt.rn.f16x2.e4m3x2" in ptx,
+                           shared=compiled.metadata.shared, digest=digest(compiled),
+                           **resources(compiled))
             print(json.dumps(row), flush=True)
 
 
