@@ -49,9 +49,9 @@ def compile_sm90(fn, args, kwargs):
     values = dict(zip(names, args))
     values.update({k: v for k, v in kwargs.items() if k not in options})
     for i, name in enumerate(names):
-        v = values[name]
         param = fn.params[i]
-        if param.is_constexpr:
+        v = values[name] if name in values else param.default
+        if param.is_constexpr or v is None:  # (Triton makes a None argument a constexpr too)
             sig[name] = "constexpr"
             constexprs[name] = v
         elif v.__class__.__name__ == "TensorDescriptor":
