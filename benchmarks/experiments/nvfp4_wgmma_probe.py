@@ -545,70 +545,101 @@ VARIANTS = [(bk, split, pre, wg) for wg in (1, 2) for bk in (64, 128) for split 
             for pre in (0, 1)]
 
 
+def _graph_us(fn, copies):
+    """GPU time per call of ``fn(i)``, i = 0..copies-1 (one call per weight copy, so the weights
+    come from device memory): one CUDA graph of all the calls, median of 10 replays."""
+    import statistics
+    import torch
+    g = torch.cuda.CUDAGraph()
+    fn(0)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        for i in range(copies):
+            fn(i)
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / copies)
+    return statistics.median(times)
+
+
+def _device_line():
+    """Prints the device and its L2 size; returns the L2 size in bytes."""
+    import torch
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    print(torch.cuda.get_device_name(), "L2", l2 >> 20, "MB")
+    return l2
+
+
+def _shape(k, n, pack_keys, l2, scale_bytes=False):
+    """What every timing run sets up for one weight shape: a bf16 linear and its NVFP4 weight,
+    the probe's packings for ``pack_keys`` ((BK, WG) pairs) and copies of them, the float64
+    reference weight, the library module, and enough copies of each weight to pass 3x the L2
+    (counting the scale bytes with ``scale_bytes``)."""
+    import types
+    import torch
+    from rewriter.kernels import nvfp4 as nv
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    w = nv.pack_nvfp4(lin.weight.float())
+    cpu_w = nv.NVFP4Weight(w.packed.cpu(), w.scales.cpu(), w.global_scale.cpu(), w.shape)
+    packs = {key: tuple(t.cuda() for t in pack(cpu_w, *key)) for key in pack_keys}
+    words, scales = next(iter(packs.values()))
+    nb = words.numel() * 4 + (scales.numel() * 2 if scale_bytes else 0)
+    c4 = max(2, -(-3 * l2 // nb))
+    cbf = max(2, -(-3 * l2 // (n * k * 2)))
+    return types.SimpleNamespace(
+        w=w, packs=packs, ref_w=nv.unpack_nvfp4(w).double(), lib=nv.NVFP4Linear.from_linear(lin),
+        c4=c4, cbf=cbf,
+        copies={key: [(a.clone(), b.clone()) for _ in range(c4)] for key, (a, b) in packs.items()},
+        bc=[lin.weight.detach().clone() for _ in range(cbf)],
+        lc=[nv.NVFP4Linear.from_linear(lin) for _ in range(c4)])
+
+
+def _library(s, x, ref, k, n, m, timed=True):
+    """``(error, bf16 us, library us)`` at x (times None unless ``timed``, which also prints the
+    shape's line)."""
+    import torch
+    import torch.nn.functional as F
+    with torch.no_grad():
+        lib_err = ((s.lib(x).double() - ref).norm() / ref.norm()).item()
+        if not timed:
+            return lib_err, None, None
+        t_bf = _graph_us(lambda i: F.linear(x, s.bc[i]), s.cbf)
+        t_lib = _graph_us(lambda i: s.lc[i](x), s.c4)
+    print(f"K={k} N={n} M={m}: us bf16 {t_bf:.1f}, library NVFP4 {t_lib:.1f} "
+          f"({t_bf / t_lib:.2f}x, rel. error {lib_err:.2e})", flush=True)
+    return lib_err, t_bf, t_lib
+
+
 def run_gpu(shapes=((4096, 14336), (14336, 4096), (4096, 4096)), ms=(1, 4, 8, 16),
             variants=VARIANTS):
     """On a GPU: the probe against the float64 reference, then GPU time back to back (one CUDA
     graph with one call per weight copy, copies >= 3x L2, median of 10 replays) against bf16
     F.linear and the library's NVFP4Linear, all in this process."""
-    import statistics
     import torch
-    import torch.nn.functional as F
-    from rewriter.kernels import nvfp4 as nv
 
-    def per_call_us(fn, copies):
-        g = torch.cuda.CUDAGraph()
-        fn(0)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g):
-            for i in range(copies):
-                fn(i)
-        times = []
-        for _ in range(10):
-            a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3 / copies)
-        return statistics.median(times)
-
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(torch.cuda.get_device_name(), "L2", l2 >> 20, "MB")
+    l2 = _device_line()
     for k, n in shapes:
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        w = nv.pack_nvfp4(lin.weight.float())
-        cpu_w = nv.NVFP4Weight(w.packed.cpu(), w.scales.cpu(), w.global_scale.cpu(), w.shape)
-        words_for = {(bk, wg): tuple(t.cuda() for t in pack(cpu_w, bk, wg))
-                     for bk, _, _, wg in variants}
-        words, scales = next(iter(words_for.values()))
-        ref_w = nv.unpack_nvfp4(w).double()
-        lib = nv.NVFP4Linear.from_linear(lin)
-        nb = words.numel() * 4 + scales.numel() * 2
-        c4 = max(2, -(-3 * l2 // nb))
-        cbf = max(2, -(-3 * l2 // (n * k * 2)))
-        wc = {key: [(a.clone(), b.clone()) for _ in range(c4)] for key, (a, b) in words_for.items()}
-        bc = [lin.weight.detach().clone() for _ in range(cbf)]
-        lc = [nv.NVFP4Linear.from_linear(lin) for _ in range(c4)]
+        s = _shape(k, n, list(dict.fromkeys((bk, wg) for bk, _, _, wg in variants)), l2,
+                   scale_bytes=True)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = x.double() @ ref_w.T
-            with torch.no_grad():
-                lib_err = ((lib(x).double() - ref).norm() / ref.norm()).item()
-                t_bf = per_call_us(lambda i: F.linear(x, bc[i]), cbf)
-                t_lib = per_call_us(lambda i: lc[i](x), c4)
-            print(f"K={k} N={n} M={m}: us bf16 {t_bf:.1f}, library NVFP4 {t_lib:.1f} "
-                  f"({t_bf / t_lib:.2f}x, rel. error {lib_err:.2e})", flush=True)
+            ref = x.double() @ s.ref_w.T
+            lib_err, t_bf, t_lib = _library(s, x, ref, k, n, m)
             for bk, split, pre, wg in variants:
                 if k % (bk * split):
                     continue
                 key = (bk, wg)
                 with torch.no_grad():
-                    y = linear(x, words_for[key][0], words_for[key][1], w.global_scale, n, bk,
-                               split, pre, wg)
+                    y = linear(x, *s.packs[key], s.w.global_scale, n, bk, split, pre, wg)
                     err = ((y.double() - ref).norm() / ref.norm()).item()
-                    t = per_call_us(lambda i: linear(x, wc[key][i][0], wc[key][i][1],
-                                                     w.global_scale, n, bk, split, pre, wg), c4)
+                    t = _graph_us(lambda i: linear(x, *s.copies[key][i], s.w.global_scale, n, bk,
+                                                   split, pre, wg), s.c4)
                 print(f"    probe WG={wg} BK={bk} split={split} prefetch={pre}: {t:.1f} us "
                       f"({t_bf / t:.2f}x bf16, {t_lib / t:.2f}x library), rel. error {err:.2e}",
                       flush=True)
@@ -705,65 +736,28 @@ def linear4(x, words, scales, global_scale, n, BK=128, SPLIT=4, AHEAD=2):
 def run_gpu4(shapes=((4096, 14336), (14336, 4096), (4096, 4096)), ms=(16, 1)):
     """probe4 on a GPU at M = 16 (and 8, 1): error against float64 and the library, GPU time back
     to back against bf16 F.linear and NVFP4Linear."""
-    import statistics
     import torch
-    import torch.nn.functional as F
-    from rewriter.kernels import nvfp4 as nv
 
-    def per_call_us(fn, copies):
-        g = torch.cuda.CUDAGraph()
-        fn(0)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g):
-            for i in range(copies):
-                fn(i)
-        times = []
-        for _ in range(10):
-            a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3 / copies)
-        return statistics.median(times)
-
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(torch.cuda.get_device_name(), "L2", l2 >> 20, "MB")
+    l2 = _device_line()
     for k, n in shapes:
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        w = nv.pack_nvfp4(lin.weight.float())
-        cpu_w = nv.NVFP4Weight(w.packed.cpu(), w.scales.cpu(), w.global_scale.cpu(), w.shape)
-        packs = {bk: tuple(t.cuda() for t in pack(cpu_w, bk)) for bk in (64, 128)}
-        ref_w = nv.unpack_nvfp4(w).double()
-        lib = nv.NVFP4Linear.from_linear(lin)
-        nb = packs[128][0].numel() * 4
-        c4 = max(2, -(-3 * l2 // nb))
-        cbf = max(2, -(-3 * l2 // (n * k * 2)))
-        copies = {bk: [(a.clone(), b.clone()) for _ in range(c4)] for bk, (a, b) in packs.items()}
-        bc = [lin.weight.detach().clone() for _ in range(cbf)]
-        lc = [nv.NVFP4Linear.from_linear(lin) for _ in range(c4)]
+        s = _shape(k, n, [(64, 1), (128, 1)], l2)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = x.double() @ ref_w.T
-            with torch.no_grad():
-                lib_err = ((lib(x).double() - ref).norm() / ref.norm()).item()
-                t_bf = per_call_us(lambda i: F.linear(x, bc[i]), cbf)
-                t_lib = per_call_us(lambda i: lc[i](x), c4)
-            print(f"K={k} N={n} M={m}: us bf16 {t_bf:.1f}, library NVFP4 {t_lib:.1f} "
-                  f"({t_bf / t_lib:.2f}x, rel. error {lib_err:.2e})", flush=True)
+            ref = x.double() @ s.ref_w.T
+            lib_err, t_bf, t_lib = _library(s, x, ref, k, n, m)
             for bk in (64, 128):
                 for split in (2, 4, 8, 16):
                     if k % (bk * split) or (k // split) * 32 > 160 * 1024:
                         continue
                     for ahead in (2, 3):
                         with torch.no_grad():
-                            y = linear4(x, *packs[bk], w.global_scale, n, bk, split, ahead)
-                            y2 = linear4(x, *packs[bk], w.global_scale, n, bk, split, ahead)
+                            y = linear4(x, *s.packs[bk, 1], s.w.global_scale, n, bk, split, ahead)
+                            y2 = linear4(x, *s.packs[bk, 1], s.w.global_scale, n, bk, split, ahead)
                             err = ((y.double() - ref).norm() / ref.norm()).item()
                             same = torch.equal(y, y2)
-                            t = per_call_us(lambda i: linear4(x, *copies[bk][i], w.global_scale,
-                                                              n, bk, split, ahead), c4)
+                            t = _graph_us(lambda i: linear4(x, *s.copies[bk, 1][i],
+                                                            s.w.global_scale, n, bk, split,
+                                                            ahead), s.c4)
                         print(f"    probe4 BK={bk} split={split} ahead={ahead}: {t:.1f} us "
                               f"({t_bf / t:.2f}x bf16, {t_lib / t:.2f}x library), rel. error "
                               f"{err:.2e}" + ("" if same else " (SECOND CALL DIFFERS)"),
@@ -804,69 +798,32 @@ def run_gpu3(shapes=((4096, 14336), (14336, 4096), (4096, 4096)), ms=(1, 8, 16),
              check_ms=(5, 13), variants=VARIANTS3):
     """probe3 on a GPU: error against float64 at every M (check_ms: error only), then GPU time
     back to back against bf16 F.linear and NVFP4Linear as in run_gpu."""
-    import statistics
     import torch
-    import torch.nn.functional as F
-    from rewriter.kernels import nvfp4 as nv
 
-    def per_call_us(fn, copies):
-        g = torch.cuda.CUDAGraph()
-        fn(0)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g):
-            for i in range(copies):
-                fn(i)
-        times = []
-        for _ in range(10):
-            a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3 / copies)
-        return statistics.median(times)
-
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(torch.cuda.get_device_name(), "L2", l2 >> 20, "MB")
+    l2 = _device_line()
     worst = 0.0
     for k, n in shapes:
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        w = nv.pack_nvfp4(lin.weight.float())
-        cpu_w = nv.NVFP4Weight(w.packed.cpu(), w.scales.cpu(), w.global_scale.cpu(), w.shape)
-        packs = {bk: tuple(t.cuda() for t in pack(cpu_w, bk)) for bk in sorted({v[0] for v in variants})}
-        ref_w = nv.unpack_nvfp4(w).double()
-        lib = nv.NVFP4Linear.from_linear(lin)
-        nb = next(iter(packs.values()))[0].numel() * 4
-        c4 = max(2, -(-3 * l2 // nb))
-        cbf = max(2, -(-3 * l2 // (n * k * 2)))
-        copies = {bk: [(a.clone(), b.clone()) for _ in range(c4)] for bk, (a, b) in packs.items()}
-        bc = [lin.weight.detach().clone() for _ in range(cbf)]
-        lc = [nv.NVFP4Linear.from_linear(lin) for _ in range(c4)]
+        s = _shape(k, n, [(bk, 1) for bk in sorted({v[0] for v in variants})], l2)
         for m in sorted(set(ms) | set(check_ms)):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = x.double() @ ref_w.T
+            ref = x.double() @ s.ref_w.T
             timed = m in ms
-            with torch.no_grad():
-                lib_err = ((lib(x).double() - ref).norm() / ref.norm()).item()
-                if timed:
-                    t_bf = per_call_us(lambda i: F.linear(x, bc[i]), cbf)
-                    t_lib = per_call_us(lambda i: lc[i](x), c4)
-                    print(f"K={k} N={n} M={m}: us bf16 {t_bf:.1f}, library NVFP4 {t_lib:.1f} "
-                          f"({t_bf / t_lib:.2f}x, rel. error {lib_err:.2e})", flush=True)
+            lib_err, t_bf, t_lib = _library(s, x, ref, k, n, m, timed)
             errs = []
             for bk, split, ahead, ns, wait in variants:
                 if k % (bk * split):
                     continue
                 with torch.no_grad():
-                    y = linear3(x, *packs[bk], w.global_scale, n, bk, split, ahead, ns, wait)
-                    y2 = linear3(x, *packs[bk], w.global_scale, n, bk, split, ahead, ns, wait)
+                    y = linear3(x, *s.packs[bk, 1], s.w.global_scale, n, bk, split, ahead, ns,
+                                wait)
+                    y2 = linear3(x, *s.packs[bk, 1], s.w.global_scale, n, bk, split, ahead, ns,
+                                 wait)
                     err = ((y.double() - ref).norm() / ref.norm()).item()
                     errs.append(err)
                     same = torch.equal(y, y2)
                     if timed:
-                        t = per_call_us(lambda i: linear3(x, *copies[bk][i], w.global_scale, n,
-                                                          bk, split, ahead, ns, wait), c4)
+                        t = _graph_us(lambda i: linear3(x, *s.copies[bk, 1][i], s.w.global_scale,
+                                                        n, bk, split, ahead, ns, wait), s.c4)
                 if timed or err > 2 * lib_err or not same:
                     print(f"    probe3 BK={bk} split={split} ahead={ahead} NS={ns} wait={wait}: "
                           + (f"{t:.1f} us ({t_bf / t:.2f}x bf16, {t_lib / t:.2f}x library), "
