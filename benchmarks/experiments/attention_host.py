@@ -13,11 +13,12 @@ then a cProfile of 200 forward+backward calls (causal and soft-cap, D = 128).
 
     PYTHONPATH=. python benchmarks/experiments/attention_host.py
 """
-import cProfile, pstats, io, time, sys, os
+import cProfile, pstats, io, sys, os
 import torch
 import torch.nn.functional as F
 from rewriter.kernels import flash_attention as fa
 from rewriter.kernels import _launch
+import _host  # beside this script
 
 dev = "cuda"
 B, H, S = 1, 16, int(os.environ.get("S", "1024"))
@@ -30,18 +31,7 @@ VAR = {
 }
 
 def per_call(fn, n=300):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        ts.append((t1 - t) / n * 1e6)
-    return sorted(ts)[1]
+    return _host.per_call(fn, n)
 
 def ab(fn):
     res = {True: [], False: []}

@@ -5,7 +5,8 @@ profiler's CPU table of 50 forward+backward calls. Host time per call as in atte
 
     PYTHONPATH=. python benchmarks/experiments/attention_host_split.py
 """
-import time, torch
+import torch
+import _host  # beside this script
 from rewriter.kernels import flash_attention as fa
 dev = "cuda"
 B, H, S, D = 1, 16, 1024, 128
@@ -13,16 +14,7 @@ q, k, v = [torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16, requires_gr
 do = torch.randn_like(q)
 
 def per_call(fn, n=200):
-    for _ in range(20): fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(n): fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        ts.append((t1 - t) / n * 1e6)
-    return sorted(ts)[2]
+    return _host.per_call(fn, n, rounds=5)
 
 for name, kw in (("causal", dict(causal=True)), ("softcap", dict(causal=True, softcap=50.0))):
     out, lse = fa.attention_forward(q.detach(), k.detach(), v.detach(), D ** -0.5, True, "top_left", None, None, None, kw.get("softcap"), None, 0.0, None)

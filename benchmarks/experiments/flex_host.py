@@ -10,29 +10,14 @@ Also checks that both paths give the same output and gradients.
     PYTHONPATH=. python benchmarks/experiments/flex_host.py
 """
 import statistics
-import time
 
 import torch
 
+from _host import per_call  # beside this script
 from rewriter.kernels.flex import flex_attention_static, register
 
 dev = "cuda"
 B, H, S, D = 1, 16, 1024, 64
-
-
-def per_call(fn, n=200):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        ts.append((t1 - t) / n * 1e6)
-    return statistics.median(ts)
 
 
 def main():
