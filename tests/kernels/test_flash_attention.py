@@ -471,7 +471,7 @@ def test_eager_calls_skip_the_dispatcher_and_traced_calls_keep_the_op(monkeypatc
     """An eager call on plain tensors runs the implementations directly (the op's dispatch costs
     host time); a call under a dispatch mode (as under tracing) goes through the op, with the same
     results. The backward gets no zeros for the unused lse gradient either way."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from utils import recording_mode
 
     # The ops were registered with the original functions; the direct path looks the module's
     # names up at call time, so spies there see the direct calls only.
@@ -489,15 +489,6 @@ def test_eager_calls_skip_the_dispatcher_and_traced_calls_keep_the_op(monkeypatc
     monkeypatch.setattr(fa_mod, "attention_forward", spy_fwd)
     monkeypatch.setattr(fa_mod, "attention_backward", spy_bwd)
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     q, k, v = _inputs(1, 4, 2, 20, 20, 16)
     do = torch.randn_like(q)
     direct = flash_attention(q, k, v, causal=True, softcap=6.0)
@@ -507,7 +498,7 @@ def test_eager_calls_skip_the_dispatcher_and_traced_calls_keep_the_op(monkeypatc
         assert torch.equal(flash_attention(q, k, v, causal=True, softcap=6.0), direct)
     assert direct_calls[-1] == "forward"
     del direct_calls[:]
-    mode = Ops()
+    mode = recording_mode()
     with mode:
         traced = flash_attention(q, k, v, causal=True, softcap=6.0)
         g_traced = torch.autograd.grad(traced, (q, k, v), do)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rewriter.kernels.flex import flex_attention_static, flex_reference, register
-from utils import count_calls
+from utils import count_calls, recording_mode
 
 
 def fp64(q, k, v, keep, bias, scale, cap=None):
@@ -112,22 +112,11 @@ def test_eager_backward_does_not_recompute_the_forward(monkeypatch):
 def test_eager_calls_skip_the_dispatcher_and_traced_calls_keep_the_op(monkeypatch):
     """An eager call on plain tensors runs the op's implementation without the dispatcher; under
     a dispatch mode (as under tracing) the op runs; forward and gradients are the same."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import rewriter.kernels.flex as flex_mod
 
     direct = []
     real = flex_mod._direct
     monkeypatch.setattr(flex_mod, "_direct", lambda *a: direct.append(1) or real(*a))
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(8)
     s = 20
@@ -140,7 +129,7 @@ def test_eager_calls_skip_the_dispatcher_and_traced_calls_keep_the_op(monkeypatc
     with torch.no_grad():
         assert torch.equal(flex_attention_static(q, k, v, key=key), eager)
     assert len(direct) == 2
-    mode = Ops()
+    mode = recording_mode()
     with mode:
         traced = flex_attention_static(q, k, v, key=key)
         g_traced = torch.autograd.grad(traced, (q, k, v), do)

@@ -22,7 +22,7 @@ from rewriter.kernels.nvfp4 import (
     weight_copies,
 )
 from rewriter.validate import sqnr_db
-from utils import count_calls
+from utils import count_calls, recording_mode
 
 GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 # The kernel tests run the real kernel on a GPU when there is one, else the Triton interpreter.
@@ -843,8 +843,6 @@ def test_gpu_module_and_cuda_graph():
 
 
 def test_eager_call_runs_the_implementation_and_tracing_sees_the_op(monkeypatch):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     calls = count_calls(monkeypatch, nv, "_nvfp4_linear_impl")
     torch.manual_seed(12)
     w = pack_nvfp4(torch.randn(16, 32, device=DEVICE))
@@ -853,14 +851,7 @@ def test_eager_call_runs_the_implementation_and_tracing_sees_the_op(monkeypatch)
         direct = nvfp4_linear(x, w, use_triton=True)
     assert calls == [1]  # eager: the implementation itself, no dispatcher
 
-    class Seen(TorchDispatchMode):
-        ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Seen() as mode:
+    with torch.no_grad(), recording_mode() as mode:
         traced = nvfp4_linear(x, w, use_triton=True)
     # Under a dispatch mode (as under tracing) the call goes through the op.
     assert "rewriter.nvfp4_linear.default" in mode.ops and calls == [1]
