@@ -143,7 +143,7 @@ def nvfp4_launches(m: int, dtype=torch.bfloat16) -> dict:
     nv._capability, nv._interpreting = (lambda device: (9, 0)), (lambda: False)
     try:
         found = {}
-        mma = [c for c in nv._candidates(m, k, mma=True) if c.mode == "mma"][:3]
+        mma = [c for c in nv._candidates(m, k, mma=True, dtype=dtype) if c.mode == "mma"][:3]
         for i, cfg in enumerate(mma):
             found[f"mma {i}"] = record(nv, lambda: nv._launch(x, nv.to_tiled(w), None, out, cfg),
                                        "_launch_kernel")
