@@ -274,7 +274,8 @@ def variants_markdown(info, rows) -> str:
              "|---:|---:|---:|---|---|---:|---:|---:|---|---:|"]
     for r in rows:
         c = r["config"]
-        kern = "-" if c is None else f"{c['mode']} n{c['block_n']} s{c['split_k']} w{c['num_warps']} kw{c['kwarps']}"
+        kern = "-" if c is None else (f"{c['mode']} n{c['block_n']} s{c['split_k']} w{c['num_warps']} kw{c['kwarps']}"
+                                      + (f" r{c['maxnreg']}" if c.get("maxnreg") else ""))
         lines.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['dtype']} | {'yes' if r['bias'] else 'no'} | "
                      f"{r['dense_us']:.1f} | {r['nvfp4_us']:.1f} | {r['speedup']:.2f}x | {kern} | {r['rel_err']:.1e} |")
     return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ register lead).
 The second run (``x``) asks whether x, which the 16-column kernel reads late (just before its
 MMAs, from L1 or L2), holds M = 16 back: each candidate with x of the tile one or two ahead
 prefetched into L1 (``x_prefetch``), x loads that ask L1 to keep their lines (``x_keep``), bf16
-register caps of 128, 120 and 112, the M = 16 kernels run with one x row (every lane's x the same
+register caps of 128, 120 and 112, x read with the words (``x_late`` 0) or per chunk (2), the M = 16 kernels run with one x row (every lane's x the same
 line: x's traffic gone, the MMAs and registers unchanged), and the L2 prefetch at small shapes.
 
     PYTHONPATH=. python benchmarks/experiments/nvfp4_prefetch.py [OUT.json]     # first run
@@ -68,7 +68,7 @@ def run(entries, out_path=None, rounds=2):
             cfgs = [(_label(v), c, dataclasses.replace(c, **v)) for c in base for v in variants]
             out = torch.empty(m, n, device="cuda", dtype=dt)
             outs, errs = {}, {}
-            for _, _, c in cfgs:
+            for c in dict.fromkeys([b for _, b, _ in cfgs] + [c for _, _, c in cfgs]):
                 nv._launch(x, w, None, out, c)
                 outs[c] = out.clone()
                 errs[c] = ((out.double() - ref).norm() / ref.norm()).item()
@@ -106,11 +106,14 @@ def run(entries, out_path=None, rounds=2):
 if __name__ == "__main__":
     path = next((a for a in sys.argv[1:] if a.endswith(".json")), None)
     bf, f16 = torch.bfloat16, torch.float16
+    if "rest" in sys.argv[1:]:
+        sys.argv.append("x")
     if "x" in sys.argv[1:]:
         # Second run: x into L1 ahead of use (prefetch.global.L1) or kept there (evict_last), register
         # caps for bf16, the L2 prefetch at small shapes, and the 16-column kernel with x broadcast.
         xv = [{}, {"x_prefetch": 1}, {"x_prefetch": 2}, {"x_keep": 1}, {"x_prefetch": 1, "x_keep": 1}]
-        entries = [(4096, 14336, (16,), bf, xv + [{"maxnreg": 128}, {"maxnreg": 120}, {"maxnreg": 112}], None),
+        entries = [(4096, 14336, (16,), bf, xv + [{"maxnreg": 128}, {"maxnreg": 120}, {"maxnreg": 112},
+                                                  {"x_late": 0}, {"x_late": 2}], None),
                    (4096, 14336, (1,), bf, [{}], 16),  # M = 16's kernels with one x row for all
                    (4096, 14336, (16,), f16, [{"maxnreg": 128}, {"maxnreg": 128, "x_prefetch": 1},
                                               {"maxnreg": 128, "x_keep": 1}], None),
@@ -124,4 +127,6 @@ if __name__ == "__main__":
         entries = [(4096, 14336, (1, 4, 8, 16), bf, pf, None),
                    (4096, 14336, (16,), f16, pf + [{"maxnreg": 128}, {"maxnreg": 128, "prefetch": 1}], None),
                    (14336, 4096, (1, 16), bf, pf, None), (4096, 4096, (1, 16), bf, pf, None)]
+    if "rest" in sys.argv[1:]:  # the entries after the first two (the first x run stopped there)
+        entries = entries[2:]
     run(entries, path)
