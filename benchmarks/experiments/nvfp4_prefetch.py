@@ -13,6 +13,10 @@ prefetched into L1 (``x_prefetch``), x loads that ask L1 to keep their lines (``
 register caps of 128, 120 and 112, x read with the words (``x_late`` 0) or per chunk (2), the M = 16 kernels run with one x row (every lane's x the same
 line: x's traffic gone, the MMAs and registers unchanged), and the L2 prefetch at small shapes.
 
+None of these was faster (NOTES_nvfp4.md, ninth round), and the kernel options they need
+(``prefetch``, ``x_prefetch``, ``x_keep``) were removed from the library afterwards: run this at
+commit 5345d49, where they are. The fp16 register cap it found is now in the candidates.
+
     PYTHONPATH=. python benchmarks/experiments/nvfp4_prefetch.py [OUT.json]     # first run
     PYTHONPATH=. python benchmarks/experiments/nvfp4_prefetch.py [OUT.json] x   # second run
 """

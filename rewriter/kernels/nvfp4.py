@@ -919,10 +919,6 @@ ld.global.nc.v4.b32 {$8, $9, $10, $11}, [$16+32];
 ld.global.nc.v4.b32 {$12, $13, $14, $15}, [$16+48];
 """)
 
-# The same, asking L1 to keep the lines (x is read by every program of the SM).
-_MMA_LD_X_KEEP_PTX = tl.constexpr(_MMA_LD_X_PTX.value.replace("ld.global.nc.", "ld.global.nc.L1::evict_last."))
-_PREFETCH_L1_PTX = tl.constexpr("prefetch.global.L1 [$1]; mov.b64 $0, $1;")
-
 # Two E4M3 bytes -> two packed scale pairs (low byte: words 0-1 of the lane, high byte: words 2-3).
 _MMA_SCALE_F16_PTX = tl.constexpr("""
 {
@@ -1026,21 +1022,9 @@ def _mma_ld_scales(addr):
 
 
 @triton.jit
-def _mma_ld_x(addr, KEEP: tl.constexpr = 0):
-    if KEEP:
-        return tl.inline_asm_elementwise(_MMA_LD_X_KEEP_PTX, "=&r," * 16 + "l", [addr], dtype=(tl.uint32,) * 16,
-                                         is_pure=True, pack=1)
+def _mma_ld_x(addr):
     return tl.inline_asm_elementwise(_MMA_LD_X_PTX, "=&r," * 16 + "l", [addr], dtype=(tl.uint32,) * 16,
                                      is_pure=True, pack=1)
-
-
-@triton.jit
-def _mma_prefetch_x(xa, xa2, tile, TWO_N: tl.constexpr):
-    """L1 prefetch of this lane's x under K tile ``tile`` (64 bytes of one line per row set)."""
-    ox = tile.to(tl.int64) * 256
-    tl.inline_asm_elementwise(_PREFETCH_L1_PTX, "=l,l", [xa + ox], dtype=tl.int64, is_pure=False, pack=1)
-    if TWO_N:
-        tl.inline_asm_elementwise(_PREFETCH_L1_PTX, "=l,l", [xa2 + ox], dtype=tl.int64, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -1112,12 +1096,12 @@ def _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xv
 
 
 @triton.jit
-def _mma_ld_x_tile(xa, xa2, tile, TWO_N: tl.constexpr, KEEP: tl.constexpr = 0):
+def _mma_ld_x_tile(xa, xa2, tile, TWO_N: tl.constexpr):
     """x under K tile ``tile`` for x row g (and g + 8 if TWO_N; otherwise the first set twice)."""
     ox = tile.to(tl.int64) * 256
-    xv = _mma_ld_x(xa + ox, KEEP)
+    xv = _mma_ld_x(xa + ox)
     if TWO_N:
-        xv2 = _mma_ld_x(xa2 + ox, KEEP)
+        xv2 = _mma_ld_x(xa2 + ox)
     else:
         xv2 = xv
     return xv, xv2
@@ -1180,35 +1164,6 @@ def _mma_sum_kwarps(acc, KWARPS: tl.constexpr, RW: tl.constexpr):
 
 _FENCE_PTX = tl.constexpr("fence.acq_rel.gpu; mov.b32 $0, $1;")
 
-# An L2 prefetch by the copy engine (sm_90): the thread whose $1 is 0 asks for $3 bytes at $2
-# (16-byte aligned, a multiple of 16) to be brought into L2; nothing is returned and no register
-# waits for it. $0 only gives the statement a result.
-_PREFETCH_L2_PTX = tl.constexpr("""
-{
-.reg .pred p;
-setp.eq.s32 p, $1, 0;
-@p cp.async.bulk.prefetch.L2.global [$2], $3;
-mov.b32 $0, $1;
-}
-""")
-
-
-@triton.jit
-def _prefetch_l2(lead, addr, nbytes):
-    tl.inline_asm_elementwise(_PREFETCH_L2_PTX, "=r,r,l,r", [lead, addr, nbytes], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _mma_prefetch(lead, wr0, wr1, sr0, sr1, tile, count, GROUPS: tl.constexpr):
-    """L2 prefetch of ``count`` K tiles from ``tile`` on of the warp's row groups (tile order: a
-    16-row block's K tiles are consecutive, 1 KB of words and 128 bytes of scales each)."""
-    _prefetch_l2(lead, wr0 + tile.to(tl.int64) * 1024, count * 1024)
-    _prefetch_l2(lead, sr0 + tile.to(tl.int64) * 128, count * 128)
-    if GROUPS == 2:
-        _prefetch_l2(lead, wr1 + tile.to(tl.int64) * 1024, count * 1024)
-        _prefetch_l2(lead, sr1 + tile.to(tl.int64) * 128, count * 128)
-
 
 @triton.jit
 def _mma_finish(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, splits,
@@ -1268,8 +1223,7 @@ def _nvfp4_mma_kernel(
     HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
     NUM_WARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 0,
     counter_ptr=None, IN_KERNEL_REDUCE: tl.constexpr = False, X_LATE: tl.constexpr = 0,
-    KWARPS: tl.constexpr = 1, TILED: tl.constexpr = 0, KT=0, PREFETCH: tl.constexpr = 0,
-    X_PREFETCH: tl.constexpr = 0, X_KEEP: tl.constexpr = 0,
+    KWARPS: tl.constexpr = 1, TILED: tl.constexpr = 0, KT=0,
 ):
     """``out = x @ W.T`` for M <= 8 (TWO_N: M <= 16) with warp MMAs; see the comment above.
     Grid ``(cdiv(N, 16 * GROUPS * NUM_WARPS // KWARPS), splits)``; needs K % 128 == 0, 16-byte
@@ -1331,20 +1285,6 @@ def _nvfp4_mma_kernel(
     tiles = tiles_per_split // KWARPS
     first = pid_k * tiles_per_split + (w // RW) * tiles
     last = tiles - 1
-    if TILED and PREFETCH:
-        # Lane 0 of each warp asks the copy engine to bring the warp's words and scales into L2
-        # (PREFETCH 1: all of its tiles at once; P > 1: the first P, then one tile P ahead per
-        # iteration), so that the loads below wait on L2 rather than on memory, and more bytes
-        # are on their way per SM than the registers of the loads in flight allow.
-        lead = c + g
-        wr0 = words_ptr.to(tl.int64, bitcast=True) + blk0 * KT * 1024
-        wr1 = words_ptr.to(tl.int64, bitcast=True) + blk1 * KT * 1024
-        sr0 = scales_ptr.to(tl.int64, bitcast=True) + blk0 * KT * 128
-        sr1 = scales_ptr.to(tl.int64, bitcast=True) + blk1 * KT * 128
-        if PREFETCH == 1:
-            _mma_prefetch(lead, wr0, wr1, sr0, sr1, first, tiles, GROUPS)
-        else:
-            _mma_prefetch(lead, wr0, wr1, sr0, sr1, first, tl.minimum(tiles, PREFETCH), GROUPS)
     if AHEAD >= 3:
         # A ring of AHEAD tiles in flight: iteration t requests tile t + AHEAD before it decodes
         # tile t. The ring is loop-carried, so the compiler cannot sink the loads to their uses
@@ -1369,9 +1309,6 @@ def _nvfp4_mma_kernel(
         nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                               first + tl.minimum(1, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
         for t in range(0, tiles):
-            if TILED and PREFETCH > 1:
-                _mma_prefetch(tl.where(t + PREFETCH < tiles, lead, 1), wr0, wr1, sr0, sr1,
-                              first + tl.minimum(t + PREFETCH, last), 1, GROUPS)
             if AHEAD == 2:
                 new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                                       first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
@@ -1387,10 +1324,8 @@ def _nvfp4_mma_kernel(
                 if X_LATE:
                     # x (16 registers per row set) read from L1/L2 just before use instead of two
                     # tiles ahead: fewer registers, more warps per SM to keep the weight loads in
-                    # flight. X_PREFETCH: x of the tile that many ahead asked into L1 first.
-                    if X_PREFETCH:
-                        _mma_prefetch_x(xa, xa2, first + tl.minimum(t + X_PREFETCH, last), TWO_N)
-                    xv, xv2 = _mma_ld_x_tile(xa, xa2, first + t, TWO_N, X_KEEP)
+                    # flight.
+                    xv, xv2 = _mma_ld_x_tile(xa, xa2, first + t, TWO_N)
                 acc_a, acc_a2, acc_b, acc_b2 = _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2,
                                                            s3, xv, xv2, BF16, TWO_N, GROUPS, TILED)
             if AHEAD == 2:
@@ -1475,9 +1410,6 @@ class NVFP4GemmConfig:
     x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers); 2 = per chunk
     kwarps: int = 1  # mma: warps sharing the same rows, each on 1 / kwarps of the K tiles, summed in the program
     maxnreg: int = 0  # mma: register cap per thread (0: the compiler's choice; lower caps spill, more warps fit)
-    x_prefetch: int = 0  # mma, x_late 1: L1 prefetch of x this many tiles ahead
-    x_keep: int = 0  # mma: x loads ask L1 to keep their lines (evict_last)
-    prefetch: int = 0  # mma on tile order: L2 prefetch by the copy engine (1: all of a warp's tiles at the start; P > 1: P tiles ahead)
 
 
 def _interpreting() -> bool:
@@ -1499,7 +1431,8 @@ def _candidates(bucket: int, k: int, mma: bool = False, dtype: torch.dtype = tor
     """Configurations timed on first use of a (M bucket, N, K) on a GPU; the first is the default
     when timing is impossible (during CUDA graph capture) or not worth it (small weights).
 
-    M <= 16 on compute capability 9.0+ (K % 128 == 0): the warp-MMA kernel, then the two best
+    M <= 16 on compute capability 9.0+ (K % 128 == 0): the warp-MMA kernel (``dtype``, the
+    activations', sets a register cap on some fp16 ones), then the two best
     tensor-core tiles as a fallback; without it: the GEMV kernel for M <= 4, the tensor-core tiles
     otherwise. The tensor-core tiles were chosen from a sweep of 52 small-M and 10 large-M
     configurations on H200 (benchmarks/nvfp4.py --sweep; numbers in benchmarks/NOTES_nvfp4.md),
@@ -1535,7 +1468,8 @@ def _candidates(bucket: int, k: int, mma: bool = False, dtype: torch.dtype = tor
         if bm == 16 and dtype == torch.float16:
             # fp16's decode takes 130 registers in the kernels with two row groups (bf16: 128), one
             # program of four warps fewer per SM; capped at 128 they fit without spilling and run
-            # 2.06x -> 2.39x F.linear at M = 16 on 4096 x 14336 (H100, NOTES_nvfp4.md, ninth round).
+            # 2.06x -> 2.39x F.linear at M = 16 on 4096 x 14336 (H100, best candidate; through the
+            # tuner 21.8 -> 18.9 us, 2.07x -> 2.34x; NOTES_nvfp4.md, ninth round).
             # (A cap on a kernel that needs fewer registers makes ptxas use more, and the one reading x
             # ahead needs 167: only these.)
             cands = [dataclasses.replace(c, maxnreg=128) if _mma_groups_of(c) == 2 and c.x_late else c
@@ -1656,8 +1590,8 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
             NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
             counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws, IN_KERNEL_REDUCE=in_kernel,
-            X_LATE=cfg.x_late, KWARPS=kw, TILED=w.tiled, KT=k // 128, PREFETCH=cfg.prefetch,
-            X_PREFETCH=cfg.x_prefetch, X_KEEP=cfg.x_keep, num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+            X_LATE=cfg.x_late, KWARPS=kw, TILED=w.tiled, KT=k // 128,
+            num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )
         if in_kernel:
             return

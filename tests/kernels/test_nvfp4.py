@@ -1,6 +1,5 @@
 """NVFP4 packing, the Triton kernel (through the interpreter on the CPU) and NVFP4Linear."""
 
-import dataclasses
 import itertools
 import math
 
@@ -783,30 +782,6 @@ def test_gpu_mma_configs(block):
                 y2 = torch.full_like(y, float("nan"))
                 _launch(x, w, bias, y2, cfg)
                 assert torch.equal(y2, y)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("change", [{"prefetch": 1}, {"prefetch": 2}, {"prefetch": 4}, {"x_prefetch": 1},
-                                    {"x_prefetch": 2, "x_keep": 1}])
-@pytest.mark.parametrize("block", [(8, 16, 128, 1, 4, 1, 1, 4), (16, 32, 128, 1, 4, 1, 1, 4), (8, 64, 128, 4, 4, 2, 1, 1),
-                                   (16, 64, 128, 8, 2, 2, 1, 1), (16, 32, 128, 2, 2, 1, 0, 2)])
-def test_gpu_mma_prefetch_changes_no_result(block, change):
-    # The copy engine's L2 prefetch of the weight (tile order only), the L1 prefetch of x and the
-    # evict_last hint on x move no data into registers: the outputs equal those without them bit
-    # for bit, with split-K, shared K (kwarps), one or two row groups
-    # and the last program's blocks clamped (N = 1008).
-    bm, bn, bk, split, warps, ahead, x_late, kwarps = block
-    base = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, 1, x_late=x_late, kwarps=kwarps)
-    cfg = dataclasses.replace(base, **change)
-    torch.manual_seed(31)
-    for k, n in ((4096, 1008), (1024, 14336), (14336, 512)):
-        w = nv.to_tiled(pack_nvfp4(torch.randn(n, k, device="cuda")))
-        for m in sorted({1, 5, bm}):
-            for dtype in (torch.bfloat16, torch.float16):
-                x = torch.randn(m, k, device="cuda").to(dtype)
-                y0 = nvfp4_gemm(x, w, config=base)
-                y = nvfp4_gemm(x, w, config=cfg)
-                assert torch.isfinite(y).all() and torch.equal(y, y0), (m, k, n, dtype)
 
 
 @pytest.mark.gpu
