@@ -19,6 +19,7 @@ commit 5345d49, where they are. The fp16 register cap it found is now in the can
 
     PYTHONPATH=. python benchmarks/experiments/nvfp4_prefetch.py [OUT.json]     # first run
     PYTHONPATH=. python benchmarks/experiments/nvfp4_prefetch.py [OUT.json] x   # second run
+    PYTHONPATH=. python benchmarks/experiments/nvfp4_prefetch.py [OUT.json] atomic  # split sums (main)
 """
 import copy
 import dataclasses
@@ -110,6 +111,13 @@ def run(entries, out_path=None, rounds=2):
 if __name__ == "__main__":
     path = next((a for a in sys.argv[1:] if a.endswith(".json")), None)
     bf, f16 = torch.bfloat16, torch.float16
+    if "atomic" in sys.argv[1:]:
+        # The split-K candidates with the in-kernel sum (the last program of a row block sums the
+        # splits, every load in flight at once) against the second kernel.
+        run([(k, n, ms, bf, [{}, {"reduce": "atomic"}], None)
+             for k, n, ms in ((4096, 14336, (1, 8, 16)), (14336, 4096, (1, 16)), (4096, 4096, (1, 16)),
+                              (2048, 8192, (1,)), (8192, 2048, (1,)))], path)
+        sys.exit(0)
     if "rest" in sys.argv[1:]:
         sys.argv.append("x")
     if "x" in sys.argv[1:]:

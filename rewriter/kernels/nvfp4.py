@@ -1166,17 +1166,23 @@ _FENCE_PTX = tl.constexpr("fence.acq_rel.gpu; mov.b32 $0, $1;")
 
 
 @triton.jit
-def _mma_finish(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, splits,
-                HAS_BIAS: tl.constexpr):
-    """In the last program of a row block: sum every split's partials for this thread's entries
-    (read from L2, ``.cg``: other SMs wrote them) and store the output."""
+def _mma_finish(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k,
+                HAS_BIAS: tl.constexpr, SPLITS: tl.constexpr):
+    """In the last program of a row block: each entry's sum over the SPLITS splits in split order
+    (the order of the reduction kernel, so the two give the same bits), this program's own
+    partials from its registers and the others' from L2 (``.cg``: other SMs wrote them), every
+    load issued before the first add; then the output."""
     for i in tl.static_range(4):
         row = (rows_a, rows_a, rows_b, rows_b)[i]
         m = col + (i % 2)
         mask = (row < N) & (m < M)
+        parts = ()
+        for sp in tl.static_range(SPLITS):
+            parts = parts + (tl.load(ws_ptr + (sp * M + m).to(tl.int64) * N + row, mask=mask & (pid_k != sp),
+                                     other=0.0, cache_modifier=".cg"),)
         total = tl.zeros(row.shape, dtype=tl.float32)
-        for sp in range(0, splits):
-            total += tl.load(ws_ptr + (sp * M + m).to(tl.int64) * N + row, mask=mask, other=0.0, cache_modifier=".cg")
+        for sp in tl.static_range(SPLITS):
+            total += tl.where(pid_k == sp, acc[i], parts[sp])
         _store_rows(total, row, m, mask, gscale, bias_ptr, out_ptr, stride_om, N, HAS_BIAS)
 
 
@@ -1222,7 +1228,7 @@ def _nvfp4_mma_kernel(
     M, N, K, stride_xm, stride_wn, stride_sn, stride_om, tiles_per_split,
     HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
     NUM_WARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 0,
-    counter_ptr=None, IN_KERNEL_REDUCE: tl.constexpr = False, X_LATE: tl.constexpr = 0,
+    counter_ptr=None, IN_KERNEL_REDUCE: tl.constexpr = 0, X_LATE: tl.constexpr = 0,
     KWARPS: tl.constexpr = 1, TILED: tl.constexpr = 0, KT=0,
 ):
     """``out = x @ W.T`` for M <= 8 (TWO_N: M <= 16) with warp MMAs; see the comment above.
@@ -1374,21 +1380,23 @@ def _nvfp4_mma_kernel(
         # Split-K without a second kernel: each thread makes its partials visible device-wide, the
         # program counts itself in with one atomic on its row block's counter, and the last one to
         # arrive sums the partials and resets the counter to zero for the next call.
+        # (IN_KERNEL_REDUCE is the number of splits, the grid's second dimension.)
         tl.inline_asm_elementwise(_FENCE_PTX, "=r,r", [tid], dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()
         splits = tl.num_programs(1)
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == splits - 1:
-            _mma_finish(acc_a, r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, splits, HAS_BIAS)
+            S: tl.constexpr = IN_KERNEL_REDUCE
+            _mma_finish(acc_a, r0, r1, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k, HAS_BIAS, S)
             if TWO_N:
-                _mma_finish(acc_a2, r0, r1, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, splits,
-                            HAS_BIAS)
+                _mma_finish(acc_a2, r0, r1, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k,
+                            HAS_BIAS, S)
             if GROUPS == 2:
-                _mma_finish(acc_b, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, splits,
-                            HAS_BIAS)
+                _mma_finish(acc_b, r2, r3, col, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om, pid_k,
+                            HAS_BIAS, S)
                 if TWO_N:
                     _mma_finish(acc_b2, r2, r3, col + 8, M, N, gscale, bias_ptr, out_ptr, ws_ptr, stride_om,
-                                splits, HAS_BIAS)
+                                pid_k, HAS_BIAS, S)
             tl.debug_barrier()
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
@@ -1589,7 +1597,8 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
             HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
             NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
-            counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws, IN_KERNEL_REDUCE=in_kernel,
+            counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws,
+            IN_KERNEL_REDUCE=split if in_kernel else 0,
             X_LATE=cfg.x_late, KWARPS=kw, TILED=w.tiled, KT=k // 128,
             num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )

@@ -785,6 +785,29 @@ def test_gpu_mma_configs(block):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block", [(16, 32, 128, 4, 1, 1, 1, 1), (8, 32, 128, 8, 2, 1, 1, 1), (16, 128, 128, 8, 4, 2, 1, 1),
+                                   (16, 32, 128, 2, 2, 1, 0, 2), (8, 64, 128, 4, 4, 2, 1, 1)])
+def test_gpu_in_kernel_split_sum_equals_the_reduction_kernel(block):
+    # The last program of a row block sums the splits in split order, its own from registers: the
+    # same bits as the second kernel, in tile and row order, with and without a bias.
+    bm, bn, bk, split, warps, ahead, x_late, kwarps = block
+    kern = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, 1, "kernel", x_late, kwarps)
+    atom = NVFP4GemmConfig(bm, bn, bk, split, warps, 1, "mma", ahead, 1, "atomic", x_late, kwarps)
+    torch.manual_seed(32)
+    for k, n in ((4096, 1008), (14336, 512)):
+        for tiled in (False, True):
+            w = pack_nvfp4(torch.randn(n, k, device="cuda"))
+            w = nv.to_tiled(w) if tiled else w
+            for m in sorted({1, 3, bm}):
+                for dtype in (torch.bfloat16, torch.float16):
+                    x = torch.randn(m, k, device="cuda").to(dtype)
+                    bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
+                    y = nvfp4_gemm(x, w, bias, config=kern)
+                    for _ in range(2):  # (the counters are left at zero for the next call)
+                        assert torch.equal(nvfp4_gemm(x, w, bias, config=atom), y), (k, n, tiled, m, dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("x_late,tiled", [(0, False), (1, False), (1, True), (2, True), (0, True)])
 def test_gpu_mma_exact_on_exact_data(x_late, tiled):
     # Representable weights (subnormal scales included) and small-integer activations: exact sums
