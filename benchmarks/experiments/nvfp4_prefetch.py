@@ -10,8 +10,10 @@ register lead).
 The second run (``x``) asks whether x, which the 16-column kernel reads late (just before its
 MMAs, from L1 or L2), holds M = 16 back: each candidate with x of the tile one or two ahead
 prefetched into L1 (``x_prefetch``), x loads that ask L1 to keep their lines (``x_keep``), bf16
-register caps of 128, 120 and 112, x read with the words (``x_late`` 0) or per chunk (2), the M = 16 kernels run with one x row (every lane's x the same
-line: x's traffic gone, the MMAs and registers unchanged), and the L2 prefetch at small shapes.
+register caps of 128, 120 and 112, x read with the words (``x_late`` 0) or per chunk (2), the
+M = 16 kernels run with one x row (every lane's x the same line: x's traffic gone, the MMAs and
+registers unchanged), and the L2 prefetch at small shapes. The third (``atomic``) times the
+in-kernel split-K sum against the second kernel.
 
 None of these was faster (NOTES_nvfp4.md, ninth round), and the kernel options they need
 (``prefetch``, ``x_prefetch``, ``x_keep``) were removed from the library afterwards: run this at

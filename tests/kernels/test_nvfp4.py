@@ -785,8 +785,9 @@ def test_gpu_mma_configs(block):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block", [(16, 32, 128, 4, 1, 1, 1, 1), (8, 32, 128, 8, 2, 1, 1, 1), (16, 128, 128, 8, 4, 2, 1, 1),
-                                   (16, 32, 128, 2, 2, 1, 0, 2), (8, 64, 128, 4, 4, 2, 1, 1)])
+@pytest.mark.parametrize("block", [(16, 32, 128, 4, 1, 1, 1, 1), (8, 32, 128, 8, 2, 1, 1, 1),
+                                   (16, 128, 128, 8, 4, 2, 1, 1), (16, 32, 128, 2, 2, 1, 0, 2),
+                                   (8, 64, 128, 4, 4, 2, 1, 1)])
 def test_gpu_in_kernel_split_sum_equals_the_reduction_kernel(block):
     # The last program of a row block sums the splits in split order, its own from registers: the
     # same bits as the second kernel, in tile and row order, with and without a bias.
