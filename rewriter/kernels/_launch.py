@@ -53,7 +53,7 @@ try:  # Triton's launch internals; absent (another Triton version): always Trito
 except ImportError:  # pragma: no cover - another Triton version
     _knobs = _driver = _Autotuner = _Heuristics = _JITFunction = _compute_cache_key = None
 
-__all__ = ["launch", "plain_eager"]
+__all__ = ["launch", "plain_eager", "row_strides"]
 
 ENABLED = True  # turned off for the process by an unexpected error in the short path
 LAUNCHES = 0  # launches made by the short path (for tests and benchmarks)
@@ -124,6 +124,12 @@ def signature(args: tuple, kwargs: dict) -> Optional[tuple]:
     if any(k is ... for k in keys) or any(k is ... for _, k in named):
         return None
     return (tuple(keys), tuple(named))
+
+
+def row_strides(*tensors: torch.Tensor) -> tuple:
+    """The (batch, head, row) strides of each (B, H, S, D) tensor, one after another: the stride
+    arguments of the attention kernels (their head dim is unit-stride)."""
+    return tuple(st for t in tensors for st in t.stride()[:3])
 
 
 def plain_eager(*tensors) -> bool:

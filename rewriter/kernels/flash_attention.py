@@ -1027,10 +1027,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _row_strides(*tensors: torch.Tensor) -> tuple:
-    """The (batch, head, row) strides of each (B, H, S, D) tensor, one after another: the stride
-    arguments of the kernels (the head dim is unit-stride, _unit_last)."""
-    return tuple(st for t in tensors for st in t.stride()[:3])
+_row_strides = _launch.row_strides  # (the head dim is unit-stride: _unit_last)
 
 
 def _band(sq: int, skv: int, causal: bool, causal_align: str, window_left: Optional[int],

@@ -774,7 +774,7 @@ def attention_forward_sm90(q, k, v, scale: float, has_left: bool, has_right: boo
     _launch.launch(
         _attn_fwd_sm90_kernel, grid,
         _descriptor(q, _HALF), _descriptor(k, _BLOCK_N), _descriptor(v, _BLOCK_N), out, lse,
-        alibi, out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv, Sq, Skv,
+        alibi, *_launch.row_strides(out), Hq, Hq // Hkv, Sq, Skv,
         scale * _LOG2E, lo_off, hi_off, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         HAS_ALIBI=alibi_slopes is not None, STAGES=_stages(D),
         LOAD_REGS=24, MMA_REGS=240, num_warps=4)
@@ -812,8 +812,7 @@ def attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, scale: float,
         _attn_bwd_dkdv_sm90_kernel, grid,
         _descriptor(q, _BWD_BLOCK_M), _descriptor(do, _BWD_BLOCK_M), _descriptor(k, _BWD_HALF),
         _descriptor(v, _BWD_HALF), dk, dv, lse2, delta, alibi,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Hq, Hq // Hkv, Sq, Skv, scale, scale * _LOG2E, lo_off, hi_off,
+        *_launch.row_strides(dk, dv), Hq, Hq // Hkv, Sq, Skv, scale, scale * _LOG2E, lo_off, hi_off,
         HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_ALIBI=alibi_slopes is not None,
         STAGES=_DKDV_STAGES[D], MMA_REGS=240, num_warps=4)
     return dk, dv
@@ -839,8 +838,7 @@ def attention_backward_dq_sm90(q, k, v, out, do, lse, grad_lse, dq, lse2, delta,
         _attn_bwd_dq_sm90_kernel, grid,
         _descriptor(q, _HALF), _descriptor(do, _HALF), _descriptor(k, _DQ_BLOCK_N),
         _descriptor(v, _DQ_BLOCK_N), out, do, lse.contiguous(), dlse.contiguous(), lse2, delta,
-        dq, alibi, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1),
-        do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), Hq, Hq // Hkv, Sq, Skv, scale,
+        dq, alibi, *_launch.row_strides(out, do, dq), Hq, Hq // Hkv, Sq, Skv, scale,
         scale * _LOG2E, lo_off, hi_off, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         HAS_ALIBI=alibi_slopes is not None, HAS_DLSE=grad_lse is not None, STAGES=4,
         MMA_REGS=240, num_warps=4)

@@ -25,12 +25,14 @@ def record(module, call, name="_launch"):
     def launch(fn, grid, *args, **kwargs):
         seen.append((fn, args, kwargs))
 
-    class _Recorder:
-        pass
+    real = getattr(module, name)
+
+    class _Recorder:  # the launch module with its ``launch`` recording instead
+        def __getattr__(self, attr):
+            return getattr(real, attr)
 
     _Recorder.launch = staticmethod(launch)
-    real = getattr(module, name)
-    setattr(module, name, _Recorder if name == "_launch" else launch)
+    setattr(module, name, _Recorder() if name == "_launch" else launch)
     try:
         call()
     finally:
