@@ -6,7 +6,8 @@ subprocess: this test session decorates kernels for the interpreter, which runs 
 and no Gluon). Catches an edit that no longer compiles, which the GPU tests would only see on a
 GPU, and checks what each kernel is built on (warpgroup MMAs and TMA loads; ``mma.sync`` and
 ``cvt.rn.f16x2.e4m3x2``), its shared memory (within an H100 SM's 227 KB) and that no kernel
-spills registers to local memory."""
+spills registers to local memory. One more test checks, from recorded launches alone, that the
+Gluon host functions pass each output its own strides."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rewriter.kernels import flash_attention_sm90 as sm90
 
@@ -60,3 +62,33 @@ def test_nvfp4_inline_ptx_kernels_compile_for_sm90():
         assert row["cvt_e4m3"], row
     for row in mma:
         assert row["mma_sync"], row
+
+
+@pytest.mark.skipif(not sm90.HAVE_GLUON, reason="this Triton has no Gluon")
+def test_gluon_attention_launches_pass_each_outputs_own_strides():
+    # The host functions pass (batch, head, row) strides of out / dK / dV / dO / dQ, each its own:
+    # outputs laid out differently from one another must each get theirs (recorded, not run).
+    from tests.kernels._sm90_compile import record
+
+    def bhsd(shape, perm):  # a (B, H, S, D) view of storage laid out in the order ``perm``
+        t = torch.empty([shape[i] for i in perm], dtype=torch.bfloat16)
+        return t.permute(*[perm.index(i) for i in range(4)])
+
+    q, k, v, do = (torch.randn(2, 4, 256, 64, dtype=torch.bfloat16) for _ in range(4))
+    out, dq = bhsd(q.shape, (0, 2, 1, 3)), bhsd(q.shape, (2, 0, 1, 3))
+    dk, dv = bhsd(k.shape, (1, 0, 2, 3)), bhsd(k.shape, (0, 2, 1, 3))
+    do = bhsd(q.shape, (1, 2, 0, 3)).copy_(do)
+    lse, lse2, delta = (torch.empty(q.shape[:3]) for _ in range(3))
+    calls = [
+        (lambda: sm90.attention_forward_sm90(q, k, v, 0.1, False, True, 0, 0, out=out), {"o": out}),
+        (lambda: sm90.attention_backward_dkdv_sm90(q, k, v, do, lse2, delta, dk, dv, 0.1, False, True, 0, 0),
+         {"dk": dk, "dv": dv}),
+        (lambda: sm90.attention_backward_dq_sm90(q, k, v, out, do, lse, None, dq, lse2, delta, 0.1, False,
+                                                 True, 0, 0), {"o": out, "do": do, "dq": dq}),
+    ]
+    for call, tensors in calls:
+        (fn, args, kwargs), = record(sm90, call)
+        got = dict(zip(fn.arg_names, args))
+        for name, t in tensors.items():
+            dims = ("b", "h", "n" if name in ("dk", "dv") else "m")
+            assert tuple(got[f"stride_{name}{d}"] for d in dims) == t.stride()[:3], (fn.__name__, name)
