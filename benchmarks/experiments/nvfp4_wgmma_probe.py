@@ -81,6 +81,22 @@ def _operand(wd, sbytes, BK: gl.constexpr, WG: gl.constexpr, ASM: gl.constexpr,
 
 
 @gluon.jit
+def _word_offsets(BK: gl.constexpr, WG: gl.constexpr):
+    """Per-thread offsets of the words and scales of one K step of a block of 64 WG rows.
+    Words: thread (r' = w*8 + lr, q) reads BK/16 consecutive words, word c holding pairs (h, g) =
+    K pair c*8 + g*4 + q of row w*16 + h*8 + lr. Scales: per (r', c) one int16 holding the E4M3
+    scale bytes of rows h = 0, 1; the four lanes of a quad read the same bytes."""
+    w_layout: gl.constexpr = gl.BlockedLayout([1, 1, BK // 16], [8, 4, 1], [4 * WG, 1, 1], [2, 1, 0])
+    wr = gl.arange(0, 32 * WG, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
+    wq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
+    wc = gl.arange(0, BK // 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
+    r3 = gl.expand_dims(gl.expand_dims(wr, 1), 2)
+    q3 = gl.expand_dims(gl.expand_dims(wq, 0), 2)
+    c3 = gl.expand_dims(gl.expand_dims(wc, 0), 1)
+    return (r3 * 4 + q3) * (BK // 16) + c3, r3 * (BK // 16) + q3 * 0 + c3
+
+
+@gluon.jit
 def probe(W, S, X, Y, GS, M, N, K, stride_x, BK: gl.constexpr, M16: gl.constexpr,
           SPLIT: gl.constexpr, PREFETCH: gl.constexpr, WG: gl.constexpr, ASM: gl.constexpr,
           SCALES: gl.constexpr):
@@ -93,19 +109,7 @@ def probe(W, S, X, Y, GS, M, N, K, stride_x, BK: gl.constexpr, M16: gl.constexpr
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, WG], [1, 0])
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M16, BK], gl.bfloat16)
-    # Words: per 64-row block and K step, thread (r' = w*8 + lr, q) reads BK/16 consecutive words,
-    # word c holding pairs (h, g) = K pair c*8 + g*4 + q of row w*16 + h*8 + lr.
-    w_layout: gl.constexpr = gl.BlockedLayout([1, 1, BK // 16], [8, 4, 1], [4 * WG, 1, 1], [2, 1, 0])
-    wr = gl.arange(0, 32 * WG, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
-    wq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
-    wc = gl.arange(0, BK // 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
-    r3 = gl.expand_dims(gl.expand_dims(wr, 1), 2)
-    q3 = gl.expand_dims(gl.expand_dims(wq, 0), 2)
-    c3 = gl.expand_dims(gl.expand_dims(wc, 0), 1)
-    woff = (r3 * 4 + q3) * (BK // 16) + c3
-    # Scales: per (r', c) one int16 holding the E4M3 scale bytes of rows h = 0, 1; the four
-    # lanes of a quad read the same bytes.
-    soff = r3 * (BK // 16) + q3 * 0 + c3
+    woff, soff = _word_offsets(BK, WG)
     xr = gl.arange(0, M16, layout=gl.SliceLayout(1, x_layout))
     xc = gl.arange(0, BK, layout=gl.SliceLayout(0, x_layout))
     acc = gl.zeros([64 * WG, M16], gl.float32, acc_layout)
@@ -152,8 +156,7 @@ def probe(W, S, X, Y, GS, M, N, K, stride_x, BK: gl.constexpr, M16: gl.constexpr
 @gluon.jit
 def _step_loads(W, S, X, step, k0, woff, soff, xoffs, xmask, BK: gl.constexpr):
     """One step's words, scale pairs and x tile (registers)."""
-    wd = gl.load(W + step * (64 * BK // 8) + woff)
-    sb = gl.load(S + step * (32 * BK // 16) + soff)
+    wd, sb = _word_loads(W, S, step, woff, soff, BK)
     xt = gl.load(X + xoffs + k0, mask=xmask, other=0.0)
     return wd, sb, xt
 
@@ -173,15 +176,7 @@ def probe2(W, S, X, Y, WS, CNT, GS, M, N, K, stride_x, BK: gl.constexpr, M16: gl
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M16, BK], gl.bfloat16)
-    w_layout: gl.constexpr = gl.BlockedLayout([1, 1, BK // 16], [8, 4, 1], [4, 1, 1], [2, 1, 0])
-    wr = gl.arange(0, 32, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
-    wq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
-    wc = gl.arange(0, BK // 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
-    r3 = gl.expand_dims(gl.expand_dims(wr, 1), 2)
-    q3 = gl.expand_dims(gl.expand_dims(wq, 0), 2)
-    c3 = gl.expand_dims(gl.expand_dims(wc, 0), 1)
-    woff = (r3 * 4 + q3) * (BK // 16) + c3
-    soff = r3 * (BK // 16) + q3 * 0 + c3
+    woff, soff = _word_offsets(BK, 1)
     xr = gl.arange(0, M16, layout=gl.SliceLayout(1, x_layout))
     xc = gl.arange(0, BK, layout=gl.SliceLayout(0, x_layout))
     xoffs = gl.expand_dims(xr, 1) * stride_x + gl.expand_dims(xc, 0)
@@ -209,29 +204,7 @@ def probe2(W, S, X, Y, WS, CNT, GS, M, N, K, stride_x, BK: gl.constexpr, M16: gl
         acc, _ = warpgroup_mma_wait(WAIT, deps=[acc, x_s])
         ring = ring[1:] + (new,)
     acc, _ = warpgroup_mma_wait(0, deps=[acc, x_s])
-    yr = pid * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
-    yc = gl.arange(0, M16, layout=gl.SliceLayout(0, acc_layout))
-    out = acc * (gl.load(GS) * 67108864.0)
-    offs = gl.expand_dims(yc, 0) * N + gl.expand_dims(yr, 1)
-    mask = gl.expand_dims(yc < M, 0) & gl.expand_dims(yr < N, 1)
-    if SPLIT == 1:
-        gl.store(Y + offs, out.to(gl.bfloat16), mask=mask)
-    else:
-        gl.store(WS + pk * M * N + offs, out, mask=mask)
-        # One fence per thread (a tensor with one element per thread), then one count per program.
-        one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r",
-                                  [gl.arange(0, 128, layout=one)], dtype=gl.int32, is_pure=False,
-                                  pack=1)
-        gl.thread_barrier()
-        arrived = gl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT - 1:
-            total = gl.zeros([64, M16], gl.float32, acc_layout)
-            for sp in gl.static_range(SPLIT):  # unrolled: every partial's load in flight at once
-                total += gl.load(WS + sp * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            gl.store(Y + offs, total.to(gl.bfloat16), mask=mask)
-            gl.thread_barrier()
-            gl.atomic_xchg(CNT + pid, 0, sem="relaxed", scope="gpu")
+    _split_epilogue(acc, acc_layout, Y, WS, CNT, GS, M, N, pid, pk, M16, SPLIT)
 
 
 def compile_probe2(BK, SPLIT=1, AHEAD=2, WAIT=1):
@@ -296,15 +269,7 @@ def probe3(W, S, x_desc, Y, WS, CNT, GS, M, N, K, BK: gl.constexpr, M16: gl.cons
     pk = gl.program_id(1)
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M16, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    w_layout: gl.constexpr = gl.BlockedLayout([1, 1, BK // 16], [8, 4, 1], [4, 1, 1], [2, 1, 0])
-    wr = gl.arange(0, 32, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
-    wq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
-    wc = gl.arange(0, BK // 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
-    r3 = gl.expand_dims(gl.expand_dims(wr, 1), 2)
-    q3 = gl.expand_dims(gl.expand_dims(wq, 0), 2)
-    c3 = gl.expand_dims(gl.expand_dims(wc, 0), 1)
-    woff = (r3 * 4 + q3) * (BK // 16) + c3
-    soff = r3 * (BK // 16) + q3 * 0 + c3
+    woff, soff = _word_offsets(BK, 1)
     XA: gl.constexpr = NS - 2
     x_s = gl.allocate_shared_memory(gl.bfloat16, [NS, M16, BK], x_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
@@ -381,15 +346,7 @@ def probe4(W, S, x_desc, Y, WS, CNT, GS, M, N, K, BK: gl.constexpr, M16: gl.cons
     pk = gl.program_id(1)
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M16, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    w_layout: gl.constexpr = gl.BlockedLayout([1, 1, BK // 16], [8, 4, 1], [4, 1, 1], [2, 1, 0])
-    wr = gl.arange(0, 32, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
-    wq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
-    wc = gl.arange(0, BK // 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
-    r3 = gl.expand_dims(gl.expand_dims(wr, 1), 2)
-    q3 = gl.expand_dims(gl.expand_dims(wq, 0), 2)
-    c3 = gl.expand_dims(gl.expand_dims(wc, 0), 1)
-    woff = (r3 * 4 + q3) * (BK // 16) + c3
-    soff = r3 * (BK // 16) + q3 * 0 + c3
+    woff, soff = _word_offsets(BK, 1)
     x_s = gl.allocate_shared_memory(gl.bfloat16, [KSTEPS, M16, BK], x_desc.layout)
     bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(bar, count=1)
