@@ -1,7 +1,8 @@
 """L2 prefetch by the copy engine in the NVFP4 warp-MMA kernel (``NVFP4GemmConfig.prefetch``,
 NOTES_nvfp4.md, ninth round): each of the library's MMA candidates with prefetch 0 (as today),
 1 (all of a warp's tiles at its start) and P = 2, 4 (P tiles ahead), timed back to back (one CUDA
-graph with one call per weight copy, copies >= 3x L2, median of 10 replays) beside bf16
+graph with one call per weight copy, as many copies as the tuner takes (``copies_for``: >= 3x L2,
+at most 64), median of 10 replays) beside bf16
 F.linear and the tuned ``NVFP4Linear`` in the same process. Every prefetch variant's output must
 equal its configuration's output without prefetch bit for bit (a prefetch changes no
 arithmetic). fp16 at M = 16 also runs each candidate with ``maxnreg=128`` (the eighth round's
@@ -54,17 +55,15 @@ def run(entries, out_path=None, rounds=2):
     """``entries``: (K, N, Ms, dtype, variants, bucket): each MMA candidate of the M bucket
     (``bucket``, or M's own) with each variant (a dict of NVFP4GemmConfig fields to change), timed
     at each M. The best time per variant is printed beside bf16 and the tuned library."""
-    l2 = _device_line()
+    _device_line()
     rows = []
     for k, n, ms, dt, variants, bucket in entries:
         torch.manual_seed(0)
         lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         w = nv.to_tiled(nv.pack_nvfp4(lin.weight.float()))
-        nb = w.packed.numel() + w.scales.numel()
-        c4 = max(2, -(-3 * l2 // nb))
-        cbf = max(2, -(-3 * l2 // (n * k * 2)))
-        wc = [nv.NVFP4Weight(w.packed.clone(), w.scales.clone(), w.global_scale.clone(), w.shape, w.tiled)
-              for _ in range(c4)]
+        c4 = nv.copies_for(w.nbytes())
+        cbf = nv.copies_for(n * k * 2)
+        wc = nv.weight_copies(w, c4)
         ref_w = nv.unpack_nvfp4(w).double()
         bc = [lin.weight.detach().to(dt).clone() for _ in range(cbf)]
         lib = [nv.NVFP4Linear.from_linear(copy.deepcopy(lin).to(dt)) for _ in range(c4)]
