@@ -606,19 +606,32 @@ def run_gpu(shapes=((4096, 14336), (14336, 4096), (4096, 4096)), ms=(1, 4, 8, 16
 _CNT = {}
 
 
-def linear3(x, words, scales, global_scale, n, BK=128, SPLIT=1, AHEAD=2, NS=4, WAIT=1):
-    """``x @ W^T`` with probe3 (W packed by ``pack(w, BK)``); split-K summed in the kernel."""
+def _buffers(x, n, BK, SPLIT):
+    """For the in-kernel split-K probes: checks x and the shape, then ``(m, k, y, ws, cnt)``: the
+    bf16 output, the fp32 split partials (``y`` when unsplit) and the row blocks' counters (one
+    zeroed set per N, which the kernels leave at zero)."""
     import torch
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m, k = x.shape
     assert m <= 16 and n % 64 == 0 and k % (BK * SPLIT) == 0 and x.stride(1) == 1
-    layout = gl.NVMMASharedLayout.get_default_for([16, BK], gl.bfloat16)
-    desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [16, BK], layout)
     y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     ws = torch.empty(SPLIT, m, n, device=x.device, dtype=torch.float32) if SPLIT > 1 else y
     cnt = _CNT.get(n)
     if cnt is None:
         cnt = _CNT[n] = torch.zeros(n // 64, device=x.device, dtype=torch.int32)
+    return m, k, y, ws, cnt
+
+
+def _x_desc(x, BK):
+    """TMA descriptor of x in 16 x BK tiles."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    layout = gl.NVMMASharedLayout.get_default_for([16, BK], gl.bfloat16)
+    return TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [16, BK], layout)
+
+
+def linear3(x, words, scales, global_scale, n, BK=128, SPLIT=1, AHEAD=2, NS=4, WAIT=1):
+    """``x @ W^T`` with probe3 (W packed by ``pack(w, BK)``); split-K summed in the kernel."""
+    m, k, y, ws, cnt = _buffers(x, n, BK, SPLIT)
+    desc = _x_desc(x, BK)
     probe3[(n // 64, SPLIT)](words, scales, desc, y, ws, cnt, global_scale, m, n, k, BK=BK, M16=16,
                              SPLIT=SPLIT, AHEAD=AHEAD, NS=NS, ASM=DECODE, SCALES=_SCALES,
                              WAIT=WAIT, num_warps=4)
@@ -627,14 +640,7 @@ def linear3(x, words, scales, global_scale, n, BK=128, SPLIT=1, AHEAD=2, NS=4, W
 
 def linear2(x, words, scales, global_scale, n, BK=128, SPLIT=1, AHEAD=2, WAIT=1):
     """``x @ W^T`` with probe2 (x's tiles through registers); split-K summed in the kernel."""
-    import torch
-    m, k = x.shape
-    assert m <= 16 and n % 64 == 0 and k % (BK * SPLIT) == 0 and x.stride(1) == 1
-    y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-    ws = torch.empty(SPLIT, m, n, device=x.device, dtype=torch.float32) if SPLIT > 1 else y
-    cnt = _CNT.get(n)
-    if cnt is None:
-        cnt = _CNT[n] = torch.zeros(n // 64, device=x.device, dtype=torch.int32)
+    m, k, y, ws, cnt = _buffers(x, n, BK, SPLIT)
     probe2[(n // 64, SPLIT)](words, scales, x, y, ws, cnt, global_scale, m, n, k, x.stride(0),
                              BK=BK, M16=16, SPLIT=SPLIT, AHEAD=AHEAD, WAIT=WAIT, ASM=DECODE,
                              SCALES=_SCALES, num_warps=4)
@@ -673,17 +679,8 @@ def check_gpu2():
 
 def linear4(x, words, scales, global_scale, n, BK=128, SPLIT=4, AHEAD=2):
     """``x @ W^T`` with probe4 (x's whole slice in shared memory)."""
-    import torch
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    m, k = x.shape
-    assert m <= 16 and n % 64 == 0 and k % (BK * SPLIT) == 0 and x.stride(1) == 1
-    layout = gl.NVMMASharedLayout.get_default_for([16, BK], gl.bfloat16)
-    desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [16, BK], layout)
-    y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-    ws = torch.empty(SPLIT, m, n, device=x.device, dtype=torch.float32) if SPLIT > 1 else y
-    cnt = _CNT.get(n)
-    if cnt is None:
-        cnt = _CNT[n] = torch.zeros(n // 64, device=x.device, dtype=torch.int32)
+    m, k, y, ws, cnt = _buffers(x, n, BK, SPLIT)
+    desc = _x_desc(x, BK)
     probe4[(n // 64, SPLIT)](words, scales, desc, y, ws, cnt, global_scale, m, n, k, BK=BK, M16=16,
                              SPLIT=SPLIT, AHEAD=AHEAD, KSTEPS=k // BK // SPLIT, ASM=DECODE,
                              SCALES=_SCALES, num_warps=4)
