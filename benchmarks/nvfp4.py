@@ -265,6 +265,17 @@ def variants_table(m_values=(1, 4, 16), shapes=((4096, 14336), (14336, 4096))) -
     return rows
 
 
+def kernel_label(c) -> str:
+    """A configuration (as a dict) in a table: mode, tile, split, warps, and the MMA kernel's K warps,
+    register cap and x layout where set."""
+    if not c:
+        return "-"
+    return (f"{c['mode']} m{c['block_m']} n{c['block_n']} k{c['block_k']} s{c['split_k']} w{c['num_warps']}"
+            + (f" kw{c['kwarps']}" if c.get("kwarps", 1) > 1 else "")
+            + (f" r{c['maxnreg']}" if c.get("maxnreg") else "")
+            + (f" xf{c['x_frag']}" if c.get("x_frag") else ""))
+
+
 def variants_markdown(info, rows) -> str:
     lines = [f"# NVFP4 with fp16 activations and a bias on {info['device']}", "",
              f"torch {info['torch']}, triton {info['triton']}, {info['date']}. Back-to-back GPU time per call "
@@ -273,9 +284,7 @@ def variants_markdown(info, rows) -> str:
              "| M | K | N | activations | bias | F.linear us | NVFP4 us | speedup | kernel | rel err |",
              "|---:|---:|---:|---|---|---:|---:|---:|---|---:|"]
     for r in rows:
-        c = r["config"]
-        kern = "-" if c is None else (f"{c['mode']} n{c['block_n']} s{c['split_k']} w{c['num_warps']} kw{c['kwarps']}"
-                                      + (f" r{c['maxnreg']}" if c.get("maxnreg") else ""))
+        kern = kernel_label(r["config"])
         lines.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['dtype']} | {'yes' if r['bias'] else 'no'} | "
                      f"{r['dense_us']:.1f} | {r['nvfp4_us']:.1f} | {r['speedup']:.2f}x | {kern} | {r['rel_err']:.1e} |")
     return "\n".join(lines) + "\n"
@@ -643,9 +652,7 @@ def markdown(info, bw, rows, decode, notes) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
-        cfg = r.get("config") or {}
-        kern = (f"{cfg.get('mode')} m{cfg.get('block_m')} n{cfg.get('block_n')} k{cfg.get('block_k')} "
-                f"s{cfg.get('split_k')} w{cfg.get('num_warps')}") if cfg else "-"
+        kern = kernel_label(r.get("config"))
         bf16_gbs = 2 * r["K"] * r["N"] / r["bf16_rot_us"] / 1e3
         nv_gbs = 0.5625 * r["K"] * r["N"] / r["nvfp4_rot_us"] / 1e3
         lines.append(

@@ -918,6 +918,19 @@ ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$16+16];
 ld.global.nc.v4.b32 {$8, $9, $10, $11}, [$16+32];
 ld.global.nc.v4.b32 {$12, $13, $14, $15}, [$16+48];
 """)
+# The same from x in fragment order (see _nvfp4_x_frag_kernel): the lane's four 16-byte pieces are
+# 512 bytes apart, and each load of the warp reads 512 consecutive bytes.
+_MMA_LD_XF_PTX = tl.constexpr("""
+ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$16];
+ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$16+512];
+ld.global.nc.v4.b32 {$8, $9, $10, $11}, [$16+1024];
+ld.global.nc.v4.b32 {$12, $13, $14, $15}, [$16+1536];
+""")
+# Waits for the kernel before (programmatic dependent launch; a no-op without it) and returns 0, to
+# be added to the addresses that must not be read before the wait (a data dependence, so neither
+# the compiler nor ptxas moves those loads above it).
+_GDC_WAIT_PTX = tl.constexpr("griddepcontrol.wait; mov.b64 $0, 0;")
+_GDC_LAUNCH_PTX = tl.constexpr("griddepcontrol.launch_dependents; mov.b32 $0, 0;")
 
 # Two E4M3 bytes -> two packed scale pairs (low byte: words 0-1 of the lane, high byte: words 2-3).
 _MMA_SCALE_F16_PTX = tl.constexpr("""
@@ -1022,8 +1035,9 @@ def _mma_ld_scales(addr):
 
 
 @triton.jit
-def _mma_ld_x(addr):
-    return tl.inline_asm_elementwise(_MMA_LD_X_PTX, "=&r," * 16 + "l", [addr], dtype=(tl.uint32,) * 16,
+def _mma_ld_x(addr, XF: tl.constexpr = 0):
+    asm: tl.constexpr = _MMA_LD_XF_PTX if XF else _MMA_LD_X_PTX
+    return tl.inline_asm_elementwise(asm, "=&r," * 16 + "l", [addr], dtype=(tl.uint32,) * 16,
                                      is_pure=True, pack=1)
 
 
@@ -1096,12 +1110,13 @@ def _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xv
 
 
 @triton.jit
-def _mma_ld_x_tile(xa, xa2, tile, TWO_N: tl.constexpr):
-    """x under K tile ``tile`` for x row g (and g + 8 if TWO_N; otherwise the first set twice)."""
-    ox = tile.to(tl.int64) * 256
-    xv = _mma_ld_x(xa + ox)
+def _mma_ld_x_tile(xa, xa2, tile, TWO_N: tl.constexpr, XF: tl.constexpr = 0):
+    """x under K tile ``tile`` for x row g (and g + 8 if TWO_N; otherwise the first set twice).
+    XF: x in fragment order (4 KB per tile)."""
+    ox = tile.to(tl.int64) * (4096 if XF else 256)
+    xv = _mma_ld_x(xa + ox, XF)
     if TWO_N:
-        xv2 = _mma_ld_x(xa2 + ox)
+        xv2 = _mma_ld_x(xa2 + ox, XF)
     else:
         xv2 = xv
     return xv, xv2
@@ -1109,9 +1124,10 @@ def _mma_ld_x_tile(xa, xa2, tile, TWO_N: tl.constexpr):
 
 @triton.jit
 def _mma_tile_by_chunk(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xaddr, xaddr2,
-                       BF16: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr, NAT: tl.constexpr = 0):
+                       BF16: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr, NAT: tl.constexpr = 0,
+                       XF: tl.constexpr = 0):
     """One K tile of every row group, chunk by chunk, each chunk's 16 bytes of x (per row set)
-    loaded just before its MMAs (x_late 2)."""
+    loaded just before its MMAs (x_late 2; XF: x in fragment order, chunks 512 bytes apart)."""
     a0, a1, a2, a3 = acc_a
     e0, e1, e2, e3 = acc_a2
     b0, b1, b2, b3 = acc_b
@@ -1119,10 +1135,11 @@ def _mma_tile_by_chunk(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2,
     sc0, sc1 = _mma_scale_quads(s0, s1, BF16)
     if GROUPS == 2:
         sc2, sc3 = _mma_scale_quads(s2, s3, BF16)
+    XC: tl.constexpr = 512 if XF else 16
     for t in tl.static_range(4):
-        x0, x1, x2, x3 = _mma_ld_words(xaddr + 16 * t, 0)
+        x0, x1, x2, x3 = _mma_ld_words(xaddr + XC * t, 0)
         if TWO_N:
-            y0, y1, y2, y3 = _mma_ld_words(xaddr2 + 16 * t, 0)
+            y0, y1, y2, y3 = _mma_ld_words(xaddr2 + XC * t, 0)
         p0, p1, p2, p3 = _mma_decode(w0[t], sc0[t], BF16, NAT)
         q0, q1, q2, q3 = _mma_decode(w1[t], sc1[t], BF16, NAT)
         a0, a1, a2, a3 = _mma_chunk(p0, p1, p2, p3, q0, q1, q2, q3, x0, x1, x2, x3, a0, a1, a2, a3, BF16, NAT)
@@ -1189,7 +1206,7 @@ def _mma_finish(acc, rows_a, rows_b, col, M, N, gscale, bias_ptr, out_ptr, ws_pt
 @triton.jit
 def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, tile,
                     GROUPS: tl.constexpr, TWO_N: tl.constexpr, HINT: tl.constexpr, X_LATE: tl.constexpr = 0,
-                    TILED: tl.constexpr = 0):
+                    TILED: tl.constexpr = 0, XF: tl.constexpr = 0):
     """Loads of one K tile (tile index ``tile``): words, scale pairs and x for each row group.
     TILED: the weight in tile order (:func:`to_tiled`: a 16-row block's K tile is 1 KB of words
     and 128 bytes of scales)."""
@@ -1218,7 +1235,7 @@ def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, tile,
         xv = ow
         xv2 = ow
     else:
-        xv, xv2 = _mma_ld_x_tile(xa, xa2, tile, TWO_N)
+        xv, xv2 = _mma_ld_x_tile(xa, xa2, tile, TWO_N, XF)
     return w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2
 
 
@@ -1229,7 +1246,7 @@ def _nvfp4_mma_kernel(
     HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, TWO_N: tl.constexpr, GROUPS: tl.constexpr,
     NUM_WARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 0,
     counter_ptr=None, IN_KERNEL_REDUCE: tl.constexpr = 0, X_LATE: tl.constexpr = 0,
-    KWARPS: tl.constexpr = 1, TILED: tl.constexpr = 0, KT=0,
+    KWARPS: tl.constexpr = 1, TILED: tl.constexpr = 0, KT=0, X_FRAG: tl.constexpr = 0,
 ):
     """``out = x @ W.T`` for M <= 8 (TWO_N: M <= 16) with warp MMAs; see the comment above.
     Grid ``(cdiv(N, 16 * GROUPS * NUM_WARPS // KWARPS), splits)``; needs K % 128 == 0, 16-byte
@@ -1237,7 +1254,10 @@ def _nvfp4_mma_kernel(
     with KWARPS > 1, KWARPS warps share those rows, each taking 1 / KWARPS of the program's K tiles,
     and their partial sums are added in the program (through shared memory) before the store: a
     split of K without a second kernel or a workspace. TILED: the weight is in tile order
-    (:func:`to_tiled`), ``KT`` = K / 128."""
+    (:func:`to_tiled`), ``KT`` = K / 128. X_FRAG (TWO_N only): ``x_ptr`` is x in fragment order
+    (:func:`_nvfp4_x_frag_kernel`); 2: that kernel runs just before this one, which is launched
+    with programmatic dependent launch, so its weight loads start before x is ready (it waits
+    only before its first x load)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
@@ -1277,9 +1297,20 @@ def _nvfp4_mma_kernel(
         sa1 = sbase + tl.minimum(r1, N - 1).to(tl.int64) * stride_sn
         sa2 = sbase + tl.minimum(r2, N - 1).to(tl.int64) * stride_sn
         sa3 = sbase + tl.minimum(r3, N - 1).to(tl.int64) * stride_sn
-    xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 64
-    xa = xb + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm * 2)
-    xa2 = xb + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm * 2)
+    if X_FRAG:
+        # Lane 4 g + c reads its 16-byte pieces at 16 * lane (+ 512 per piece, + 4096 per tile).
+        xa = x_ptr.to(tl.int64, bitcast=True) + (g * 64 + c * 16).to(tl.int64)
+        xa2 = xa + 2048
+    else:
+        xb = x_ptr.to(tl.int64, bitcast=True) + c.to(tl.int64) * 64
+        xa = xb + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm * 2)
+        xa2 = xb + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm * 2)
+    XF: tl.constexpr = X_FRAG > 0
+    if X_FRAG == 2 and not X_LATE:
+        # x is read with the first tiles' words: wait before any load.
+        gdc = tl.inline_asm_elementwise(_GDC_WAIT_PTX, "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+        xa = xa + gdc
+        xa2 = xa2 + gdc
 
     zero = tl.zeros((NUM_WARPS * 32,), dtype=tl.float32)
     acc_a = (zero, zero, zero, zero)
@@ -1300,38 +1331,47 @@ def _nvfp4_mma_kernel(
         for j in tl.static_range(AHEAD):
             ring = ring + (_mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                                            first + tl.minimum(j, last), GROUPS, TWO_N, HINT, 1, TILED),)
+        if X_FRAG == 2:
+            gdc = tl.inline_asm_elementwise(_GDC_WAIT_PTX, "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+            xa = xa + gdc
+            xa2 = xa2 + gdc
         for t in range(0, tiles):
             new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                                   first + tl.minimum(t + AHEAD, last), GROUPS, TWO_N, HINT, 1, TILED)
             w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = ring[0]
-            xv, xv2 = _mma_ld_x_tile(xa, xa2, first + t, TWO_N)
+            xv, xv2 = _mma_ld_x_tile(xa, xa2, first + t, TWO_N, XF)
             acc_a, acc_a2, acc_b, acc_b2 = _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3,
                                                        xv, xv2, BF16, TWO_N, GROUPS, TILED)
             ring = ring[1:] + (new,)
     else:
         # Loads run AHEAD tiles ahead of the MMAs (1 or 2); past the end the last tile is re-read.
         cur = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, first, GROUPS, TWO_N, HINT,
-                              X_LATE, TILED)
+                              X_LATE, TILED, XF)
         nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
-                              first + tl.minimum(1, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
+                              first + tl.minimum(1, last), GROUPS, TWO_N, HINT, X_LATE, TILED, XF)
+        if X_FRAG == 2 and X_LATE:
+            # The first two tiles' words are requested; now wait for x.
+            gdc = tl.inline_asm_elementwise(_GDC_WAIT_PTX, "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+            xa = xa + gdc
+            xa2 = xa2 + gdc
         for t in range(0, tiles):
             if AHEAD == 2:
                 new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
-                                      first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
+                                      first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE, TILED, XF)
             w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2 = cur
             if X_LATE == 2:
                 # x read chunk by chunk (16 bytes per row set) as the MMAs need it: 4 + 4 registers
                 # for x instead of 16 + 16.
-                ox = (first + t).to(tl.int64) * 256
+                ox = (first + t).to(tl.int64) * (4096 if XF else 256)
                 acc_a, acc_a2, acc_b, acc_b2 = _mma_tile_by_chunk(
                     acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xa + ox, xa2 + ox,
-                    BF16, TWO_N, GROUPS, TILED)
+                    BF16, TWO_N, GROUPS, TILED, XF)
             else:
                 if X_LATE:
                     # x (16 registers per row set) read from L1/L2 just before use instead of two
                     # tiles ahead: fewer registers, more warps per SM to keep the weight loads in
                     # flight.
-                    xv, xv2 = _mma_ld_x_tile(xa, xa2, first + t, TWO_N)
+                    xv, xv2 = _mma_ld_x_tile(xa, xa2, first + t, TWO_N, XF)
                 acc_a, acc_a2, acc_b, acc_b2 = _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2,
                                                            s3, xv, xv2, BF16, TWO_N, GROUPS, TILED)
             if AHEAD == 2:
@@ -1340,7 +1380,7 @@ def _nvfp4_mma_kernel(
             else:
                 cur = nxt
                 nxt = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
-                                      first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE, TILED)
+                                      first + tl.minimum(t + 2, last), GROUPS, TWO_N, HINT, X_LATE, TILED, XF)
 
     # bf16 values carried 2**-26, fp16 values 2**-14.
     if BF16:
@@ -1401,6 +1441,45 @@ def _nvfp4_mma_kernel(
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
+# x in fragment order, for the MMA kernel at M = 9..16 (X_FRAG). The kernel's x loads as x comes
+# (lane (g, c) reads the 64 bytes of row g under its words, 16 bytes at a time) touch 16 cache lines
+# per warp load: 8 rows, and 4 pieces 64 bytes apart in each. Here x is laid out once per call in
+# the order the lanes read it: per K tile of 128, row set s (rows 8 s .. 8 s + 7), piece i and lane
+# 4 g + c, the 16 bytes x[8 s + g, 128 tile + 32 c + 8 i : + 8] (4 KB per tile; rows past M repeat
+# row M - 1), so each warp load reads 512 consecutive bytes (4 lines).
+@triton.jit
+def _nvfp4_x_frag_kernel(x_ptr, xf_ptr, M, stride_xm, PDL: tl.constexpr):
+    """One K tile per program: x (M <= 16 rows, 16-byte aligned) -> its 1024 words in fragment
+    order. PDL: let the next kernel (launched with programmatic dependent launch) start now."""
+    if PDL:
+        tl.inline_asm_elementwise(_GDC_LAUNCH_PTX, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    tile = tl.program_id(0)
+    o = tl.arange(0, 1024)  # word j of piece i of lane (g, c) of row set s: o = (((s 4 + i) 32 + 4 g + c) 4 + j)
+    j = o % 4
+    lane = (o // 4) % 32
+    i = (o // 128) % 4
+    s = o // 512
+    row = tl.minimum(8 * s + lane // 4, M - 1)
+    col = tile * 64 + 16 * (lane % 4) + 4 * i + j  # in 32-bit words
+    xw = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    v = tl.load(xw + row.to(tl.int64) * (stride_xm // 2) + col)
+    xfw = xf_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    tl.store(xfw + tile.to(tl.int64) * 1024 + o, v)
+
+
+def x_fragments(x: Tensor) -> Tensor:
+    """x (M <= 16 rows, K % 128 == 0, 16-byte aligned rows, unit stride along K) in the MMA kernel's
+    fragment order (see _nvfp4_x_frag_kernel), as a flat tensor of x's dtype. A reference for
+    tests; the launcher calls the kernel."""
+    m, k = x.shape
+    if m > 16 or k % 128 or x.stride(1) != 1:
+        raise ValueError(f"x_fragments takes M <= 16, K % 128 == 0 and unit stride along K, got {tuple(x.shape)}")
+    rows = torch.arange(16, device=x.device).clamp(max=m - 1)
+    # [s, g, tile, c, i, e] -> [tile, s, i, g, c, e]
+    v = x[rows].reshape(2, 8, k // 128, 4, 4, 8).permute(2, 0, 4, 1, 3, 5)
+    return v.reshape(-1)
+
+
 @dataclass(frozen=True)
 class NVFP4GemmConfig:
     """Launch parameters of :func:`_nvfp4_gemm_kernel`."""
@@ -1418,6 +1497,7 @@ class NVFP4GemmConfig:
     x_late: int = 0  # mma: 1 = x read when its tile is used, not with the weight words (fewer registers); 2 = per chunk
     kwarps: int = 1  # mma: warps sharing the same rows, each on 1 / kwarps of the K tiles, summed in the program
     maxnreg: int = 0  # mma: register cap per thread (0: the compiler's choice; lower caps spill, more warps fit)
+    x_frag: int = 0  # mma, M 9..16: 1 = x laid out in fragment order by a small kernel first; 2 = that, overlapped (PDL)
 
 
 def _interpreting() -> bool:
@@ -1473,6 +1553,14 @@ def _candidates(bucket: int, k: int, mma: bool = False, dtype: torch.dtype = tor
                   C(bm, 32, 128, 8, 2, 1, "mma", 1, 1, x_late=1), C(bm, 64, 128, 8, 2, 1, "mma", 2, 1, x_late=1),
                   C(bm, 64, 128, 4, 4, 1, "mma", 1, 1, x_late=1), C(bm, 128, 128, 8, 4, 1, "mma", 2, 1, x_late=1),
                   C(bm, 128, 128, 8, 4, 1, "mma", 2, 1)]
+        if bm == 16:
+            # M = 9..16: x laid out in fragment order by a small kernel, overlapped with the MMA
+            # kernel (x_frag 2). On the H100 (NOTES_nvfp4.md, tenth round) it takes the one-row-group
+            # kernel from 23.2 to 16.7 us on 4096 x 14336 (the best without: 18.0), and the split
+            # kernels from 19.4 to 19.1 on 14336 x 4096; on 4096 x 4096 it is slower (the tuner's pick).
+            cands += [C(bm, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4, x_frag=2),
+                      C(bm, 128, 128, 8, 4, 1, "mma", 2, 1, x_late=1, x_frag=2),
+                      C(bm, 64, 128, 8, 2, 1, "mma", 2, 1, x_late=1, x_frag=2)]
         if bm == 16 and dtype == torch.float16:
             # fp16's decode takes 130 registers in the kernels with two row groups (bf16: 128), one
             # program of four warps fewer per SM; capped at 128 they fit without spilling and run
@@ -1592,15 +1680,23 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             undo = 67108864.0  # 2**26
         grid_n = triton.cdiv(n, cfg.block_n)
         in_kernel = split > 1 and cfg.reduce == "atomic"
+        xk = x
+        if cfg.x_frag:
+            if cfg.block_m != 16 or cfg.x_frag not in (1, 2) or x.stride(1) != 1:
+                raise ValueError(f"x_frag needs block_m 16 and x with unit stride along K, got {cfg}")
+            xk = torch.empty(k * 16, dtype=x.dtype, device=x.device)
+            _launch_kernel(_nvfp4_x_frag_kernel, (k // 128,), x, xk, m, x.stride(0), PDL=cfg.x_frag == 2,
+                           num_warps=4)
         _launch_kernel(_nvfp4_mma_kernel, (grid_n, split),
-            x, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
+            xk, w.packed.view(torch.int32), w.scales.view(torch.uint8), w.global_scale, bias_arg, out, ws,
             m, n, k, x.stride(0), k // 8, k // 16, out.stride(0), tiles_per_split,
             HAS_BIAS=bias is not None, USE_WS=split > 1, TWO_N=cfg.block_m > 8, GROUPS=groups,
             NUM_WARPS=cfg.num_warps, AHEAD=cfg.ahead, HINT=cfg.hint,
             counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws,
             IN_KERNEL_REDUCE=split if in_kernel else 0,
-            X_LATE=cfg.x_late, KWARPS=kw, TILED=w.tiled, KT=k // 128,
+            X_LATE=cfg.x_late, KWARPS=kw, TILED=w.tiled, KT=k // 128, X_FRAG=cfg.x_frag,
             num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+            **({"launch_pdl": True} if cfg.x_frag == 2 else {}),
         )
         if in_kernel:
             return

@@ -149,6 +149,11 @@ def nvfp4_launches(m: int, dtype=torch.bfloat16) -> dict:
         for i, cfg in enumerate(mma):
             found[f"mma {i}"] = record(nv, lambda: nv._launch(x, nv.to_tiled(w), None, out, cfg),
                                        "_launch_kernel")
+        # x laid out in fragment order first (M = 9..16): the layout kernel, then the MMA kernel.
+        for i, cfg in enumerate(c for c in nv._candidates(m, k, mma=True, dtype=dtype) if c.x_frag):
+            layout, kernel = record(nv, lambda: nv._launch(x, nv.to_tiled(w), None, out, cfg), "_launch_kernel")
+            found[f"mma xfrag {i}"] = [kernel]
+            found[f"layout xfrag {i}"] = [layout]
         # The weight in row order (as stored off Hopper, or by a caller), first candidate.
         found["mma rows"] = record(nv, lambda: nv._launch(x, w, None, out, mma[0]),
                                    "_launch_kernel")
@@ -182,6 +187,11 @@ def main(argv) -> None:
                 row.update(wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
                            mma_sync="mma.sync.aligned.m16n8k16" in ptx,
                            cvt_e4m3="cvt.rn.f16x2.e4m3x2" in ptx,
+                           # programmatic dependent launch: where the wait and the trigger are,
+                           # and where the first x load from fragment order (pieces 512 apart) is
+                           gdc_wait=ptx.find("griddepcontrol.wait"),
+                           gdc_launch=ptx.find("griddepcontrol.launch_dependents"),
+                           x_frag_load=ptx.find("+512];"),
                            shared=compiled.metadata.shared, digest=digest(compiled),
                            **resources(compiled))
             print(json.dumps(row), flush=True)

@@ -1,5 +1,6 @@
 """NVFP4 packing, the Triton kernel (through the interpreter on the CPU) and NVFP4Linear."""
 
+import dataclasses
 import itertools
 import math
 
@@ -853,6 +854,63 @@ def test_gpu_pack_matches_cpu_pack():
     assert torch.equal(a.packed, b.packed.cpu())
     assert torch.equal(a.scales.view(torch.uint8), b.scales.view(torch.uint8).cpu())
     assert torch.equal(a.global_scale, b.global_scale.cpu())
+
+
+@pytest.mark.parametrize("m", [16, 9, 1])
+def test_x_fragment_order_is_what_each_lane_reads(m):
+    # The kernel that lays x out for the MMA kernel (x_frag) against the definition: per K tile, row
+    # set s, piece i and lane 4 g + c, the 8 elements x[8 s + g, 128 tile + 32 c + 8 i :] (rows past M
+    # repeat row M - 1); also x_fragments, the reference.
+    k = 384
+    torch.manual_seed(40)
+    base = torch.randn(m, k + 8).to(torch.bfloat16)
+    x = base[:, :k]  # rows 16-byte aligned, longer than K
+    want = torch.empty(k // 128, 2, 4, 8, 4, 8, dtype=x.dtype)
+    for t, s, i, g, c in itertools.product(range(k // 128), range(2), range(4), range(8), range(4)):
+        col = 128 * t + 32 * c + 8 * i
+        want[t, s, i, g, c] = x[min(8 * s + g, m - 1), col:col + 8]
+    assert torch.equal(nv.x_fragments(x), want.reshape(-1))
+    if DEVICE == "cpu" and not nv._interpreting():
+        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1")
+    xd = x.to(DEVICE)
+    got = torch.full((k * 16,), float("nan"), dtype=x.dtype, device=DEVICE)
+    nv._nvfp4_x_frag_kernel[(k // 128,)](xd, got, m, xd.stride(0), PDL=False)
+    assert torch.equal(got.cpu(), want.reshape(-1))
+    with pytest.raises(ValueError, match="M <= 16"):
+        nv.x_fragments(torch.zeros(17, 128))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [(32, 1, 4, 1, 4), (16, 1, 4, 1, 4), (32, 4, 1, 1, 1), (64, 8, 2, 2, 1),
+                                   (32, 2, 1, 1, 1, 2), (32, 1, 4, 1, 4, 0)])
+def test_gpu_x_in_fragment_order_gives_the_same_bits(block):
+    # x laid out in fragment order first (x_frag 1), and that overlapped with the MMA kernel by
+    # programmatic dependent launch (2): the same bits as x read as it is, in a CUDA graph too,
+    # replayed with new x (the overlapped kernel must wait for the new x).
+    bn, split, warps, ahead, kwarps = block[:5]
+    x_late = block[5] if len(block) > 5 else 1
+    C = NVFP4GemmConfig
+    plain = C(16, bn, 128, split, warps, 1, "mma", ahead, 1, x_late=x_late, kwarps=kwarps)
+    torch.manual_seed(41)
+    for k, n in ((4096, 1008), (1024, 14336)):
+        w = nv.to_tiled(pack_nvfp4(torch.randn(n, k, device="cuda")))
+        for m in (9, 16):
+            for dtype in (torch.bfloat16, torch.float16):
+                x = torch.randn(m, k, device="cuda").to(dtype)
+                bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
+                want = nvfp4_gemm(x, w, bias, config=plain)
+                for xf in (1, 2):
+                    cfg = dataclasses.replace(plain, x_frag=xf)
+                    assert torch.equal(nvfp4_gemm(x, w, bias, config=cfg), want), (k, n, m, dtype, xf)
+                    static = x.clone()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        out = nvfp4_gemm(static, w, bias, config=cfg)
+                    for _ in range(3):
+                        new = torch.randn(m, k, device="cuda").to(dtype)
+                        static.copy_(new)
+                        graph.replay()
+                        assert torch.equal(out, nvfp4_gemm(new, w, bias, config=plain)), (k, n, m, dtype, xf)
 
 
 @pytest.mark.gpu

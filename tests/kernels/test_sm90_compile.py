@@ -55,13 +55,27 @@ def test_gluon_attention_kernels_compile_for_sm90():
 def test_nvfp4_inline_ptx_kernels_compile_for_sm90():
     rows = _compile(_NVFP4)
     mma = [r for r in rows if r["kernel"].startswith("mma")]
-    assert len(mma) == 4 * len(_NVFP4)
+    frag = [r for r in mma if "xfrag" in r["kernel"]]
+    layout = [r for r in rows if r["kernel"].startswith("layout")]
+    assert len(mma) - len(frag) == 4 * len(_NVFP4)
+    # M = 16: the candidates with x in fragment order, and their layout kernels.
+    assert sorted({r["case"] for r in frag}) == ["nvfp4:16:bfloat16", "nvfp4:16:float16"]
+    assert len(layout) == len(frag) == 2  # (K = 512: the split ones need more K tiles)
     assert [r["case"] for r in rows if r["kernel"] == "gemv"] == ["nvfp4:1:bfloat16"]
     for row in rows:
+        if row in layout:  # (a plain copy: no shared memory)
+            assert row["launches"] == 1 and row["local"] == 0 and not row["cvt_e4m3"], row
+            continue
         _common(row)
         assert row["cvt_e4m3"], row
     for row in mma:
         assert row["mma_sync"], row
+        # Overlapped with the layout kernel: the wait comes before the first x load from it.
+        assert (row in frag) == (row["gdc_wait"] >= 0), row
+        if row in frag:
+            assert 0 <= row["gdc_wait"] < row["x_frag_load"], row
+    for row in layout:
+        assert row["gdc_launch"] >= 0 and row["regs"] <= 64, row
 
 
 @pytest.mark.skipif(not sm90.HAVE_GLUON, reason="this Triton has no Gluon")
