@@ -1239,6 +1239,14 @@ def _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2, tile,
     return w0, w1, w2, w3, s0, s1, s2, s3, xv, xv2
 
 
+@triton.jit
+def _gdc_wait_then(xa, xa2):
+    """Wait for the kernel before (programmatic dependent launch), then the x addresses, made to
+    depend on the wait."""
+    gdc = tl.inline_asm_elementwise(_GDC_WAIT_PTX, "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    return xa + gdc, xa2 + gdc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _nvfp4_mma_kernel(
     x_ptr, words_ptr, scales_ptr, gscale_ptr, bias_ptr, out_ptr, ws_ptr,
@@ -1308,9 +1316,7 @@ def _nvfp4_mma_kernel(
     XF: tl.constexpr = X_FRAG > 0
     if X_FRAG == 2 and not X_LATE:
         # x is read with the first tiles' words: wait before any load.
-        gdc = tl.inline_asm_elementwise(_GDC_WAIT_PTX, "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-        xa = xa + gdc
-        xa2 = xa2 + gdc
+        xa, xa2 = _gdc_wait_then(xa, xa2)
 
     zero = tl.zeros((NUM_WARPS * 32,), dtype=tl.float32)
     acc_a = (zero, zero, zero, zero)
@@ -1332,9 +1338,7 @@ def _nvfp4_mma_kernel(
             ring = ring + (_mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                                            first + tl.minimum(j, last), GROUPS, TWO_N, HINT, 1, TILED),)
         if X_FRAG == 2:
-            gdc = tl.inline_asm_elementwise(_GDC_WAIT_PTX, "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-            xa = xa + gdc
-            xa2 = xa2 + gdc
+            xa, xa2 = _gdc_wait_then(xa, xa2)
         for t in range(0, tiles):
             new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
                                   first + tl.minimum(t + AHEAD, last), GROUPS, TWO_N, HINT, 1, TILED)
@@ -1351,9 +1355,7 @@ def _nvfp4_mma_kernel(
                               first + tl.minimum(1, last), GROUPS, TWO_N, HINT, X_LATE, TILED, XF)
         if X_FRAG == 2 and X_LATE:
             # The first two tiles' words are requested; now wait for x.
-            gdc = tl.inline_asm_elementwise(_GDC_WAIT_PTX, "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-            xa = xa + gdc
-            xa2 = xa2 + gdc
+            xa, xa2 = _gdc_wait_then(xa, xa2)
         for t in range(0, tiles):
             if AHEAD == 2:
                 new = _mma_tile_loads(wa0, wa1, wa2, wa3, sa0, sa1, sa2, sa3, xa, xa2,
