@@ -711,10 +711,15 @@ def main() -> None:
         return
 
     if args.variants:
-        rows = variants_table()
-        with open(os.path.join(args.out, f"nvfp4_variants_{name}.md"), "w") as f:
+        picked = {}
+        if args.ms:
+            picked["m_values"] = m_values
+        if args.shapes:
+            picked["shapes"] = [tuple(int(v) for v in p.split(":")) for p in args.shapes.split(",")]
+        rows = variants_table(**picked)
+        with open(os.path.join(args.out, f"nvfp4_variants{args.suffix}_{name}.md"), "w") as f:
             f.write(variants_markdown(info, rows))
-        with open(os.path.join(args.out, f"nvfp4_variants_{name}.json"), "w") as f:
+        with open(os.path.join(args.out, f"nvfp4_variants{args.suffix}_{name}.json"), "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)
         return
 
