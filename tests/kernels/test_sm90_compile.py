@@ -106,3 +106,30 @@ def test_gluon_attention_launches_pass_each_outputs_own_strides():
         for name, t in tensors.items():
             dims = ("b", "h", "n" if name in ("dk", "dv") else "m")
             assert tuple(got[f"stride_{name}{d}"] for d in dims) == t.stride()[:3], (fn.__name__, name)
+
+
+def test_nvfp4_x_frag_launches_the_layout_kernel_then_the_dependent_mma_kernel(monkeypatch):
+    # x_frag 2: the layout kernel (allowed to let the next kernel start: PDL) writes 16 K elements
+    # of x's dtype, and the MMA kernel reads that buffer, launched with programmatic dependent launch
+    # and told so (X_FRAG 2); x_frag 1: the same without PDL; a block_m of 8 is refused.
+    from rewriter.kernels import nvfp4 as nv
+    from tests.kernels._sm90_compile import _OnCuda, record
+
+    monkeypatch.setattr(nv, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(nv, "_interpreting", lambda: False)
+    k, n, m = 512, 256, 12
+    w = nv.to_tiled(nv.pack_nvfp4(torch.randn(n, k)))
+    x = torch.randn(m, k).to(torch.bfloat16).as_subclass(_OnCuda)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    for xf in (1, 2):
+        cfg = nv.NVFP4GemmConfig(16, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4, x_frag=xf)
+        (f1, a1, k1), (f2, a2, k2) = record(nv, lambda: nv._launch(x, w, None, out, cfg), "_launch_kernel")
+        assert f1 is nv._nvfp4_x_frag_kernel and f2 is nv._nvfp4_mma_kernel
+        assert a1[0] is x and a1[2:] == (m, x.stride(0)) and k1["PDL"] == (xf == 2)
+        buf = a1[1]
+        assert buf.dtype == x.dtype and buf.numel() == 16 * k
+        assert a2[0] is buf and k2["X_FRAG"] == xf
+        assert k2.get("launch_pdl", False) == (xf == 2)
+    bad = nv.NVFP4GemmConfig(8, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4, x_frag=2)
+    with pytest.raises(ValueError, match="x_frag needs block_m 16"):
+        nv._launch(x[:8], w, None, out[:8], bad)
