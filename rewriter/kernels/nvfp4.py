@@ -912,20 +912,20 @@ _MMA_LD_W_L2_PTX = tl.constexpr("ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {$
 _MMA_LD_S_PTX = tl.constexpr("ld.global.nc.u16 $0, [$1];")
 # x rows past M read row M - 1 instead (the addresses are clamped): a column of the MMA depends
 # only on its own x row, and the output columns past M are never stored.
-_MMA_LD_X_PTX = tl.constexpr("""
-ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$16];
-ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$16+16];
-ld.global.nc.v4.b32 {$8, $9, $10, $11}, [$16+32];
-ld.global.nc.v4.b32 {$12, $13, $14, $15}, [$16+48];
-""")
-# The same from x in fragment order (see _nvfp4_x_frag_kernel): the lane's four 16-byte pieces are
-# 512 bytes apart, and each load of the warp reads 512 consecutive bytes.
-_MMA_LD_XF_PTX = tl.constexpr("""
-ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$16];
-ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$16+512];
-ld.global.nc.v4.b32 {$8, $9, $10, $11}, [$16+1024];
-ld.global.nc.v4.b32 {$12, $13, $14, $15}, [$16+1536];
-""")
+def _x_loads_ptx(piece: int) -> str:
+    """The lane's four 16-byte pieces of x under one K tile, ``piece`` bytes apart."""
+    return "\n" + "".join(
+        f"ld.global.nc.v4.b32 {{${4 * i}, ${4 * i + 1}, ${4 * i + 2}, ${4 * i + 3}}}, [$16"
+        + (f"+{piece * i}" if i else "") + "];\n" for i in range(4))
+
+
+# x as it comes: the pieces are consecutive (the 64 bytes of x row g under the lane's words).
+_X_PIECE, _X_TILE = tl.constexpr(16), tl.constexpr(256)
+_MMA_LD_X_PTX = tl.constexpr(_x_loads_ptx(_X_PIECE.value))
+# x in fragment order (see _nvfp4_x_frag_kernel): the pieces are 512 bytes apart, and each load of
+# the warp reads 512 consecutive bytes; 4 KB per K tile.
+_XF_PIECE, _XF_TILE = tl.constexpr(512), tl.constexpr(4096)
+_MMA_LD_XF_PTX = tl.constexpr(_x_loads_ptx(_XF_PIECE.value))
 # Waits for the kernel before (programmatic dependent launch; a no-op without it) and returns 0, to
 # be added to the addresses that must not be read before the wait (a data dependence, so neither
 # the compiler nor ptxas moves those loads above it).
@@ -1110,10 +1110,16 @@ def _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xv
 
 
 @triton.jit
+def _x_tile_offset(tile, XF: tl.constexpr):
+    """Byte offset of K tile ``tile`` in x as it comes, or in fragment order (XF)."""
+    return tile.to(tl.int64) * (_XF_TILE if XF else _X_TILE)
+
+
+@triton.jit
 def _mma_ld_x_tile(xa, xa2, tile, TWO_N: tl.constexpr, XF: tl.constexpr = 0):
     """x under K tile ``tile`` for x row g (and g + 8 if TWO_N; otherwise the first set twice).
     XF: x in fragment order (4 KB per tile)."""
-    ox = tile.to(tl.int64) * (4096 if XF else 256)
+    ox = _x_tile_offset(tile, XF)
     xv = _mma_ld_x(xa + ox, XF)
     if TWO_N:
         xv2 = _mma_ld_x(xa2 + ox, XF)
@@ -1135,7 +1141,7 @@ def _mma_tile_by_chunk(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2,
     sc0, sc1 = _mma_scale_quads(s0, s1, BF16)
     if GROUPS == 2:
         sc2, sc3 = _mma_scale_quads(s2, s3, BF16)
-    XC: tl.constexpr = 512 if XF else 16
+    XC: tl.constexpr = _XF_PIECE if XF else _X_PIECE
     for t in tl.static_range(4):
         x0, x1, x2, x3 = _mma_ld_words(xaddr + XC * t, 0)
         if TWO_N:
@@ -1364,7 +1370,7 @@ def _nvfp4_mma_kernel(
             if X_LATE == 2:
                 # x read chunk by chunk (16 bytes per row set) as the MMAs need it: 4 + 4 registers
                 # for x instead of 16 + 16.
-                ox = (first + t).to(tl.int64) * (4096 if XF else 256)
+                ox = _x_tile_offset(first + t, XF)
                 acc_a, acc_a2, acc_b, acc_b2 = _mma_tile_by_chunk(
                     acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3, xa + ox, xa2 + ox,
                     BF16, TWO_N, GROUPS, TILED, XF)
