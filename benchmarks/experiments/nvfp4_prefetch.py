@@ -51,10 +51,11 @@ def _label(v):
     return " ".join(f"{k}={x}" for k, x in v.items()) or "as is"
 
 
-def run(entries, out_path=None, rounds=2):
+def run(entries, out_path=None, rounds=2, valid=None):
     """``entries``: (K, N, Ms, dtype, variants, bucket): each MMA candidate of the M bucket
     (``bucket``, or M's own) with each variant (a dict of NVFP4GemmConfig fields to change), timed
-    at each M. The best time per variant is printed beside bf16 and the tuned library."""
+    at each M. The best time per variant is printed beside bf16 and the tuned library. ``valid``:
+    a predicate on a variant's configuration; those it rejects are left out."""
     _device_line()
     rows = []
     for k, n, ms, dt, variants, bucket in entries:
@@ -72,6 +73,7 @@ def run(entries, out_path=None, rounds=2):
             ref = x.double() @ ref_w.T
             base = [c for c in nv._candidates(bucket or m, k, mma=True) if c.mode == "mma"]
             cfgs = [(_label(v), c, dataclasses.replace(c, **v)) for c in base for v in variants]
+            cfgs = [t for t in cfgs if valid is None or valid(t[2])]
             out = torch.empty(m, n, device="cuda", dtype=dt)
             outs, errs = {}, {}
             for c in dict.fromkeys([b for _, b, _ in cfgs] + [c for _, _, c in cfgs]):

@@ -914,6 +914,41 @@ def test_gpu_x_in_fragment_order_gives_the_same_bits(block):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ring", [2, 3, 4, 6])
+def test_gpu_tiles_through_a_shared_memory_ring_give_the_same_bits(ring):
+    # The weight's K tiles copied into a shared-memory ring (cp.async) instead of loaded into
+    # registers: the same bits as the register path, for one and two row groups per warp, K split
+    # between warps and over the grid, x in fragment order, K with fewer tiles per warp than the ring
+    # holds (copies past the end skipped), and N past the last full block (clamped blocks).
+    C = NVFP4GemmConfig
+    torch.manual_seed(43)
+    for k, n in ((4096, 1008), (512, 4096), (1024, 14336)):
+        w = nv.to_tiled(pack_nvfp4(torch.randn(n, k, device="cuda")))
+        for m in (1, 8, 16):
+            bm = 8 if m <= 8 else 16
+            plains = [C(bm, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4),
+                      C(bm, 32, 128, 8, 2, 1, "mma", 1, 1, x_late=1),
+                      C(bm, 128, 128, 8, 4, 1, "mma", 2, 1, x_late=1),
+                      C(bm, 64, 128, 4, 4, 1, "mma", 1, 1, x_late=1)]
+            if m > 8:
+                plains.append(C(bm, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4, x_frag=2))
+            for dtype in (torch.bfloat16, torch.float16):
+                x = torch.randn(m, k, device="cuda").to(dtype)
+                bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
+                for plain in plains:
+                    cfg = dataclasses.replace(plain, ring=ring)
+                    if cfg.num_warps * ring * 1152 * nv._mma_groups_of(cfg) > 48 * 1024:
+                        with pytest.raises(ValueError, match="48 KB"):
+                            nvfp4_gemm(x, w, bias, config=cfg)
+                        continue
+                    want = nvfp4_gemm(x, w, bias, config=plain)
+                    got = nvfp4_gemm(x, w, bias, config=cfg)
+                    assert torch.equal(got, want), (k, n, m, dtype, cfg)
+    with pytest.raises(ValueError, match="tile-order"):
+        nvfp4_gemm(x, nv.to_rows(w), None, config=cfg)
+
+
+@pytest.mark.gpu
 def test_gpu_module_and_cuda_graph():
     torch.manual_seed(16)
     lin = torch.nn.Linear(2048, 2048, device="cuda", dtype=torch.bfloat16)
