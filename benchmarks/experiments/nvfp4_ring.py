@@ -11,6 +11,9 @@ weight copy, median of 10 replays, best of two rounds) beside bf16 F.linear and 
 ``NVFP4Linear`` in the same process (``nvfp4_prefetch.run``); every variant's output must equal
 its configuration's without the ring bit for bit.
 
+It was slower at every shape and M (NOTES_nvfp4.md, eleventh round), and the option was removed
+from the library afterwards: run this at commit e83d0f8, where it is.
+
     PYTHONPATH=. python benchmarks/experiments/nvfp4_ring.py [OUT.json]
 """
 import os

@@ -1253,79 +1253,6 @@ def _gdc_wait_then(xa, xa2):
     return xa + gdc, xa2 + gdc
 
 
-# A ring of K tiles in shared memory (RING, tile order only): each warp copies its next tiles'
-# words and scales with ``cp.async`` into its own slots of a static shared array and reads each
-# tile back when it decodes it, so the bytes in flight hold no registers (the register ring of
-# AHEAD >= 3 costs warps per SM). Lane l copies the 16-byte pieces l and 32 + l of a row block's
-# 1 KB of words, which are the words it decodes, so it reads back only what it wrote (the wait
-# suffices); lanes 0-7 copy the block's 128 bytes of scales, which every lane reads two of, so a
-# warp barrier follows the wait. One slot: 1152 bytes per row group.
-def ring_ptx(nbytes: int) -> str:
-    """A static shared array of ``nbytes`` (the kernel's ring) and its shared address."""
-    return f"{{\n.shared .align 128 .b8 nvfp4_ring[{nbytes}];\nmov.u32 $0, nvfp4_ring;\n}}\n"
-
-
-def ring_wait_ptx(pending: int) -> str:
-    """Wait until at most ``pending`` of the warp's copy groups are in flight, then a warp barrier
-    (the scales were copied by other lanes)."""
-    return f"cp.async.wait_group {pending};\nbar.warp.sync -1;\nmov.b32 $0, 0;\n"
-
-
-# $1: the lane's slot address, $2: its words' source, $3: its scale source, $4: lane, $5: copy or not.
-_RING_COPY_PTX = tl.constexpr("""
-{
-.reg .pred p, q;
-setp.ne.u32 q, $5, 0;
-setp.lt.u32 p, $4, 8;
-and.pred p, p, q;
-@q cp.async.cg.shared.global [$1], [$2], 16;
-@q cp.async.cg.shared.global [$1+512], [$2+512], 16;
-@p cp.async.cg.shared.global [$1+1024], [$3], 16;
-mov.b32 $0, 0;
-}
-""")
-_RING_COMMIT_PTX = tl.constexpr("cp.async.commit_group;\nmov.b32 $0, 0;")
-_RING_DRAIN_PTX = tl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
-# $8: the lane's words in the slot, $9: its scale pair's first byte (the second 64 bytes on).
-_RING_READ_PTX = tl.constexpr("""
-ld.shared.v4.b32 {$0, $1, $2, $3}, [$8];
-ld.shared.v4.b32 {$4, $5, $6, $7}, [$8+512];
-""")
-_RING_READ_S_PTX = tl.constexpr("""
-ld.shared.u16 $0, [$2];
-ld.shared.u16 $1, [$2+64];
-""")
-
-
-@triton.jit
-def _ring_side_effect(asm: tl.constexpr, dep):
-    return tl.inline_asm_elementwise(asm, "=r,r", [dep], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _ring_copy_tile(dst, wa0, wa2, ss0, ss1, tile, lane, valid, GROUPS: tl.constexpr):
-    """Request K tile ``tile`` of the warp's row groups into the slot at ``dst`` (one copy group)."""
-    ow = tile.to(tl.int64) * 1024
-    os = tile.to(tl.int64) * 128
-    ok = valid.to(tl.int32)
-    z = tl.inline_asm_elementwise(_RING_COPY_PTX, "=r,r,l,l,r,r", [dst, wa0 + ow, ss0 + os, lane, ok],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    if GROUPS == 2:
-        z += tl.inline_asm_elementwise(_RING_COPY_PTX, "=r,r,l,l,r,r", [dst + 1152, wa2 + ow, ss1 + os, lane, ok],
-                                       dtype=tl.int32, is_pure=False, pack=1)
-    return _ring_side_effect(_RING_COMMIT_PTX, z)
-
-
-@triton.jit
-def _ring_read_group(wd, sd):
-    """One row group's words (two quads) and scale pairs from a slot."""
-    a0, a1, a2, a3, b0, b1, b2, b3 = tl.inline_asm_elementwise(
-        _RING_READ_PTX, "=r," * 8 + "r", [wd], dtype=(tl.uint32,) * 8, is_pure=False, pack=1)
-    s0, s1 = tl.inline_asm_elementwise(_RING_READ_S_PTX, "=r,=r,r", [sd], dtype=(tl.uint32,) * 2,
-                                       is_pure=False, pack=1)
-    return (a0, a1, a2, a3), (b0, b1, b2, b3), s0 & 0xFFFF, s1 & 0xFFFF
-
-
 @triton.jit(do_not_specialize=["M"])
 def _nvfp4_mma_kernel(
     x_ptr, words_ptr, scales_ptr, gscale_ptr, bias_ptr, out_ptr, ws_ptr,
@@ -1334,7 +1261,6 @@ def _nvfp4_mma_kernel(
     NUM_WARPS: tl.constexpr, AHEAD: tl.constexpr = 1, HINT: tl.constexpr = 0,
     counter_ptr=None, IN_KERNEL_REDUCE: tl.constexpr = 0, X_LATE: tl.constexpr = 0,
     KWARPS: tl.constexpr = 1, TILED: tl.constexpr = 0, KT=0, X_FRAG: tl.constexpr = 0,
-    RING: tl.constexpr = 0, RING_PTX: tl.constexpr = "", RING_WAIT_PTX: tl.constexpr = "",
 ):
     """``out = x @ W.T`` for M <= 8 (TWO_N: M <= 16) with warp MMAs; see the comment above.
     Grid ``(cdiv(N, 16 * GROUPS * NUM_WARPS // KWARPS), splits)``; needs K % 128 == 0, 16-byte
@@ -1394,7 +1320,7 @@ def _nvfp4_mma_kernel(
         xa = xb + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm * 2)
         xa2 = xb + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm * 2)
     XF: tl.constexpr = X_FRAG > 0
-    if X_FRAG == 2 and not X_LATE and RING == 0:
+    if X_FRAG == 2 and not X_LATE:
         # x is read with the first tiles' words: wait before any load.
         xa, xa2 = _gdc_wait_then(xa, xa2)
 
@@ -1408,38 +1334,7 @@ def _nvfp4_mma_kernel(
     tiles = tiles_per_split // KWARPS
     first = pid_k * tiles_per_split + (w // RW) * tiles
     last = tiles - 1
-    if RING > 0:
-        # RING tiles in shared memory (see _RING_COPY_PTX; TILED only): iteration t requests tile
-        # t + RING - 1 into the slot tile t - 1 used, waits for tile t and reads it from its slot.
-        SLOT: tl.constexpr = 1152 * GROUPS
-        ring = tl.inline_asm_elementwise(RING_PTX, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-        lane = c + 4 * g
-        wr = ring + w * (RING * SLOT)
-        dst = wr + 16 * lane
-        srd = wr + 1024 + g * 8 + c * 2
-        sc0 = scales_ptr.to(tl.int64, bitcast=True) + blk0 * KT * 128 + 16 * lane
-        sc1 = scales_ptr.to(tl.int64, bitcast=True) + blk1 * KT * 128 + 16 * lane
-        wl0 = words_ptr.to(tl.int64, bitcast=True) + blk0 * KT * 1024 + 16 * lane
-        wl2 = words_ptr.to(tl.int64, bitcast=True) + blk1 * KT * 1024 + 16 * lane
-        for j in tl.static_range(RING - 1):
-            _ring_copy_tile(dst + j * SLOT, wl0, wl2, sc0, sc1, first + j, lane, j <= last, GROUPS)
-        if X_FRAG == 2:
-            xa, xa2 = _gdc_wait_then(xa, xa2)
-        for t in range(0, tiles):
-            nt = t + (RING - 1)
-            _ring_copy_tile(dst + (nt % RING) * SLOT, wl0, wl2, sc0, sc1, first + nt, lane, nt <= last, GROUPS)
-            so = (t % RING) * SLOT
-            z = _ring_side_effect(RING_WAIT_PTX, so)
-            w0, w1, s0, s1 = _ring_read_group(dst + so + z, srd + so + z)
-            if GROUPS == 2:
-                w2, w3, s2, s3 = _ring_read_group(dst + so + 1152 + z, srd + so + 1152 + z)
-            else:
-                w2, w3, s2, s3 = w0, w1, s0, s1
-            xv, xv2 = _mma_ld_x_tile(xa, xa2, first + t, TWO_N, XF)
-            acc_a, acc_a2, acc_b, acc_b2 = _mma_groups(acc_a, acc_a2, acc_b, acc_b2, w0, w1, w2, w3, s0, s1, s2, s3,
-                                                       xv, xv2, BF16, TWO_N, GROUPS, TILED)
-        _ring_side_effect(_RING_DRAIN_PTX, tiles)
-    elif AHEAD >= 3:
+    if AHEAD >= 3:
         # A ring of AHEAD tiles in flight: iteration t requests tile t + AHEAD before it decodes
         # tile t. The ring is loop-carried, so the compiler cannot sink the loads to their uses
         # (in straight-line code ptxas moves them down to save registers). Past the end the last
@@ -1611,7 +1506,6 @@ class NVFP4GemmConfig:
     kwarps: int = 1  # mma: warps sharing the same rows, each on 1 / kwarps of the K tiles, summed in the program
     maxnreg: int = 0  # mma: register cap per thread (0: the compiler's choice; lower caps spill, more warps fit)
     x_frag: int = 0  # mma, M 9..16: 1 = x laid out in fragment order by a small kernel first; 2 = that, overlapped (PDL)
-    ring: int = 0  # mma, tile order: K tiles in flight in a shared-memory ring filled by cp.async (0: registers)
 
 
 def _interpreting() -> bool:
@@ -1789,12 +1683,6 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
         groups = _mma_groups_of(cfg)
         if groups not in (1, 2) or cfg.block_n != 16 * groups * rw:
             raise ValueError(f"the MMA kernel needs block_n = 16 * (num_warps / kwarps) * (1 or 2), got {cfg}")
-        if cfg.ring:
-            # (a static shared array: at most 48 KB per program)
-            if (not w.tiled or cfg.ring < 2 or cfg.num_warps * cfg.ring * 1152 * groups > 48 * 1024
-                    or w.packed.data_ptr() % 16 or w.scales.data_ptr() % 16):
-                raise ValueError(f"ring needs a tile-order weight on 16-byte boundaries and 2 <= ring with "
-                                 f"num_warps * ring * 1152 * row groups <= 48 KB, got {cfg}")
         x = _with_aligned_rows(x)
         if x.dtype == torch.bfloat16:
             undo = 67108864.0  # 2**26
@@ -1815,8 +1703,6 @@ def _launch(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor, cfg:
             counter_ptr=_split_counters(x.device, grid_n) if in_kernel else ws,
             IN_KERNEL_REDUCE=split if in_kernel else 0,
             X_LATE=cfg.x_late, KWARPS=kw, TILED=w.tiled, KT=k // 128, X_FRAG=cfg.x_frag,
-            RING=cfg.ring, RING_PTX=ring_ptx(cfg.num_warps * cfg.ring * 1152 * groups) if cfg.ring else "",
-            RING_WAIT_PTX=ring_wait_ptx(cfg.ring - 1) if cfg.ring else "",
             num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
             **({"launch_pdl": True} if cfg.x_frag == 2 else {}),
         )
@@ -1964,6 +1850,30 @@ def _pick_fastest(cands: list, time_fn, rounds: int = TUNING_ROUNDS) -> tuple:
     return min(timings, key=lambda t: t[1])[0], timings
 
 
+def _untimed_config(cands: list[NVFP4GemmConfig], n: int, k: int) -> NVFP4GemmConfig:
+    """The configuration used without timing: the first candidate, except for the MMA kernel at
+    M = 9..16 on a weight of 2**20 elements or more (met during CUDA graph capture without an
+    earlier call), where the first one is far from the best on most shapes. Measured on the H100
+    (benchmarks/results/nvfp4_default16_h100.txt, NOTES_nvfp4.md, eleventh round): with N >= 8192
+    the first with x in fragment order (4096 x 14336 M = 16: 23.5 -> 16.6 us, the tuner's pick);
+    else with K >= 2048 the split kernel of two row groups per warp on four warps, split 8
+    (14336 x 4096: 29.1 us for the first, 18.4 the tuner's pick, which this is or ties; 4096 x 1024:
+    8.5 against 6.0); otherwise, and for small weights, the first (512 x 512: 2.9 against 3.8 us with
+    x in fragment order)."""
+    first = cands[0]
+    if first.mode != "mma" or first.block_m != 16 or n * k < 2**20:
+        return first
+    if n >= 8192:
+        want = [c for c in cands if c.mode == "mma" and c.block_n == first.block_n and c.kwarps == first.kwarps
+                and c.split_k == first.split_k and c.x_frag == 2]
+    elif k >= 2048:
+        want = [c for c in cands if c.mode == "mma" and c.block_n == 128 and c.num_warps == 4
+                and c.split_k == 8 and c.x_late == 1 and not c.x_frag]
+    else:
+        want = []
+    return want[0] if want else first
+
+
 def _select_config(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tensor) -> NVFP4GemmConfig:
     if _interpreting() and not x.is_cuda:
         return _INTERPRETER_CONFIG
@@ -1978,7 +1888,7 @@ def _select_config(x: Tensor, w: NVFP4Weight, bias: Optional[Tensor], out: Tenso
     # Timing needs a synchronizing benchmark, impossible during graph capture; and a weight under
     # 2**20 elements (under 0.6 MB packed) takes a few microseconds whatever the configuration.
     if torch.cuda.is_current_stream_capturing() or n * k < 2**20:
-        return cands[0]
+        return _untimed_config(cands, n, k)
     # Temporary copies of the weight, shared by every candidate's timing; if they do not fit in
     # memory, the resident weight alone is timed.
     try:

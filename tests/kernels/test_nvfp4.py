@@ -588,6 +588,33 @@ def test_fp16_two_row_group_candidates_are_capped_at_128_registers():
     assert any(c.maxnreg for c in nv._candidates(16, 4096, mma=True, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_untimed_config_at_m16_follows_the_shape(dtype):
+    # Without timing (graph capture before any call), M = 9..16 on a large weight: the one-row-group
+    # kernel with x in fragment order for wide N, the split kernel for long K, else the first
+    # candidate; small weights, M <= 8 and the kernels without MMA keep the first.
+    C = NVFP4GemmConfig
+    for (n, k), want in {(14336, 4096): "xfrag", (8192, 2048): "xfrag", (2048, 8192): "split",
+                         (4096, 14336): "split", (1024, 4096): "split", (4096, 1024): "first",
+                         (512, 512): "first", (2048, 256): "first"}.items():
+        cands = nv._candidates(16, k, mma=True, dtype=dtype)
+        got = nv._untimed_config(cands, n, k)
+        assert got in cands
+        if want == "first":
+            assert got == cands[0], (n, k)
+        elif want == "xfrag":
+            assert got == dataclasses.replace(cands[0], x_frag=2), (n, k)
+        else:
+            assert (got.block_n, got.num_warps, got.split_k, got.x_frag) == (128, 4, 8, 0), (n, k)
+            assert got.maxnreg == (128 if dtype == torch.float16 else 0)
+    for bucket, mma in ((8, True), (16, False), (1, True)):
+        cands = nv._candidates(bucket, 4096, mma=mma)
+        assert nv._untimed_config(cands, 14336, 4096) == cands[0]
+    # It picks only from the list: with the first candidate alone, the first.
+    only_first = [C(16, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4)]
+    assert nv._untimed_config(only_first, 14336, 4096) == only_first[0]
+
+
 def test_tuner_keeps_each_candidates_best_round():
     # A GPU still raising its clocks: the first round is slow for everyone, worst for the first
     # candidates timed; one round would pick "b", two rounds pick the truly fastest "a".
@@ -911,41 +938,6 @@ def test_gpu_x_in_fragment_order_gives_the_same_bits(block):
                         static.copy_(new)
                         graph.replay()
                         assert torch.equal(out, nvfp4_gemm(new, w, bias, config=plain)), (k, n, m, dtype, xf)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("ring", [2, 3, 4, 6])
-def test_gpu_tiles_through_a_shared_memory_ring_give_the_same_bits(ring):
-    # The weight's K tiles copied into a shared-memory ring (cp.async) instead of loaded into
-    # registers: the same bits as the register path, for one and two row groups per warp, K split
-    # between warps and over the grid, x in fragment order, K with fewer tiles per warp than the ring
-    # holds (copies past the end skipped), and N past the last full block (clamped blocks).
-    C = NVFP4GemmConfig
-    torch.manual_seed(43)
-    for k, n in ((4096, 1008), (512, 4096), (1024, 14336)):
-        w = nv.to_tiled(pack_nvfp4(torch.randn(n, k, device="cuda")))
-        for m in (1, 8, 16):
-            bm = 8 if m <= 8 else 16
-            plains = [C(bm, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4),
-                      C(bm, 32, 128, 8, 2, 1, "mma", 1, 1, x_late=1),
-                      C(bm, 128, 128, 8, 4, 1, "mma", 2, 1, x_late=1),
-                      C(bm, 64, 128, 4, 4, 1, "mma", 1, 1, x_late=1)]
-            if m > 8:
-                plains.append(C(bm, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4, x_frag=2))
-            for dtype in (torch.bfloat16, torch.float16):
-                x = torch.randn(m, k, device="cuda").to(dtype)
-                bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
-                for plain in plains:
-                    cfg = dataclasses.replace(plain, ring=ring)
-                    if cfg.num_warps * ring * 1152 * nv._mma_groups_of(cfg) > 48 * 1024:
-                        with pytest.raises(ValueError, match="48 KB"):
-                            nvfp4_gemm(x, w, bias, config=cfg)
-                        continue
-                    want = nvfp4_gemm(x, w, bias, config=plain)
-                    got = nvfp4_gemm(x, w, bias, config=cfg)
-                    assert torch.equal(got, want), (k, n, m, dtype, cfg)
-    with pytest.raises(ValueError, match="tile-order"):
-        nvfp4_gemm(x, nv.to_rows(w), None, config=cfg)
 
 
 @pytest.mark.gpu
