@@ -1856,10 +1856,11 @@ def _untimed_config(cands: list[NVFP4GemmConfig], n: int, k: int) -> NVFP4GemmCo
     earlier call), where the first one is far from the best on most shapes. Measured on the H100
     (benchmarks/results/nvfp4_default16_h100.txt, NOTES_nvfp4.md, eleventh round): with N >= 8192
     the first with x in fragment order (4096 x 14336 M = 16: 23.5 -> 16.6 us, the tuner's pick);
-    else with K >= 2048 the split kernel of two row groups per warp on four warps, split 8
-    (14336 x 4096: 29.1 us for the first, 18.4 the tuner's pick, which this is or ties; 4096 x 1024:
-    8.5 against 6.0); otherwise, and for small weights, the first (512 x 512: 2.9 against 3.8 us with
-    x in fragment order)."""
+    else with K >= 2048 the split kernel of two row groups per warp on four warps, split 8, x as it
+    comes (14336 x 4096: 29.1 us for the first; the tuner picked this kernel's x_frag 2 twin, 18.4
+    us, which the tenth round measured ~0.3 us faster than it; 4096 x 1024: 8.5 against 6.0);
+    otherwise, and for small weights, the first (512 x 512: 2.9 against 3.8 us with x in fragment
+    order)."""
     first = cands[0]
     if first.mode != "mma" or first.block_m != 16 or n * k < 2**20:
         return first
