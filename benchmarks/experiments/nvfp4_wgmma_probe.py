@@ -504,24 +504,11 @@ VARIANTS = [(bk, split, pre, wg) for wg in (1, 2) for bk in (64, 128) for split 
 
 def _graph_us(fn, copies):
     """GPU time per call of ``fn(i)``, i = 0..copies-1 (one call per weight copy, so the weights
-    come from device memory): one CUDA graph of all the calls, median of 10 replays."""
-    import statistics
-    import torch
-    g = torch.cuda.CUDAGraph()
-    fn(0)
-    torch.cuda.synchronize()
-    with torch.cuda.graph(g):
-        for i in range(copies):
-            fn(i)
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / copies)
-    return statistics.median(times)
+    come from device memory), in us: the library's back-to-back timing (one CUDA graph of all the
+    calls, median of 10 replays)."""
+    import functools
+    from rewriter.kernels import nvfp4 as nv
+    return nv.back_to_back_ms([functools.partial(fn, i) for i in range(copies)]) * 1e3
 
 
 def _device_line():
