@@ -1851,25 +1851,35 @@ def _pick_fastest(cands: list, time_fn, rounds: int = TUNING_ROUNDS) -> tuple:
 
 
 def _untimed_config(cands: list[NVFP4GemmConfig], n: int, k: int) -> NVFP4GemmConfig:
-    """The configuration used without timing: the first candidate, except for the MMA kernel at
-    M = 9..16 on a weight of 2**20 elements or more (met during CUDA graph capture without an
-    earlier call), where the first one is far from the best on most shapes. Measured on the H100
-    (benchmarks/results/nvfp4_default16_h100.txt, NOTES_nvfp4.md, eleventh round): with N >= 8192
-    the first with x in fragment order (4096 x 14336 M = 16: 23.5 -> 16.6 us, the tuner's pick);
-    else with K >= 2048 the split kernel of two row groups per warp on four warps, split 8, x as it
-    comes (14336 x 4096: 29.1 us for the first; the tuner picked this kernel's x_frag 2 twin, 18.4
-    us, which the tenth round measured ~0.3 us faster than it; 4096 x 1024: 8.5 against 6.0);
-    otherwise, and for small weights, the first (512 x 512: 2.9 against 3.8 us with x in fragment
-    order)."""
+    """The configuration used without timing: the first candidate, except for the MMA kernel on a
+    weight of 2**20 elements or more (met during CUDA graph capture without an earlier call),
+    where the first one is far from the best on some shapes. Measured on the H100 (NOTES_nvfp4.md,
+    eleventh round):
+
+    - M = 9..16 (benchmarks/results/nvfp4_default16_h100.txt): with N >= 8192 the first with x in
+      fragment order (4096 x 14336 M = 16: 23.5 -> 16.6 us, the tuner's pick); else with
+      K >= 2048 the split kernel of two row groups per warp on four warps, split 8, x as it comes
+      (14336 x 4096: 29.1 us for the first; the tuner picked this kernel's x_frag 2 twin, 18.4 us,
+      which the tenth round measured ~0.3 us faster than it; 4096 x 1024: 8.5 against 6.0);
+      otherwise the first (512 x 512: 2.9 against 3.8 us with x in fragment order).
+    - M = 1..8 (every candidate timed in the ninth to eleventh rounds' experiments,
+      nvfp4_{prefetch,atomic,ring}_h100.json): with K >= 2 N the split kernel of one row group on
+      two warps, split 8 (14336 x 4096 M = 1: 20.7-21.3 us for the first, 16.0-16.6 for this one,
+      the best; 8192 x 2048: 11.3 against 8.6); otherwise the first, the best at 4096 x 14336,
+      4096 x 4096 and 2048 x 8192."""
     first = cands[0]
-    if first.mode != "mma" or first.block_m != 16 or n * k < 2**20:
+    if first.mode != "mma" or n * k < 2**20:
         return first
-    if n >= 8192:
-        want = [c for c in cands if c.mode == "mma" and c.block_n == first.block_n and c.kwarps == first.kwarps
+    mma = [c for c in cands if c.mode == "mma"]
+    if first.block_m == 8:
+        want = [c for c in mma if k >= 2 * n and c.block_n == 32 and c.num_warps == 2 and c.split_k == 8
+                and c.kwarps == 1 and c.x_late == 1]
+    elif n >= 8192:
+        want = [c for c in mma if c.block_n == first.block_n and c.kwarps == first.kwarps
                 and c.split_k == first.split_k and c.x_frag == 2]
     elif k >= 2048:
-        want = [c for c in cands if c.mode == "mma" and c.block_n == 128 and c.num_warps == 4
-                and c.split_k == 8 and c.x_late == 1 and not c.x_frag]
+        want = [c for c in mma if c.block_n == 128 and c.num_warps == 4 and c.split_k == 8 and c.x_late == 1
+                and not c.x_frag]
     else:
         want = []
     return want[0] if want else first

@@ -592,7 +592,7 @@ def test_fp16_two_row_group_candidates_are_capped_at_128_registers():
 def test_untimed_config_at_m16_follows_the_shape(dtype):
     # Without timing (graph capture before any call), M = 9..16 on a large weight: the one-row-group
     # kernel with x in fragment order for wide N, the split kernel for long K, else the first
-    # candidate; small weights, M <= 8 and the kernels without MMA keep the first.
+    # candidate; small weights and the kernels without MMA keep the first.
     C = NVFP4GemmConfig
     for (n, k), want in {(14336, 4096): "xfrag", (8192, 2048): "xfrag", (2048, 8192): "split",
                          (4096, 14336): "split", (1024, 4096): "split", (4096, 1024): "first",
@@ -607,9 +607,21 @@ def test_untimed_config_at_m16_follows_the_shape(dtype):
         else:
             assert (got.block_n, got.num_warps, got.split_k, got.x_frag) == (128, 4, 8, 0), (n, k)
             assert got.maxnreg == (128 if dtype == torch.float16 else 0)
-    for bucket, mma in ((8, True), (16, False), (1, True)):
-        cands = nv._candidates(bucket, 4096, mma=mma)
-        assert nv._untimed_config(cands, 14336, 4096) == cands[0]
+    # M = 1..8: the split kernel on two warps where K >= 2 N, else the first.
+    for bucket in (1, 8):
+        for (n, k), split in {(4096, 14336): True, (2048, 8192): True, (1024, 4096): True,
+                              (4096, 4096): False, (14336, 4096): False, (8192, 2048): False,
+                              (512, 1024): False}.items():
+            cands = nv._candidates(bucket, k, mma=True, dtype=dtype)
+            got = nv._untimed_config(cands, n, k)
+            assert got in cands
+            if split:
+                assert (got.block_n, got.num_warps, got.split_k, got.kwarps) == (32, 2, 8, 1), (bucket, n, k)
+            else:
+                assert got == cands[0], (bucket, n, k)
+    for bucket in (8, 16):
+        cands = nv._candidates(bucket, 4096, mma=False)
+        assert nv._untimed_config(cands, 4096, 14336) == cands[0]
     # It picks only from the list: with the first candidate alone, the first.
     only_first = [C(16, 16, 128, 1, 4, 1, "mma", 1, 1, x_late=1, kwarps=4)]
     assert nv._untimed_config(only_first, 14336, 4096) == only_first[0]
