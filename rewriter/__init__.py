@@ -1,9 +1,10 @@
 """rewriter: a graph-rewriting optimizer for PyTorch models.
 
-It captures a model's graph, finds attention, FFN, MoE and linear subgraphs by what they compute
-(never by class or function names), replaces them with faster equivalents, checks every
-replacement against the original, and reports each site it found: what it became, or why it was
-left alone, and the estimated gain.
+It captures a model's graph, finds attention and linear subgraphs (sibling linears such as Q/K/V
+or an FFN's gate/up, linears worth quantizing or sparsifying) by what they compute (never by class
+or function names), replaces them with faster equivalents, checks every replacement against the
+original, and reports each site it found: what it became, or why it was left alone, and the
+estimated gain.
 
 Example::
 

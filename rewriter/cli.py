@@ -24,7 +24,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rewriter", description="Find and rewrite attention, FFN, MoE and linear "
+    p = argparse.ArgumentParser(prog="rewriter", description="Find and rewrite the attention and linear "
                                 "subgraphs of a PyTorch model; print what was done.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report", help="optimize a model and print the report pass by pass")
