@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch.fx import Graph, GraphModule, Interpreter, Node
 
-from .patterns.graph import ancestors, placeholder_kind
+from .patterns.graph import ancestors, placeholder_kind, with_mutations
 from .patterns.ops import meta
 
 __all__ = ["GraphContext", "Builder", "RANDOM_OPS"]
@@ -139,7 +139,7 @@ class GraphContext:
     def evaluate(self, targets: Iterable[Node]) -> dict[Node, Any]:
         """Real values of ``targets`` computed from the example inputs (only what they need)."""
         targets = list(dict.fromkeys(targets))
-        needed = ancestors(targets)
+        needed = with_mutations(list(self.graph.nodes), ancestors(targets))
         order = [n for n in self.graph.nodes if n in needed]
         remaining = {n: 0 for n in order}
         for n in order:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.fx import Graph, GraphModule, Interpreter, Node
 
-from .patterns.graph import ancestors
+from .patterns.graph import ancestors, with_mutations
 from .patterns.ops import op
 
 __all__ = ["Check", "check_rewrite", "extract", "run_graph", "rel_err", "sqnr_db", "sample_rows", "tolerance_ok"]
@@ -54,7 +54,7 @@ def _r(x: float) -> float:
 def extract(gm: GraphModule, output: Node, inputs: Sequence[Node]) -> tuple[GraphModule, list[Node]]:
     """The subgraph computing ``output`` from ``inputs``; placeholders it reaches become inputs too."""
     stop = set(inputs)
-    needed = ancestors([output], stop=stop)
+    needed = with_mutations(list(gm.graph.nodes), ancestors([output], stop=stop), stop=stop)
     leaves = [n for n in gm.graph.nodes if n in needed and (n in stop or n.op == "placeholder")]
     g = Graph()
     env: dict[Node, Node] = {}

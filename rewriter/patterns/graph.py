@@ -9,6 +9,7 @@ parameters and buffers.
 from __future__ import annotations
 
 import copy
+import operator
 import re
 from typing import Iterable
 
@@ -21,6 +22,8 @@ __all__ = [
     "placeholder_kind",
     "placeholder_path",
     "ancestors",
+    "with_mutations",
+    "mutated_input",
     "descendants",
     "dotted_path",
     "clone_graph",
@@ -117,6 +120,85 @@ def ancestors(nodes: Iterable[Node], stop: set[Node] | None = None) -> set[Node]
             continue
         todo.extend(n.all_input_nodes)
     return seen
+
+
+# Ops that change their first argument in place (``x[i] = v`` is ``operator.setitem``, ``x += y``
+# ``operator.iadd`` in a Dynamo graph).
+_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+                      operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
+# Ops whose result may share memory with their first argument (views, and a few that may or may
+# not copy: a superset is safe, it only makes more nodes count as aliases).
+_VIEW_NAMES = {"view", "view_as", "reshape", "reshape_as", "transpose", "swapaxes", "swapdims", "permute",
+               "movedim", "moveaxis", "expand", "expand_as", "unsqueeze", "squeeze", "narrow", "select",
+               "t", "flatten", "unflatten", "as_strided", "split", "split_with_sizes", "tensor_split",
+               "chunk", "unbind", "diagonal", "detach", "contiguous", "getitem", "__getitem__", "unfold",
+               "real", "imag", "view_as_real", "view_as_complex", "alias"}
+
+
+def _op_name(n: Node) -> str:
+    if n.op == "call_method":
+        return str(n.target)
+    target = n.target
+    name = getattr(target, "__name__", "") or ""
+    overload = getattr(target, "_overloadpacket", None)  # aten ops: "add_" of aten.add_.Tensor
+    if overload is not None:
+        name = getattr(overload, "__name__", name)
+    return name
+
+
+def mutated_input(n: Node) -> Node | None:
+    """The node whose value ``n`` changes in place (``x[i] = v``, ``x.add_(y)``, ``x += y``,
+    ``out=`` arguments, ops called with ``inplace=True``, aten ops whose schema writes an argument),
+    or None."""
+    if n.op not in ("call_function", "call_method"):
+        return None
+    out = n.kwargs.get("out")
+    if isinstance(out, Node):
+        return out
+    first = n.args[0] if n.args else None
+    if n.op == "call_function":
+        schema = getattr(n.target, "_schema", None)
+        if schema is not None:
+            for i, a in enumerate(schema.arguments):
+                if a.alias_info is not None and a.alias_info.is_write:
+                    v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+                    return v if isinstance(v, Node) else None
+            return None
+        if n.target in _INPLACE_FUNCTIONS or n.kwargs.get("inplace") is True:
+            return first if isinstance(first, Node) else None
+    name = _op_name(n)
+    if name == "__setitem__" or name.startswith("__i") or (name.endswith("_") and not name.endswith("__")):
+        return first if isinstance(first, Node) else None
+    return None
+
+
+def _alias_root(n: Node) -> Node:
+    """The node whose memory ``n`` may share, following views and in-place ops to their input."""
+    while (isinstance(n, Node) and n.op in ("call_function", "call_method") and n.args
+           and isinstance(n.args[0], Node) and (_op_name(n) in _VIEW_NAMES or mutated_input(n) is n.args[0])):
+        n = n.args[0]
+    return n
+
+
+def with_mutations(order: list[Node], needed: Iterable[Node], stop: set[Node] | None = None) -> set[Node]:
+    """``needed`` (a set closed under :func:`ancestors`) plus every in-place op that changes one of
+    them, or a view of one, before the last of them in ``order`` (the graph's nodes), with what
+    those ops depend on, until nothing more is added. Evaluating only the ancestors of a value
+    misses the ops that write into it (``inv = torch.empty_like(p); inv[p] = arange`` leaves
+    ``inv`` uninitialized), since an in-place op is a user of what it changes, not an input."""
+    needed = set(needed)
+    muts = [(m, t) for m in order if (t := mutated_input(m)) is not None]
+    if not muts or not needed:
+        return needed
+    pos = {n: i for i, n in enumerate(order)}
+    while True:
+        roots = {_alias_root(n) for n in needed}
+        bound = max(pos.get(n, -1) for n in needed)
+        new = [m for m, t in muts if m not in needed and pos[m] < bound and _alias_root(t) in roots]
+        if not new:
+            return needed
+        needed |= ancestors(new, stop=stop)
 
 
 def descendants(nodes: Iterable[Node]) -> set[Node]:
