@@ -57,8 +57,16 @@ def hf_model(model_type: str, *, layers: int | None = None, hidden: int | None =
     if hidden is not None:
         _set(cfg, _HIDDEN, hidden)
         n_heads = next((getattr(cfg, n) for n in _HEADS if hasattr(cfg, n)), None)
-        if n_heads and getattr(cfg, "head_dim", None):
-            cfg.head_dim = hidden // n_heads
+        # (Multi-head latent attention sets its head sizes apart from the hidden size, and calls
+        # its rotary size head_dim: left as they are.)
+        if n_heads and getattr(cfg, "head_dim", None) and not hasattr(cfg, "qk_rope_head_dim"):
+            try:
+                cfg.head_dim = hidden // n_heads
+            except AttributeError:  # a read-only property that follows hidden / heads (Falcon)
+                pass
+        if n_heads and getattr(cfg, "rotary_dim", None):
+            # GPT-J, CodeGen: rotary on the first rotary_dim channels of a head, at most all of them.
+            cfg.rotary_dim = min(cfg.rotary_dim, hidden // n_heads)
         if getattr(cfg, "intermediate_size", None):
             cfg.intermediate_size = 4 * hidden  # n_inner=None already means 4 * hidden (GPT-2)
     if kv_heads is not None:

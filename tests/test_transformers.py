@@ -40,6 +40,10 @@ EXPECT = {
     "llama": ["causal", "GQA 2:1"],
     "bert": ["from inputs"],
     "mistral": ["sliding window (left 4, right 0)", "GQA 2:1"],
+    # Routed experts (an inverse permutation written in place): the second layer's attention is
+    # reached through the first layer's experts.
+    "mixtral": ["causal"],
+    "qwen2_moe": ["causal"],
 }
 
 
@@ -58,7 +62,9 @@ def test_every_layer_rewritten_and_exact(kind):
     assert "rewritten" in str(opt.report)
 
 
-@pytest.mark.parametrize("kind", list(EXPECT))
+# (The float64 reference of this check cannot run the MoE models: their grouped matmul takes no
+# float64.)
+@pytest.mark.parametrize("kind", [k for k in EXPECT if k not in ("mixtral", "qwen2_moe")])
 def test_bf16_within_eager_error(kind):
     model, args, kwargs = build(kind)
     check_low_precision(model, args, kwargs, n=LAYERS)
@@ -69,6 +75,14 @@ def test_gradients_match(kind):
     model, args, kwargs = build(kind)
     model.get_input_embeddings().weight.requires_grad_(True)
     check_grads(model, args, kwargs, n=LAYERS)
+
+
+@pytest.mark.parametrize("kind", ["falcon", "gptj", "codegen", "deepseek_v3"])
+def test_shrunk_config_builds_and_every_layer_is_rewritten(kind):
+    # hf_model's shrinking: Falcon's head_dim is a read-only property, GPT-J and CodeGen rotate at
+    # most a whole head, multi-head latent attention (DeepSeek-V3) keeps its own head sizes.
+    model, args, kwargs = build(kind)
+    check_fp32(model, args, kwargs, n=LAYERS)
 
 
 def test_torch_compile_backend_by_name():
