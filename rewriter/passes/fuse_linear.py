@@ -217,6 +217,7 @@ class FuseLinear(ModulePass):
             buckets.setdefault(key, []).append(s)
         fusable = []
         for members in buckets.values():
+            members = self._aligned(ctx, members, name, reasons)
             if len(members) > 1:
                 fusable.append(members)
             else:
@@ -228,6 +229,27 @@ class FuseLinear(ModulePass):
             return
         for members in fusable:
             self._fuse(ctx, where, members, name, left, taken, table)
+
+    @staticmethod
+    def _aligned(ctx: ModuleContext, members: list[LinearSite], name, reasons: dict[str, str]) -> list[LinearSite]:
+        """``members``, less those whose output width would leave the fused output's rows off
+        16-byte boundaries (cuBLAS's fastest GEMM kernels want 16-byte aligned rows), when at least
+        two others keep them aligned: an FFN's gate/up of 5632 each stay fused and a one-column gate
+        beside them (N = 1) runs alone, instead of all three at N = 11265."""
+        if len(members) < 3:
+            return members
+        mods = [ctx.module(s.where) for s in members]
+        per = max(1, 16 // mods[0].weight.element_size())
+        if sum(m.out_features for m in mods) % per == 0:
+            return members
+        keep = [s for s, m in zip(members, mods) if m.out_features % per == 0]
+        if len(keep) < 2:
+            return members
+        for s, m in zip(members, mods):
+            if m.out_features % per:
+                reasons[name(s)] = (f"N {m.out_features} would leave the fused output's rows off 16-byte "
+                                    f"boundaries (N a multiple of {per}), which slows the GEMM; the others are fused")
+        return keep
 
     def _fuse(self, ctx: ModuleContext, where: str, members: list[LinearSite], name, left: str,
               taken: set[str], table) -> None:

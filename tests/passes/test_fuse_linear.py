@@ -305,6 +305,37 @@ def test_siblings_that_cannot_share_a_weight_are_left_alone(make, reason):
         assert torch.equal(opt(*args), model(*args))
 
 
+class GatedWithScalarGate(nn.Module):
+    """Qwen2-MoE's shared expert: gate/up and a one-column gate of the expert, all on one input."""
+
+    def __init__(self, dim=32, hidden=64, gate_n=1):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.expert_gate = nn.Linear(dim, gate_n, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        y = self.down(F.silu(self.gate(x)) * self.up(x))
+        return torch.sigmoid(self.expert_gate(x))[..., :1] * y
+
+
+@pytest.mark.parametrize("gate_n, fused", [(1, "gate, up"), (8, "gate, up, expert_gate")])
+def test_a_member_that_would_misalign_the_fused_rows_runs_alone(gate_n, fused):
+    # 64 + 64 + 1 = 129 columns: fp32 rows of 516 bytes, off 16-byte boundaries; gate and up are
+    # fused without it. A one-column member that keeps the rows aligned (8: 136 columns) joins.
+    torch.manual_seed(0)
+    model, x = GatedWithScalarGate(gate_n=gate_n).eval(), X()
+    opt = optimize(model, (x,))
+    (mod,) = sites(opt, "fuse_linear")
+    assert mod.rewritten and mod.detail.startswith(f"{fused}: M 32, K 32"), mod.detail
+    if gate_n == 1:
+        assert "expert_gate: N 1 would leave the fused output's rows off 16-byte boundaries" in mod.detail
+        assert type(opt.model.expert_gate) is nn.Linear
+    with torch.no_grad():
+        assert rel(opt(x), model(x)) <= 1e-5
+
+
 def test_different_inputs_are_not_siblings():
     opt = optimize(DifferentInputs().eval(), (X(), X()))
     assert not sites(opt, "fuse_linear") and not sites(opt, "fuse_linear_graph")
