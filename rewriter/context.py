@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch.fx import Graph, GraphModule, Interpreter, Node
 
-from .patterns.graph import ancestors, placeholder_kind, with_mutations
+from .patterns.graph import ancestors, placeholder_kind, with_mutations, written_roots
 from .patterns.ops import meta
 
 __all__ = ["GraphContext", "Builder", "RANDOM_OPS"]
@@ -136,10 +136,12 @@ class GraphContext:
         return value
 
     # -- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, targets: Iterable[Node]) -> dict[Node, Any]:
-        """Real values of ``targets`` computed from the example inputs (only what they need)."""
+    def evaluate(self, targets: Iterable[Node], until: Iterable[Node] = ()) -> dict[Node, Any]:
+        """Real values of ``targets`` computed from the example inputs (only what they need), with
+        the in-place writes into them made before the last target, or before the last of ``until``
+        (the nodes that will use the values)."""
         targets = list(dict.fromkeys(targets))
-        needed = with_mutations(list(self.graph.nodes), ancestors(targets))
+        needed = with_mutations(list(self.graph.nodes), ancestors(targets), until=until)
         order = [n for n in self.graph.nodes if n in needed]
         remaining = {n: 0 for n in order}
         for n in order:
@@ -153,12 +155,13 @@ class GraphContext:
         out: dict[Node, Any] = {}
         devices = sorted({v.device.index or 0 for v in self.example_inputs
                           if isinstance(v, torch.Tensor) and v.device.type == "cuda"})
+        written = written_roots(order)
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             for n in order:
                 if n.op == "placeholder":
                     v = self.placeholder_value(n)
-                    if isinstance(v, torch.Tensor) and self.kinds.get(n) != "parameter":
-                        v = v.clone()  # the graph may update buffers or inputs in place
+                    if isinstance(v, torch.Tensor) and (self.kinds.get(n) != "parameter" or n in written):
+                        v = v.clone()  # the graph may update buffers, inputs or parameters in place
                     env[n] = v
                 else:
                     env[n] = interp.run_node(n)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.fx import Graph, GraphModule, Interpreter, Node
 
-from .patterns.graph import ancestors, with_mutations
+from .patterns.graph import ancestors, with_mutations, written_roots
 from .patterns.ops import op
 
 __all__ = ["Check", "check_rewrite", "extract", "run_graph", "rel_err", "sqnr_db", "sample_rows", "tolerance_ok"]
@@ -105,6 +105,10 @@ class _Runner(Interpreter):
 
 
 def run_graph(gm: GraphModule, inputs: Sequence[Any], float64: bool = False) -> Any:
+    """``gm`` on ``inputs``; a graph that writes into one of its inputs in place gets copies of
+    them, so the caller's values (and the next run on them) stay as they were."""
+    if written_roots(gm.graph.nodes):
+        inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in inputs]
     with torch.no_grad():
         return _Runner(gm, float64).run(*inputs)
 

@@ -217,7 +217,8 @@ class GraphPass(Pass):
             for rw in rewrites:
                 _, leaves = extract(ctx.gm, rw.output, rw.inputs)
                 need.update(leaves)
-            values = ctx.evaluate(need)
+            # (the leaves as the sites read them: with the in-place writes made before the sites)
+            values = ctx.evaluate(need, until=[rw.output for rw in rewrites])
         for rw in rewrites:
             if ctx.config.validate:
                 def build(graph: Graph, env: dict[Node, Node], rw=rw) -> Node:

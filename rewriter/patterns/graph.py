@@ -24,6 +24,7 @@ __all__ = [
     "ancestors",
     "with_mutations",
     "mutated_input",
+    "written_roots",
     "descendants",
     "dotted_path",
     "clone_graph",
@@ -167,6 +168,8 @@ def mutated_input(n: Node) -> Node | None:
             return None
         if n.target in _INPLACE_FUNCTIONS or n.kwargs.get("inplace") is True:
             return first if isinstance(first, Node) else None
+        if getattr(n.target, "__module__", None) in ("_operator", "operator"):
+            return None  # operator.and_, or_, not_, ...: the trailing underscore is not in-place
     name = _op_name(n)
     if name == "__setitem__" or name.startswith("__i") or (name.endswith("_") and not name.endswith("__")):
         return first if isinstance(first, Node) else None
@@ -181,24 +184,36 @@ def _alias_root(n: Node) -> Node:
     return n
 
 
-def with_mutations(order: list[Node], needed: Iterable[Node], stop: set[Node] | None = None) -> set[Node]:
+def with_mutations(order: list[Node], needed: Iterable[Node], stop: set[Node] | None = None,
+                   until: Iterable[Node] = ()) -> set[Node]:
     """``needed`` (a set closed under :func:`ancestors`) plus every in-place op that changes one of
-    them, or a view of one, before the last of them in ``order`` (the graph's nodes), with what
-    those ops depend on, until nothing more is added. Evaluating only the ancestors of a value
-    misses the ops that write into it (``inv = torch.empty_like(p); inv[p] = arange`` leaves
-    ``inv`` uninitialized), since an in-place op is a user of what it changes, not an input."""
+    them, or a view of one, before the last of them (or of ``until``: where the values are used)
+    in ``order`` (the graph's nodes), with what those ops depend on, until nothing more is added.
+    Evaluating only the ancestors of a value misses the ops that write into it
+    (``inv = torch.empty_like(p); inv[p] = arange`` leaves ``inv`` uninitialized), since an
+    in-place op is a user of what it changes, not an input."""
     needed = set(needed)
+    stop = stop or set()
     muts = [(m, t) for m in order if (t := mutated_input(m)) is not None]
     if not muts or not needed:
         return needed
     pos = {n: i for i, n in enumerate(order)}
+    last_use = max((pos.get(n, -1) for n in until), default=-1)
     while True:
         roots = {_alias_root(n) for n in needed}
-        bound = max(pos.get(n, -1) for n in needed)
-        new = [m for m, t in muts if m not in needed and pos[m] < bound and _alias_root(t) in roots]
+        bound = max(last_use, max(pos.get(n, -1) for n in needed))
+        # (With ``stop``, the stop nodes are values given from outside, as they are where they are
+        # used: writes into them are not replayed.)
+        new = [m for m, t in muts if m not in needed and pos[m] < bound and _alias_root(t) in roots
+               and _alias_root(t) not in stop]
         if not new:
             return needed
         needed |= ancestors(new, stop=stop)
+
+
+def written_roots(nodes: Iterable[Node]) -> set[Node]:
+    """The nodes whose memory the in-place ops among ``nodes`` write (through views too)."""
+    return {_alias_root(t) for n in nodes if (t := mutated_input(n)) is not None}
 
 
 def descendants(nodes: Iterable[Node]) -> set[Node]:

@@ -138,3 +138,108 @@ def test_attention_found_in_a_graph_with_a_routed_expert_block():
     attn = [s for s in fast.report.sites if s.kind == "attention"]
     assert len(attn) == 2 and all(s.rewritten for s in attn), [(s.where, s.reason) for s in attn]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+class CountsCalls(nn.Module):
+    """A frozen parameter the forward increments in place (and reads back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return x * self.calls
+
+
+def test_evaluation_leaves_parameters_written_in_place_alone():
+    model = CountsCalls()
+    x = torch.randn(4)
+    gm, ctx = _graph(model, x)
+    before = model.calls.item()
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    node = out[0] if isinstance(out, (tuple, list)) else out
+    got = ctx.evaluate([node])[node]
+    assert model.calls.item() == before  # the replay wrote into a copy
+    torch.testing.assert_close(got, x * (before + 1))
+
+
+def test_run_graph_leaves_the_inputs_of_a_graph_that_writes_them():
+    from torch.fx import symbolic_trace
+    from rewriter.validate import run_graph
+
+    def f(q, k):
+        q.mul_(0.5)  # an in-place write into an input
+        return (q @ k.T).softmax(-1)
+
+    gm = symbolic_trace(f)
+    q, k = torch.randn(3, 4), torch.randn(5, 4)
+    keep = q.clone()
+    first = run_graph(gm, [q, k])
+    assert torch.equal(q, keep)
+    assert torch.equal(run_graph(gm, [q, k]), first)  # a second run sees the same inputs
+
+
+class SlicedKeys(nn.Module):
+    """Keys assembled in place from two parts (DeepSeek-V3's latent attention builds its keys so:
+    an empty tensor, then ``copy_`` into two slices of it), then causal attention."""
+
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h = h
+        self.q = nn.Linear(d, d)
+        self.k_nope = nn.Linear(d, d // 2)
+        self.k_rot = nn.Linear(d, d // 2)
+        self.v = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        heads = lambda t: t.view(b, s, self.h, -1).transpose(1, 2)
+        q, v = heads(self.q(x)), heads(self.v(x))
+        nope, rot = heads(self.k_nope(x)), heads(self.k_rot(x))
+        k = nope.new_empty(b, self.h, s, d // self.h)
+        k[..., : d // self.h // 2].copy_(nope)
+        k[..., d // self.h // 2:].copy_(rot)
+        att = (q @ k.transpose(-1, -2)) * (d // self.h) ** -0.5
+        att = att.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+        return (att.softmax(-1) @ v).transpose(1, 2).reshape(b, s, d)
+
+
+def test_attention_on_keys_written_in_place_is_validated_as_it_reads_them():
+    # The site's key input is the empty tensor; its value at the site (after the two copies) is
+    # what the rewrite reads, and the validation's random trial replaces it whole (the copies into
+    # a site input are not replayed inside the checked subgraph).
+    torch.manual_seed(2)
+    model, x = SlicedKeys().eval(), torch.randn(2, 10, 32)
+    with torch.no_grad():
+        want = model(x)
+        fast = rewriter.optimize(model, (x,), config=rewriter.Config(inductor=False))
+        got = fast(x)
+    (site,) = [s for s in fast.report.sites if s.kind == "attention"]
+    assert site.rewritten, site.reason
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+class Masks(nn.Module):
+    def forward(self, a, b):
+        return ((a > 0) & (b > 0)) | (a < b)
+
+
+def test_operator_functions_with_a_trailing_underscore_are_not_in_place():
+    gm, _ = _graph(Masks(), torch.randn(4), torch.randn(4))
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ in ("and_", "or_")]
+    assert len(ops) == 2 and not [n for n in gm.graph.nodes if mutated_input(n) is not None]
+
+
+def test_evaluate_until_a_later_use_sees_the_writes_made_before_it():
+    torch.manual_seed(3)
+    model, x = SlicedKeys().eval(), torch.randn(1, 6, 32)
+    gm, ctx = _graph(model, x)
+    (empty,) = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "new_empty"]
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    heads = lambda t: t.view(1, 6, 4, -1).transpose(1, 2)
+    with torch.no_grad():
+        want = torch.cat([heads(model.k_nope(x)), heads(model.k_rot(x))], -1)
+    got = ctx.evaluate([empty], until=[out])[empty]
+    torch.testing.assert_close(got, want)
