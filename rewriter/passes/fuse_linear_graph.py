@@ -41,15 +41,11 @@ from torch.fx.node import map_arg
 
 from ..context import Builder, GraphContext
 from ..cost import linear_table, sibling_linear_estimate
-from ..patterns.graph import module_path, source_location
+from ..patterns.graph import IN_PLACE_OPERATORS, module_path, source_location
 from ..patterns.ops import meta, op
 from .base import GraphPass, Rewrite
 
 __all__ = ["FuseLinearGraph"]
-
-_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                       operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
 
 
 @dataclass
@@ -157,7 +153,7 @@ def _in_place(node: Node) -> bool:
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.startswith("_")
     name = getattr(node.target, "__name__", "")
-    return node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+    return node.target in IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
 
 
 def _same_layout(a: Any, b: Any) -> bool:

@@ -22,6 +22,7 @@ __all__ = [
     "placeholder_kind",
     "placeholder_path",
     "ancestors",
+    "IN_PLACE_OPERATORS",
     "with_mutations",
     "mutated_input",
     "written_roots",
@@ -125,7 +126,7 @@ def ancestors(nodes: Iterable[Node], stop: set[Node] | None = None) -> set[Node]
 
 # Ops that change their first argument in place (``x[i] = v`` is ``operator.setitem``, ``x += y``
 # ``operator.iadd`` in a Dynamo graph).
-_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
                       operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
 # Ops whose result may share memory with their first argument (views, and a few that may or may
@@ -166,7 +167,7 @@ def mutated_input(n: Node) -> Node | None:
                     v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
                     return v if isinstance(v, Node) else None
             return None
-        if n.target in _INPLACE_FUNCTIONS or n.kwargs.get("inplace") is True:
+        if n.target in IN_PLACE_OPERATORS or n.kwargs.get("inplace") is True:
             return first if isinstance(first, Node) else None
         if getattr(n.target, "__module__", None) in ("_operator", "operator"):
             return None  # operator.and_, or_, not_, ...: the trailing underscore is not in-place
@@ -194,26 +195,31 @@ def with_mutations(order: list[Node], needed: Iterable[Node], stop: set[Node] | 
     in-place op is a user of what it changes, not an input."""
     needed = set(needed)
     stop = stop or set()
-    muts = [(m, t) for m in order if (t := mutated_input(m)) is not None]
-    if not muts or not needed:
+    # (With ``stop``, the stop nodes are values given from outside, as they are where they are
+    # used: writes into them are not replayed.)
+    writes = [(m, root) for m, root in _writes(order) if root not in stop]
+    if not writes or not needed:
         return needed
     pos = {n: i for i, n in enumerate(order)}
     last_use = max((pos.get(n, -1) for n in until), default=-1)
     while True:
         roots = {_alias_root(n) for n in needed}
         bound = max(last_use, max(pos.get(n, -1) for n in needed))
-        # (With ``stop``, the stop nodes are values given from outside, as they are where they are
-        # used: writes into them are not replayed.)
-        new = [m for m, t in muts if m not in needed and pos[m] < bound and _alias_root(t) in roots
-               and _alias_root(t) not in stop]
+        new = [m for m, root in writes if m not in needed and pos[m] < bound and root in roots]
         if not new:
             return needed
         needed |= ancestors(new, stop=stop)
 
 
+def _writes(nodes: Iterable[Node]) -> list[tuple[Node, Node]]:
+    """(in-place op, the node whose memory it writes, through views) for the in-place ops among
+    ``nodes``."""
+    return [(n, _alias_root(t)) for n in nodes if (t := mutated_input(n)) is not None]
+
+
 def written_roots(nodes: Iterable[Node]) -> set[Node]:
     """The nodes whose memory the in-place ops among ``nodes`` write (through views too)."""
-    return {_alias_root(t) for n in nodes if (t := mutated_input(n)) is not None}
+    return {root for _, root in _writes(nodes)}
 
 
 def descendants(nodes: Iterable[Node]) -> set[Node]:
